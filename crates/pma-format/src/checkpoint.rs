@@ -1,0 +1,279 @@
+//! HF checkpoints: a single `.safetensors` file, a directory with `model.safetensors`, or a
+//! directory with `model.safetensors.index.json` and its shards.
+//!
+//! Tensors are addressed by name, never by file, because two checkpoints of one run may be
+//! sharded differently. Opening a checkpoint validates every shard's header and length and
+//! cross-checks the index against the shards, so a truncated or half-copied checkpoint is
+//! rejected here, before anything is merged.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::file::SafetensorsFile;
+use crate::header::{TensorInfo, MAX_HEADER_BYTES};
+
+/// Name of the single-file weights in an HF directory.
+pub const SINGLE_FILE_NAME: &str = "model.safetensors";
+/// Name of the shard index in an HF directory.
+pub const INDEX_FILE_NAME: &str = "model.safetensors.index.json";
+/// Non-weight files that travel with a model and are copied from the newest input.
+pub const SIDECAR_FILES: &[&str] = &[
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+];
+
+/// The `model.safetensors.index.json` document.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct ShardIndex {
+    /// `{"total_size": bytes}`; other keys are kept.
+    #[serde(default)]
+    pub metadata: serde_json::Map<String, serde_json::Value>,
+    /// Tensor name → shard file name.
+    pub weight_map: BTreeMap<String, String>,
+}
+
+impl ShardIndex {
+    /// Reads and parses an index file.
+    pub fn read(path: &Path) -> Result<ShardIndex> {
+        let n_bytes = std::fs::metadata(path)
+            .map_err(|e| Error::io(path, "reading metadata of", e))?
+            .len();
+        if n_bytes > MAX_HEADER_BYTES {
+            return Err(Error::HeaderTooLarge {
+                path: path.into(),
+                n_bytes,
+                max_bytes: MAX_HEADER_BYTES,
+            });
+        }
+        let text = std::fs::read(path).map_err(|e| Error::io(path, "reading", e))?;
+        serde_json::from_slice(&text).map_err(|e| Error::MalformedHeader {
+            path: path.into(),
+            reason: format!("index: {e}"),
+        })
+    }
+}
+
+/// How a checkpoint is laid out on disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// A bare `.safetensors` file.
+    File,
+    /// A directory holding `model.safetensors`.
+    SingleFileDir,
+    /// A directory holding an index and shards.
+    Sharded,
+}
+
+/// Where one tensor of a checkpoint lives.
+#[derive(Debug, Clone)]
+pub struct TensorRef {
+    /// Index into [`Checkpoint::files`].
+    pub file: usize,
+    /// The tensor's header entry.
+    pub info: TensorInfo,
+}
+
+/// An opened, fully validated checkpoint.
+#[derive(Debug)]
+pub struct Checkpoint {
+    root: PathBuf,
+    layout: Layout,
+    files: Vec<SafetensorsFile>,
+    tensors: Vec<TensorRef>,
+    by_name: HashMap<String, usize>,
+}
+
+impl Checkpoint {
+    /// Opens a checkpoint file or directory and validates all of it.
+    pub fn open(path: &Path) -> Result<Checkpoint> {
+        if path.is_file() {
+            let file = SafetensorsFile::open(path)?;
+            return Checkpoint::assemble(path, Layout::File, vec![file]);
+        }
+        let index_path = path.join(INDEX_FILE_NAME);
+        if index_path.is_file() {
+            return Checkpoint::open_sharded(path, &index_path);
+        }
+        let single = path.join(SINGLE_FILE_NAME);
+        if single.is_file() {
+            let file = SafetensorsFile::open(&single)?;
+            return Checkpoint::assemble(path, Layout::SingleFileDir, vec![file]);
+        }
+        if !path.exists() {
+            return Err(Error::io(
+                path,
+                "opening",
+                std::io::Error::from(std::io::ErrorKind::NotFound),
+            ));
+        }
+        Err(Error::NotACheckpoint { path: path.into() })
+    }
+
+    fn open_sharded(dir: &Path, index_path: &Path) -> Result<Checkpoint> {
+        let index = ShardIndex::read(index_path)?;
+        // Shard files in name order, which for HF names is also shard order.
+        let mut shard_names: Vec<&String> = index.weight_map.values().collect();
+        shard_names.sort();
+        shard_names.dedup();
+        let mut files = Vec::with_capacity(shard_names.len());
+        for shard in &shard_names {
+            let tensor = index
+                .weight_map
+                .iter()
+                .find(|(_, f)| f == shard)
+                .map(|(t, _)| t.clone())
+                .unwrap_or_default();
+            // Reject names that would escape the checkpoint directory.
+            let plain = Path::new(shard.as_str())
+                .components()
+                .all(|c| matches!(c, std::path::Component::Normal(_)));
+            if !plain || shard.is_empty() {
+                return Err(Error::IndexMismatch {
+                    path: index_path.into(),
+                    tensor,
+                    reason: format!("shard name '{shard}' is not a plain file name"),
+                });
+            }
+            let shard_path = dir.join(shard.as_str());
+            if !shard_path.is_file() {
+                return Err(Error::MissingShard {
+                    path: index_path.into(),
+                    shard: shard.to_string(),
+                    tensor,
+                });
+            }
+            files.push(SafetensorsFile::open(&shard_path)?);
+        }
+        for (i, file) in files.iter().enumerate() {
+            for t in file.tensors() {
+                match index.weight_map.get(&t.name) {
+                    Some(f) if f == shard_names[i] => {}
+                    Some(f) => {
+                        return Err(Error::IndexMismatch {
+                            path: file.path().into(),
+                            tensor: t.name.clone(),
+                            reason: format!("found in this shard but the index maps it to '{f}'"),
+                        })
+                    }
+                    None => {
+                        return Err(Error::IndexMismatch {
+                            path: file.path().into(),
+                            tensor: t.name.clone(),
+                            reason: "found in this shard but absent from the index".into(),
+                        })
+                    }
+                }
+            }
+        }
+        let ckpt = Checkpoint::assemble(dir, Layout::Sharded, files)?;
+        for (name, shard) in &index.weight_map {
+            if ckpt.get(name).is_none() {
+                return Err(Error::IndexMismatch {
+                    path: index_path.into(),
+                    tensor: name.clone(),
+                    reason: format!("the index maps it to '{shard}' but that shard lacks it"),
+                });
+            }
+        }
+        Ok(ckpt)
+    }
+
+    fn assemble(root: &Path, layout: Layout, files: Vec<SafetensorsFile>) -> Result<Checkpoint> {
+        let mut tensors = Vec::new();
+        let mut by_name = HashMap::new();
+        for (fi, file) in files.iter().enumerate() {
+            for info in file.tensors() {
+                if by_name.insert(info.name.clone(), tensors.len()).is_some() {
+                    return Err(Error::DuplicateTensor {
+                        path: file.path().into(),
+                        tensor: info.name.clone(),
+                    });
+                }
+                tensors.push(TensorRef {
+                    file: fi,
+                    info: info.clone(),
+                });
+            }
+        }
+        Ok(Checkpoint {
+            root: root.into(),
+            layout,
+            files,
+            tensors,
+            by_name,
+        })
+    }
+
+    /// The path this checkpoint was opened from.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// How it is laid out.
+    pub fn layout(&self) -> Layout {
+        self.layout
+    }
+
+    /// The safetensors files, in shard order.
+    pub fn files(&self) -> &[SafetensorsFile] {
+        &self.files
+    }
+
+    /// All tensors, in physical order (shard, then offset).
+    pub fn tensors(&self) -> &[TensorRef] {
+        &self.tensors
+    }
+
+    /// Looks a tensor up by name.
+    pub fn get(&self, name: &str) -> Option<&TensorRef> {
+        self.by_name.get(name).map(|&i| &self.tensors[i])
+    }
+
+    /// The file holding `tensor`.
+    pub fn file_of(&self, tensor: &TensorRef) -> &SafetensorsFile {
+        &self.files[tensor.file]
+    }
+
+    /// The bytes of `tensor`.
+    pub fn bytes(&self, tensor: &TensorRef) -> &[u8] {
+        self.files[tensor.file].tensor_bytes(&tensor.info)
+    }
+
+    /// Total tensor bytes.
+    pub fn data_bytes(&self) -> u64 {
+        self.tensors.iter().map(|t| t.info.n_bytes()).sum()
+    }
+
+    /// Total bytes of the safetensors files, headers included.
+    pub fn file_bytes(&self) -> u64 {
+        self.files.iter().map(|f| f.header().file_len()).sum()
+    }
+
+    /// Total number of elements across all tensors.
+    pub fn param_count(&self) -> u64 {
+        self.tensors.iter().map(|t| t.info.numel()).sum()
+    }
+
+    /// The sidecar files (config, tokenizer, ...) present next to the weights.
+    pub fn sidecars(&self) -> Vec<PathBuf> {
+        if self.layout == Layout::File {
+            return Vec::new();
+        }
+        SIDECAR_FILES
+            .iter()
+            .map(|n| self.root.join(n))
+            .filter(|p| p.is_file())
+            .collect()
+    }
+}
