@@ -241,10 +241,9 @@ pub fn write_file_synced(path: &Path, bytes: &[u8]) -> Result<()> {
 
 /// Copies `src` to `dst` and fsyncs the copy.
 pub fn copy_file_synced(src: &Path, dst: &Path) -> Result<()> {
-    std::fs::copy(src, dst).map_err(|e| Error::io(src, "copying", e))?;
-    File::open(dst)
-        .and_then(|f| f.sync_all())
-        .map_err(|e| Error::io(dst, "syncing", e))
+    // Copy the bytes, not the mode: inputs are often read-only, the output should not be.
+    let bytes = std::fs::read(src).map_err(|e| Error::io(src, "reading", e))?;
+    write_file_synced(dst, &bytes)
 }
 
 fn sync_dir(dir: &Path) -> Result<()> {

@@ -1,11 +1,90 @@
-//! `pma inspect` (being written).
+//! `pma inspect`: a checkpoint's tensors, and optionally their statistics.
+
+use std::path::PathBuf;
 use std::process::ExitCode;
+
+use pma_merge::inspect::{inspect, InspectReport};
+
+use super::merge::human;
 
 /// Arguments of `pma inspect`.
 #[derive(Debug, clap::Args)]
-pub struct Args {}
+pub struct Args {
+    /// Checkpoint: an HF directory or a .safetensors file.
+    pub checkpoint: PathBuf,
+    /// Add norm, mean, std, min, max and NaN/Inf count per tensor (reads all data).
+    #[arg(long)]
+    pub stats: bool,
+    /// Print JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
 
 /// Runs `pma inspect`.
-pub fn run(_args: Args) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("pma inspect is not built yet")
+pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let report = inspect(&args.checkpoint, args.stats)?;
+    if args.json {
+        let v = serde_json::json!({ "schema_version": 1, "inspect": report });
+        super::print_json(&v)?;
+    } else {
+        render(&report);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn render(r: &InspectReport) {
+    println!(
+        "{} ({}, {} file{})",
+        r.path.display(),
+        r.layout,
+        r.files.len(),
+        if r.files.len() == 1 { "" } else { "s" }
+    );
+    let w = r
+        .tensors
+        .iter()
+        .map(|t| t.name.len())
+        .max()
+        .unwrap_or(4)
+        .max(4);
+    if r.tensors.iter().any(|t| t.stats.is_some()) {
+        println!(
+            "{:w$}  {:5}  {:>16}  {:>11}  {:>11}  {:>11}  {:>11}  {:>11}  {:>8}",
+            "name", "dtype", "shape", "norm", "mean", "std", "min", "max", "nonfin"
+        );
+    } else {
+        println!(
+            "{:w$}  {:5}  {:>20}  {:>12}  {:>10}",
+            "name", "dtype", "shape", "params", "bytes"
+        );
+    }
+    for t in &r.tensors {
+        let shape = format!("{:?}", t.shape);
+        match &t.stats {
+            Some(s) => println!(
+                "{:w$}  {:5}  {:>16}  {:>11.4e}  {:>11.4e}  {:>11.4e}  {:>11.4e}  {:>11.4e}  {:>8}",
+                t.name, t.dtype, shape, s.norm, s.mean, s.std, s.min, s.max, s.nonfinite
+            ),
+            None if r.tensors.iter().any(|t| t.stats.is_some()) => {
+                println!(
+                    "{:w$}  {:5}  {:>16}  (not a float tensor)",
+                    t.name, t.dtype, shape
+                )
+            }
+            None => println!(
+                "{:w$}  {:5}  {:>20}  {:>12}  {:>10}",
+                t.name,
+                t.dtype,
+                shape,
+                t.n_params,
+                human(t.n_bytes)
+            ),
+        }
+    }
+    println!(
+        "total: {} tensors, {} parameters, {}",
+        r.tensors.len(),
+        r.n_params,
+        human(r.n_bytes)
+    );
 }

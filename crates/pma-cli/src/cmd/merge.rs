@@ -1,11 +1,306 @@
-//! `pma merge` (being written).
+//! `pma merge`: select checkpoints, build a plan, execute it, report.
+
+use std::path::PathBuf;
 use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use pma_format::FloatDtype;
+use pma_merge::{
+    execute, parse_byte_size, parse_token_count, CheckpointSeries, ExecOptions, MergeConfig,
+    MergeInput, MergePlan, MergeReport, PlanSummary, Selection, Weights,
+};
+
+use super::print_json;
+use crate::progress::ByteBar;
+
+/// Averaging method.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum MethodArg {
+    /// Simple moving average: w_i = 1/N.
+    Sma,
+    /// Exponential moving average: w_N = α, w_1 = (1−α)^(N−1).
+    Ema,
+    /// Weighted moving average: w_i ∝ i, newest heaviest.
+    Wma,
+}
 
 /// Arguments of `pma merge`.
 #[derive(Debug, clap::Args)]
-pub struct Args {}
+pub struct Args {
+    /// Checkpoints to merge, oldest first (HF dirs or .safetensors files). Or use --run.
+    #[arg(value_name = "CKPT")]
+    pub checkpoints: Vec<PathBuf>,
+    /// A run directory of step-named checkpoints (step-1000, checkpoint-1000, iter_0001000, ...).
+    #[arg(long, value_name = "RUN_DIR")]
+    pub run: Option<PathBuf>,
+    /// Averaging method.
+    #[arg(
+        long,
+        value_enum,
+        required_unless_present = "weights",
+        conflicts_with = "weights"
+    )]
+    pub method: Option<MethodArg>,
+    /// EMA smoothing: the newest checkpoint's weight.
+    #[arg(long, default_value_t = 0.2)]
+    pub alpha: f64,
+    /// Explicit weights, oldest first (instead of --method).
+    #[arg(long, value_delimiter = ',', allow_negative_numbers = true)]
+    pub weights: Option<Vec<f64>>,
+    /// Rescale --weights to sum to 1.
+    #[arg(long, requires = "weights")]
+    pub normalize: bool,
+    /// Merge the newest N qualifying checkpoints.
+    #[arg(long, value_name = "N")]
+    pub last: Option<usize>,
+    /// Keep checkpoints V apart (steps, or tokens with --tokens-per-step), counting back from the newest.
+    #[arg(long, value_name = "V")]
+    pub every: Option<String>,
+    /// End the window at this step (or token count with --tokens-per-step).
+    #[arg(long, value_name = "STEP")]
+    pub at: Option<String>,
+    /// Tokens per training step; makes --every and --at token counts ("8B", "500M").
+    #[arg(long, value_name = "K")]
+    pub tokens_per_step: Option<String>,
+    /// Accept as few as N checkpoints when fewer than --last qualify.
+    #[arg(long, value_name = "N")]
+    pub min: Option<usize>,
+    /// Output dtype of float tensors (default: the newest checkpoint's).
+    #[arg(long, value_parser = parse_dtype)]
+    pub dtype: Option<FloatDtype>,
+    /// Largest output shard ("5GB" = 5·10⁹ bytes, "2GiB", ...).
+    #[arg(long, default_value = "5GB", value_parser = parse_size)]
+    pub max_shard_size: u64,
+    /// Worker threads (default: all cores).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    /// Replace an existing output.
+    #[arg(long)]
+    pub overwrite: bool,
+    /// Merge even if inputs hold NaN/Inf (reported as warnings).
+    #[arg(long)]
+    pub allow_nonfinite: bool,
+    /// Print the plan without reading tensor data.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Print the plan and summary as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// No progress bar, no warnings on stderr.
+    #[arg(long, short)]
+    pub quiet: bool,
+    /// Output: an HF checkpoint directory, or a file ending in .safetensors.
+    #[arg(long, value_name = "OUT")]
+    pub out: PathBuf,
+}
+
+fn parse_dtype(s: &str) -> Result<FloatDtype, String> {
+    FloatDtype::parse(s)
+        .ok_or_else(|| format!("unknown dtype '{s}' (expected bf16, f16, f32 or f64)"))
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    parse_byte_size(s).ok_or_else(|| format!("cannot read '{s}' as a size (e.g. 5GB, 500MB, 2GiB)"))
+}
+
+/// Reads a step count, or a token count divided by tokens-per-step.
+fn steps(value: &str, tokens_per_step: Option<u64>, flag: &str) -> anyhow::Result<u64> {
+    match tokens_per_step {
+        None => value.parse().with_context(|| {
+            format!(
+                "{flag} '{value}' is not a step number (give --tokens-per-step for token counts)"
+            )
+        }),
+        Some(k) => {
+            let tokens = parse_token_count(value)
+                .with_context(|| format!("{flag} '{value}' is not a token count"))?;
+            if tokens % k != 0 {
+                bail!("{flag} {value} = {tokens} tokens is not a whole number of {k}-token steps");
+            }
+            Ok(tokens / k)
+        }
+    }
+}
+
+/// Builds the selection, weights and config from arguments; opens the checkpoints.
+pub fn plan_from_args(args: &Args) -> anyhow::Result<(MergePlan, Vec<pma_merge::Skipped>)> {
+    let tokens_per_step =
+        match &args.tokens_per_step {
+            Some(s) => Some(parse_token_count(s).filter(|&k| k > 0).with_context(|| {
+                format!("--tokens-per-step '{s}' is not a positive token count")
+            })?),
+            None => None,
+        };
+    let selection = Selection {
+        last: args.last,
+        every: args
+            .every
+            .as_deref()
+            .map(|v| steps(v, tokens_per_step, "--every"))
+            .transpose()?,
+        at: args
+            .at
+            .as_deref()
+            .map(|v| steps(v, tokens_per_step, "--at"))
+            .transpose()?,
+        min: args.min,
+    };
+    let (series, from_run) = match (&args.run, args.checkpoints.is_empty()) {
+        (Some(run), true) => (CheckpointSeries::discover(run)?, true),
+        (None, false) => (CheckpointSeries::from_paths(&args.checkpoints), false),
+        (Some(_), false) => bail!("give either checkpoints or --run, not both"),
+        (None, true) => bail!("nothing to merge: give checkpoints (oldest first) or --run RUN_DIR"),
+    };
+    let selected = selection.select(&series, from_run)?;
+    let n = selected.checkpoints.len();
+    let weights = match (&args.weights, args.method) {
+        (Some(w), _) => Weights::explicit(w.clone(), args.normalize)?,
+        (None, Some(MethodArg::Sma)) => Weights::sma(n)?,
+        (None, Some(MethodArg::Ema)) => Weights::ema(n, args.alpha)?,
+        (None, Some(MethodArg::Wma)) => Weights::wma(n)?,
+        (None, None) => bail!("give --method or --weights"),
+    };
+    let single_file = args.out.extension().is_some_and(|e| e == "safetensors");
+    let config = MergeConfig {
+        out_dtype: args.dtype,
+        max_shard_bytes: args.max_shard_size,
+        single_file,
+        allow_nonfinite: args.allow_nonfinite,
+    };
+    let inputs = selected
+        .checkpoints
+        .into_iter()
+        .map(|(step, checkpoint)| MergeInput { step, checkpoint })
+        .collect();
+    Ok((MergePlan::build(inputs, weights, config)?, selected.skipped))
+}
 
 /// Runs `pma merge`.
-pub fn run(_args: Args) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("pma merge is not built yet")
+pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let (plan, skipped) = plan_from_args(&args)?;
+    if !args.quiet {
+        for s in &skipped {
+            eprintln!(
+                "warning: skipping incomplete checkpoint {}: {}",
+                s.path.display(),
+                s.reason
+            );
+        }
+    }
+    let threads = if args.threads == 0 {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    } else {
+        args.threads
+    };
+    if args.dry_run {
+        let summary = plan.summary(threads);
+        if args.json {
+            print_json(
+                &serde_json::json!({ "schema_version": 1, "dry_run": true, "plan": summary }),
+            )?;
+        } else {
+            print_plan(&summary, &args.out);
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let interrupted = crate::cmd::interrupt_flag();
+    let bar = ByteBar::new("merging", args.quiet || args.json);
+    let opts = ExecOptions {
+        threads,
+        overwrite: args.overwrite,
+        cancel: Some(interrupted),
+    };
+    let report = execute(&plan, &args.out, &opts, &bar)?;
+    if !args.quiet {
+        for w in &report.warnings {
+            eprintln!(
+                "warning: {}: tensor '{}' has {} non-finite values (merged anyway)",
+                w.path.display(),
+                w.tensor,
+                w.count
+            );
+        }
+    }
+    if args.json {
+        print_json(
+            &serde_json::json!({ "schema_version": 1, "dry_run": false, "report": report }),
+        )?;
+    } else if !args.quiet {
+        print_report(&report);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_plan(s: &PlanSummary, out: &std::path::Path) {
+    println!("method: {:?}", s.method);
+    println!(
+        "{:>4}  {:>12}  {:>10}  {:>12}  path",
+        "#", "step", "weight", "bytes"
+    );
+    for (i, inp) in s.inputs.iter().enumerate() {
+        let step = inp.step.map_or("-".to_string(), |s| s.to_string());
+        println!(
+            "{:>4}  {:>12}  {:>10.6}  {:>12}  {}",
+            i + 1,
+            step,
+            inp.weight,
+            human(inp.bytes),
+            inp.path.display()
+        );
+    }
+    let dtypes: Vec<String> = s
+        .output_dtypes
+        .iter()
+        .map(|(d, n)| format!("{d}: {n}"))
+        .collect();
+    println!(
+        "output: {} ({})",
+        out.display(),
+        if s.single_file {
+            "single file"
+        } else {
+            "HF directory"
+        }
+    );
+    println!("  files: {}", s.files.join(", "));
+    println!(
+        "  tensors: {} ({} params), dtypes: {}",
+        s.n_tensors,
+        s.n_params,
+        dtypes.join(", ")
+    );
+    println!(
+        "  read: {}  write: {}  memory: {}",
+        human(s.bytes_read),
+        human(s.bytes_written),
+        human(s.memory_bytes)
+    );
+}
+
+fn print_report(r: &MergeReport) {
+    println!(
+        "merged {} checkpoints ({}) -> {} in {:.2}s, {}/s read, {} written",
+        r.plan.inputs.len(),
+        r.plan.method_label(),
+        r.output.display(),
+        r.elapsed_secs,
+        human(r.read_bytes_per_sec as u64),
+        human(r.plan.bytes_written),
+    );
+}
+
+/// Bytes in human units (decimal, like `ls -h --si`).
+pub fn human(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "kB", "MB", "GB", "TB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1000.0 && u < UNITS.len() - 1 {
+        v /= 1000.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.2} {}", UNITS[u])
+    }
 }

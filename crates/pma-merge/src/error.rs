@@ -1,0 +1,122 @@
+//! The one error type of `pma-merge`.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong planning or running a merge, inspect or diff.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A format-level problem (I/O, malformed header, missing shard, ...).
+    #[error(transparent)]
+    Format(#[from] pma_format::Error),
+    /// No checkpoints were given or found.
+    #[error("{}: no checkpoints found (expected subdirectories like step-1000, checkpoint-1000, iter_0001000 or global_step1000)", path.display())]
+    EmptyRun {
+        /// The run directory.
+        path: PathBuf,
+    },
+    /// Fewer checkpoints qualify than were asked for.
+    #[error("asked for {wanted} checkpoints but only {found} qualify{detail} (use --min to accept fewer)")]
+    NotEnoughCheckpoints {
+        /// How many were asked for.
+        wanted: usize,
+        /// How many qualified.
+        found: usize,
+        /// Which selection rules were in force.
+        detail: String,
+    },
+    /// A selection rule needs steps but a checkpoint's name carries none.
+    #[error("{}: cannot tell the step from this name, but --every/--at need steps", path.display())]
+    NoStep {
+        /// The checkpoint.
+        path: PathBuf,
+    },
+    /// Bad weights or method parameters.
+    #[error("invalid weights: {0}")]
+    InvalidWeights(String),
+    /// Bad selection parameters.
+    #[error("invalid selection: {0}")]
+    InvalidSelection(String),
+    /// A tensor is missing from one checkpoint.
+    #[error("{}: tensor '{tensor}' is missing (present in {})", path.display(), reference.display())]
+    MissingTensor {
+        /// The checkpoint lacking it.
+        path: PathBuf,
+        /// The tensor.
+        tensor: String,
+        /// A checkpoint that has it.
+        reference: PathBuf,
+    },
+    /// Shapes differ between checkpoints.
+    #[error("{}: tensor '{tensor}' has shape {found:?} but {} has {expected:?}", path.display(), reference.display())]
+    ShapeMismatch {
+        /// The checkpoint with the odd shape.
+        path: PathBuf,
+        /// The tensor.
+        tensor: String,
+        /// Shape in the reference checkpoint.
+        expected: Vec<u64>,
+        /// Shape here.
+        found: Vec<u64>,
+        /// The reference checkpoint.
+        reference: PathBuf,
+    },
+    /// A dtype pma cannot average (F8, sub-byte, complex).
+    #[error("{}: tensor '{tensor}': unsupported dtype {dtype} (pma averages F64, F32, F16, BF16 and copies integer/BOOL tensors)", path.display())]
+    UnsupportedDtype {
+        /// The checkpoint.
+        path: PathBuf,
+        /// The tensor.
+        tensor: String,
+        /// The dtype.
+        dtype: String,
+    },
+    /// A tensor is float in one checkpoint and integer/BOOL (or another integer type) in another.
+    #[error("{}: tensor '{tensor}' is {found} but {} has it as {expected}", path.display(), reference.display())]
+    DtypeMismatch {
+        /// The checkpoint.
+        path: PathBuf,
+        /// The tensor.
+        tensor: String,
+        /// Dtype in the reference checkpoint.
+        expected: String,
+        /// Dtype here.
+        found: String,
+        /// The reference checkpoint.
+        reference: PathBuf,
+    },
+    /// A non-float tensor differs between checkpoints.
+    #[error("{}: non-float tensor '{tensor}' differs from {} (integer and BOOL tensors must be identical to be merged)", path.display(), reference.display())]
+    ExactTensorDiffers {
+        /// The checkpoint.
+        path: PathBuf,
+        /// The tensor.
+        tensor: String,
+        /// The newest checkpoint, whose copy is used.
+        reference: PathBuf,
+    },
+    /// NaN or Inf values in an input.
+    #[error("{}: tensor '{tensor}' has {count} non-finite (NaN/Inf) values (use --allow-nonfinite to merge anyway)", path.display())]
+    NonFinite {
+        /// The checkpoint.
+        path: PathBuf,
+        /// The tensor.
+        tensor: String,
+        /// How many.
+        count: u64,
+    },
+    /// The merge was interrupted (e.g. by a signal) before completion.
+    #[error("interrupted; the output was not written")]
+    Interrupted,
+    /// A worker thread pool could not be built.
+    #[error("cannot start {threads} worker threads: {reason}")]
+    ThreadPool {
+        /// Requested threads.
+        threads: usize,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// `Result` with this crate's [`Error`].
+pub type Result<T> = std::result::Result<T, Error>;

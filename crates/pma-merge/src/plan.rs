@@ -1,0 +1,396 @@
+//! Turning selected checkpoints and weights into a validated [`MergePlan`].
+//!
+//! Planning reads only headers. It checks everything that can be known before the first output
+//! byte: tensor names match across inputs, shapes agree, dtypes are mergeable, and the output
+//! fits on disk. The plan fixes the output order (the newest checkpoint's physical order, so its
+//! file is read sequentially), the output dtype of every tensor, the shard layout and the
+//! provenance metadata. `pma merge --dry-run` prints exactly this.
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use pma_format::dtype::{classify, dtype_name};
+use pma_format::{Checkpoint, Dtype, DtypeClass, FloatDtype, TensorRef, TensorSpec};
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::weights::Weights;
+
+/// HF's default `max_shard_size` ("5GB", decimal).
+pub const DEFAULT_MAX_SHARD_BYTES: u64 = 5_000_000_000;
+
+/// One input of a merge.
+#[derive(Debug)]
+pub struct MergeInput {
+    /// Training step, when known.
+    pub step: Option<u64>,
+    /// The opened checkpoint.
+    pub checkpoint: Checkpoint,
+}
+
+/// Settings of a merge that are not about which checkpoints take part.
+#[derive(Debug, Clone)]
+pub struct MergeConfig {
+    /// Output dtype for every float tensor; `None` keeps the newest checkpoint's dtype.
+    pub out_dtype: Option<FloatDtype>,
+    /// Largest output shard, in bytes.
+    pub max_shard_bytes: u64,
+    /// Write one bare `.safetensors` file instead of an HF directory.
+    pub single_file: bool,
+    /// Merge through NaN/Inf inputs (reported as warnings) instead of failing.
+    pub allow_nonfinite: bool,
+}
+
+impl Default for MergeConfig {
+    fn default() -> Self {
+        MergeConfig {
+            out_dtype: None,
+            max_shard_bytes: DEFAULT_MAX_SHARD_BYTES,
+            single_file: false,
+            allow_nonfinite: false,
+        }
+    }
+}
+
+/// How a tensor is produced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum TensorMode {
+    /// Weighted sum in f64, rounded once to this dtype.
+    Average(#[serde(serialize_with = "ser_float")] FloatDtype),
+    /// Bit-identical in every input; copied from the newest.
+    Copy,
+}
+
+fn ser_float<S: serde::Serializer>(d: &FloatDtype, s: S) -> std::result::Result<S::Ok, S::Error> {
+    s.serialize_str(d.name())
+}
+
+/// One output tensor and where its inputs live.
+#[derive(Debug, Clone)]
+pub struct PlannedTensor {
+    /// Name, shape and output dtype.
+    pub spec: TensorSpec,
+    /// Average or copy.
+    pub mode: TensorMode,
+    /// The tensor in each input, oldest first.
+    pub sources: Vec<TensorRef>,
+}
+
+impl PlannedTensor {
+    /// Number of elements.
+    pub fn numel(&self) -> u64 {
+        self.spec.shape.iter().product()
+    }
+}
+
+/// A validated merge, ready to execute.
+#[derive(Debug)]
+pub struct MergePlan {
+    /// Inputs, oldest first.
+    pub inputs: Vec<MergeInput>,
+    /// One weight per input.
+    pub weights: Weights,
+    /// Output tensors in write order.
+    pub tensors: Vec<PlannedTensor>,
+    /// Output files: name and the range of `tensors` each holds.
+    pub shards: Vec<(String, Range<usize>)>,
+    /// Whether the output is one bare file rather than a directory.
+    pub single_file: bool,
+    /// Header `__metadata__` of every output file.
+    pub metadata: BTreeMap<String, String>,
+    /// Settings the plan was built with.
+    pub config: MergeConfig,
+}
+
+/// One input as shown in plans and reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct InputSummary {
+    /// Path.
+    pub path: PathBuf,
+    /// Step, if known.
+    pub step: Option<u64>,
+    /// Weight.
+    pub weight: f64,
+    /// Bytes of tensor data read from it.
+    pub bytes: u64,
+}
+
+/// What `--dry-run` prints: everything about a merge except its result.
+#[derive(Debug, Clone, Serialize)]
+pub struct PlanSummary {
+    /// Method and its parameters.
+    pub method: crate::weights::Method,
+    /// Inputs oldest first, with weights.
+    pub inputs: Vec<InputSummary>,
+    /// Output dtypes and how many tensors get each (`"bf16": 291`, `"copy": 1`).
+    pub output_dtypes: BTreeMap<String, usize>,
+    /// Output files.
+    pub files: Vec<String>,
+    /// Whether the output is a bare file.
+    pub single_file: bool,
+    /// Number of tensors.
+    pub n_tensors: usize,
+    /// Number of parameters.
+    pub n_params: u64,
+    /// Tensor bytes read across all inputs.
+    pub bytes_read: u64,
+    /// Bytes written (headers included).
+    pub bytes_written: u64,
+    /// Working memory the executor needs, in bytes.
+    pub memory_bytes: u64,
+}
+
+impl MergePlan {
+    /// Validates inputs against each other and lays out the output.
+    pub fn build(
+        inputs: Vec<MergeInput>,
+        weights: Weights,
+        config: MergeConfig,
+    ) -> Result<MergePlan> {
+        if inputs.is_empty() {
+            return Err(Error::InvalidWeights("no checkpoints to merge".into()));
+        }
+        if inputs.len() != weights.len() {
+            return Err(Error::InvalidWeights(format!(
+                "{} weights given for {} checkpoints",
+                weights.len(),
+                inputs.len()
+            )));
+        }
+        let newest = &inputs[inputs.len() - 1].checkpoint;
+        // Names present elsewhere but not in the newest are as fatal as the reverse.
+        for input in &inputs[..inputs.len() - 1] {
+            if let Some(t) = input
+                .checkpoint
+                .tensors()
+                .iter()
+                .find(|t| newest.get(&t.info.name).is_none())
+            {
+                return Err(Error::MissingTensor {
+                    path: newest.root().into(),
+                    tensor: t.info.name.clone(),
+                    reference: input.checkpoint.root().into(),
+                });
+            }
+        }
+        let mut tensors = Vec::with_capacity(newest.tensors().len());
+        for reference in newest.tensors() {
+            tensors.push(plan_tensor(&inputs, reference, config.out_dtype)?);
+        }
+        let sizes: Vec<u64> = tensors.iter().map(|t| t.spec.n_bytes()).collect();
+        let ranges = if config.single_file {
+            vec![0..tensors.len()]
+        } else {
+            pma_format::plan_shards(&sizes, config.max_shard_bytes)
+        };
+        let n = ranges.len();
+        let shards = ranges
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| (pma_format::shard_file_name(i, n), r))
+            .collect();
+        let metadata = provenance(&inputs, &weights, &config);
+        Ok(MergePlan {
+            inputs,
+            weights,
+            tensors,
+            shards,
+            single_file: config.single_file,
+            metadata,
+            config,
+        })
+    }
+
+    /// Tensor specs of shard `i`, in write order.
+    pub fn shard_specs(&self, i: usize) -> Vec<TensorSpec> {
+        self.tensors[self.shards[i].1.clone()]
+            .iter()
+            .map(|t| t.spec.clone())
+            .collect()
+    }
+
+    /// Bytes written, headers included.
+    pub fn bytes_written(&self) -> u64 {
+        (0..self.shards.len())
+            .map(|i| {
+                let specs = self.shard_specs(i);
+                pma_format::encode_header(&specs, &self.metadata).len() as u64
+                    + specs.iter().map(TensorSpec::n_bytes).sum::<u64>()
+            })
+            .sum()
+    }
+
+    /// Tensor bytes read from each input.
+    pub fn bytes_read_per_input(&self) -> Vec<u64> {
+        (0..self.inputs.len())
+            .map(|i| {
+                self.tensors
+                    .iter()
+                    .map(|t| t.sources[i].info.n_bytes())
+                    .sum()
+            })
+            .collect()
+    }
+
+    /// Checks the output's filesystem has room for it.
+    pub fn check_space(&self, out: &Path) -> Result<()> {
+        let mut dir = out
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        // The output's parent may not exist yet; ask the nearest ancestor that does.
+        while !dir.exists() {
+            match dir.parent() {
+                Some(p) if !p.as_os_str().is_empty() => dir = p,
+                _ => {
+                    dir = Path::new(".");
+                    break;
+                }
+            }
+        }
+        let needed = self.bytes_written();
+        let available = pma_format::available_bytes(dir)?;
+        if available < needed {
+            return Err(pma_format::Error::NoSpace {
+                path: dir.into(),
+                needed,
+                available,
+            }
+            .into());
+        }
+        Ok(())
+    }
+
+    /// The dry-run view of this plan.
+    pub fn summary(&self, threads: usize) -> PlanSummary {
+        let per_input = self.bytes_read_per_input();
+        let mut output_dtypes = BTreeMap::new();
+        for t in &self.tensors {
+            let key = match t.mode {
+                TensorMode::Average(d) => d.name().to_string(),
+                TensorMode::Copy => format!("copy ({})", dtype_name(t.spec.dtype)),
+            };
+            *output_dtypes.entry(key).or_insert(0) += 1;
+        }
+        PlanSummary {
+            method: self.weights.method,
+            inputs: self
+                .inputs
+                .iter()
+                .zip(&self.weights.values)
+                .zip(&per_input)
+                .map(|((inp, &weight), &bytes)| InputSummary {
+                    path: inp.checkpoint.root().into(),
+                    step: inp.step,
+                    weight,
+                    bytes,
+                })
+                .collect(),
+            output_dtypes,
+            files: self.shards.iter().map(|(n, _)| n.clone()).collect(),
+            single_file: self.single_file,
+            n_tensors: self.tensors.len(),
+            n_params: self.tensors.iter().map(PlannedTensor::numel).sum(),
+            bytes_read: per_input.iter().sum(),
+            bytes_written: self.bytes_written(),
+            memory_bytes: crate::executor::working_memory_bytes(threads, self.inputs.len()),
+        }
+    }
+}
+
+fn plan_tensor(
+    inputs: &[MergeInput],
+    reference: &TensorRef,
+    out_dtype: Option<FloatDtype>,
+) -> Result<PlannedTensor> {
+    let newest = &inputs[inputs.len() - 1].checkpoint;
+    let name = &reference.info.name;
+    let ref_class = classify(reference.info.dtype);
+    let mut sources = Vec::with_capacity(inputs.len());
+    for input in inputs {
+        let ckpt = &input.checkpoint;
+        let t = ckpt.get(name).ok_or_else(|| Error::MissingTensor {
+            path: ckpt.root().into(),
+            tensor: name.clone(),
+            reference: newest.root().into(),
+        })?;
+        let class = classify(t.info.dtype);
+        if class == DtypeClass::Unsupported {
+            return Err(Error::UnsupportedDtype {
+                path: ckpt.file_of(t).path().into(),
+                tensor: name.clone(),
+                dtype: dtype_name(t.info.dtype),
+            });
+        }
+        if t.info.shape != reference.info.shape {
+            return Err(Error::ShapeMismatch {
+                path: ckpt.root().into(),
+                tensor: name.clone(),
+                expected: reference.info.shape.clone(),
+                found: t.info.shape.clone(),
+                reference: newest.root().into(),
+            });
+        }
+        let compatible = match (class, ref_class) {
+            (DtypeClass::Float(_), DtypeClass::Float(_)) => true,
+            (DtypeClass::Exact, DtypeClass::Exact) => t.info.dtype == reference.info.dtype,
+            _ => false,
+        };
+        if !compatible {
+            return Err(Error::DtypeMismatch {
+                path: ckpt.root().into(),
+                tensor: name.clone(),
+                expected: dtype_name(reference.info.dtype),
+                found: dtype_name(t.info.dtype),
+                reference: newest.root().into(),
+            });
+        }
+        sources.push(t.clone());
+    }
+    let (mode, dtype): (TensorMode, Dtype) = match classify(reference.info.dtype) {
+        DtypeClass::Float(newest_dtype) => {
+            let d = out_dtype.unwrap_or(newest_dtype);
+            (TensorMode::Average(d), d.dtype())
+        }
+        _ => (TensorMode::Copy, reference.info.dtype),
+    };
+    Ok(PlannedTensor {
+        spec: TensorSpec {
+            name: name.clone(),
+            dtype,
+            shape: reference.info.shape.clone(),
+        },
+        mode,
+        sources,
+    })
+}
+
+/// `__metadata__` of the output: HF's `format: pt`, plus a `pma` entry recording how it was made.
+fn provenance(
+    inputs: &[MergeInput],
+    weights: &Weights,
+    config: &MergeConfig,
+) -> BTreeMap<String, String> {
+    let record = serde_json::json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "method": weights.method,
+        "weights": weights.values,
+        "dtype": config.out_dtype.map(|d| d.name()),
+        "inputs": inputs.iter().map(|i| serde_json::json!({
+            "path": i.checkpoint.root().display().to_string(),
+            "step": i.step,
+        })).collect::<Vec<_>>(),
+    });
+    let mut m = BTreeMap::new();
+    m.insert("format".to_string(), "pt".to_string());
+    m.insert("pma".to_string(), record.to_string());
+    m
+}
+
+impl PlanSummary {
+    /// Short method label (`sma`, `ema0.2`, `wma`, `weights`).
+    pub fn method_label(&self) -> String {
+        self.method.label()
+    }
+}
