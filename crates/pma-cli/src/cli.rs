@@ -22,10 +22,18 @@ pub enum Command {
     Inspect(cmd::inspect::Args),
     /// Per-tensor relative L2 distance and cosine similarity between two checkpoints.
     Diff(cmd::diff::Args),
+    /// Watch a training run and keep the merge of its newest checkpoints up to date, crash-safely.
+    Watch(cmd::watch::Args),
     /// Train a small Llama-style model (dense or MoE) and write HF-layout checkpoints.
     #[cfg(feature = "lab")]
     Train(cmd::train::Args),
     /// Evaluate checkpoints: validation loss, perplexity, bits per byte, next-token accuracy.
     #[cfg(feature = "lab")]
     Eval(cmd::eval::Args),
+    /// The paper's findings in minutes: train, merge, evaluate, and write a report with plots.
+    #[cfg(feature = "lab")]
+    Demo(cmd::demo::Args),
+    /// The full reproduction: early/late, N and V sweeps, annealing prediction, MoE, PMA-init.
+    #[cfg(feature = "lab")]
+    Reproduce(cmd::demo::ReproduceArgs),
 }

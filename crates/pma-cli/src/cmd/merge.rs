@@ -24,15 +24,9 @@ pub enum MethodArg {
     Wma,
 }
 
-/// Arguments of `pma merge`.
-#[derive(Debug, clap::Args)]
-pub struct Args {
-    /// Checkpoints to merge, oldest first (HF dirs or .safetensors files). Or use --run.
-    #[arg(value_name = "CKPT")]
-    pub checkpoints: Vec<PathBuf>,
-    /// A run directory of step-named checkpoints (step-1000, checkpoint-1000, iter_0001000, ...).
-    #[arg(long, value_name = "RUN_DIR")]
-    pub run: Option<PathBuf>,
+/// How to weight the checkpoints: shared by `pma merge` and `pma watch`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct MethodArgs {
     /// Averaging method.
     #[arg(
         long,
@@ -50,6 +44,11 @@ pub struct Args {
     /// Rescale --weights to sum to 1.
     #[arg(long, requires = "weights")]
     pub normalize: bool,
+}
+
+/// Which checkpoints to take: shared by `pma merge` and `pma watch`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SelectArgs {
     /// Merge the newest N qualifying checkpoints.
     #[arg(long, value_name = "N")]
     pub last: Option<usize>,
@@ -65,6 +64,11 @@ pub struct Args {
     /// Accept as few as N checkpoints when fewer than --last qualify.
     #[arg(long, value_name = "N")]
     pub min: Option<usize>,
+}
+
+/// How to write the output: shared by `pma merge` and `pma watch`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct OutputArgs {
     /// Output dtype of float tensors (default: the newest checkpoint's).
     #[arg(long, value_parser = parse_dtype)]
     pub dtype: Option<FloatDtype>,
@@ -74,12 +78,29 @@ pub struct Args {
     /// Worker threads (default: all cores).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
-    /// Replace an existing output.
-    #[arg(long)]
-    pub overwrite: bool,
     /// Merge even if inputs hold NaN/Inf (reported as warnings).
     #[arg(long)]
     pub allow_nonfinite: bool,
+}
+
+/// Arguments of `pma merge`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Checkpoints to merge, oldest first (HF dirs or .safetensors files). Or use --run.
+    #[arg(value_name = "CKPT")]
+    pub checkpoints: Vec<PathBuf>,
+    /// A run directory of step-named checkpoints (step-1000, checkpoint-1000, iter_0001000, ...).
+    #[arg(long, value_name = "RUN_DIR")]
+    pub run: Option<PathBuf>,
+    #[command(flatten)]
+    pub method: MethodArgs,
+    #[command(flatten)]
+    pub select: SelectArgs,
+    #[command(flatten)]
+    pub output: OutputArgs,
+    /// Replace an existing output.
+    #[arg(long)]
+    pub overwrite: bool,
     /// Print the plan without reading tensor data.
     #[arg(long)]
     pub dry_run: bool,
@@ -122,29 +143,69 @@ fn steps(value: &str, tokens_per_step: Option<u64>, flag: &str) -> anyhow::Resul
     }
 }
 
-/// Builds the selection, weights and config from arguments; opens the checkpoints.
-pub fn plan_from_args(args: &Args) -> anyhow::Result<(MergePlan, Vec<pma_merge::Skipped>)> {
-    let tokens_per_step =
-        match &args.tokens_per_step {
+impl SelectArgs {
+    /// The library selection, with token counts converted to steps.
+    pub fn selection(&self) -> anyhow::Result<Selection> {
+        let tokens_per_step = match &self.tokens_per_step {
             Some(s) => Some(parse_token_count(s).filter(|&k| k > 0).with_context(|| {
                 format!("--tokens-per-step '{s}' is not a positive token count")
             })?),
             None => None,
         };
-    let selection = Selection {
-        last: args.last,
-        every: args
-            .every
-            .as_deref()
-            .map(|v| steps(v, tokens_per_step, "--every"))
-            .transpose()?,
-        at: args
-            .at
-            .as_deref()
-            .map(|v| steps(v, tokens_per_step, "--at"))
-            .transpose()?,
-        min: args.min,
-    };
+        Ok(Selection {
+            last: self.last,
+            every: self
+                .every
+                .as_deref()
+                .map(|v| steps(v, tokens_per_step, "--every"))
+                .transpose()?,
+            at: self
+                .at
+                .as_deref()
+                .map(|v| steps(v, tokens_per_step, "--at"))
+                .transpose()?,
+            min: self.min,
+        })
+    }
+}
+
+impl MethodArgs {
+    /// Weights for `n` checkpoints.
+    pub fn weights(&self, n: usize) -> anyhow::Result<Weights> {
+        Ok(match (&self.weights, self.method) {
+            (Some(w), _) => Weights::explicit(w.clone(), self.normalize)?,
+            (None, Some(MethodArg::Sma)) => Weights::sma(n)?,
+            (None, Some(MethodArg::Ema)) => Weights::ema(n, self.alpha)?,
+            (None, Some(MethodArg::Wma)) => Weights::wma(n)?,
+            (None, None) => bail!("give --method or --weights"),
+        })
+    }
+}
+
+impl OutputArgs {
+    /// The library merge config for an output at `out`.
+    pub fn config(&self, out: &std::path::Path) -> MergeConfig {
+        MergeConfig {
+            out_dtype: self.dtype,
+            max_shard_bytes: self.max_shard_size,
+            single_file: out.extension().is_some_and(|e| e == "safetensors"),
+            allow_nonfinite: self.allow_nonfinite,
+        }
+    }
+
+    /// Worker threads, 0 resolved to all cores.
+    pub fn threads(&self) -> usize {
+        if self.threads == 0 {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        } else {
+            self.threads
+        }
+    }
+}
+
+/// Builds the selection, weights and config from arguments; opens the checkpoints.
+pub fn plan_from_args(args: &Args) -> anyhow::Result<(MergePlan, Vec<pma_merge::Skipped>)> {
+    let selection = args.select.selection()?;
     let (series, from_run) = match (&args.run, args.checkpoints.is_empty()) {
         (Some(run), true) => (CheckpointSeries::discover(run)?, true),
         (None, false) => (CheckpointSeries::from_paths(&args.checkpoints), false),
@@ -152,21 +213,8 @@ pub fn plan_from_args(args: &Args) -> anyhow::Result<(MergePlan, Vec<pma_merge::
         (None, true) => bail!("nothing to merge: give checkpoints (oldest first) or --run RUN_DIR"),
     };
     let selected = selection.select(&series, from_run)?;
-    let n = selected.checkpoints.len();
-    let weights = match (&args.weights, args.method) {
-        (Some(w), _) => Weights::explicit(w.clone(), args.normalize)?,
-        (None, Some(MethodArg::Sma)) => Weights::sma(n)?,
-        (None, Some(MethodArg::Ema)) => Weights::ema(n, args.alpha)?,
-        (None, Some(MethodArg::Wma)) => Weights::wma(n)?,
-        (None, None) => bail!("give --method or --weights"),
-    };
-    let single_file = args.out.extension().is_some_and(|e| e == "safetensors");
-    let config = MergeConfig {
-        out_dtype: args.dtype,
-        max_shard_bytes: args.max_shard_size,
-        single_file,
-        allow_nonfinite: args.allow_nonfinite,
-    };
+    let weights = args.method.weights(selected.checkpoints.len())?;
+    let config = args.output.config(&args.out);
     let inputs = selected
         .checkpoints
         .into_iter()
@@ -187,11 +235,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             );
         }
     }
-    let threads = if args.threads == 0 {
-        std::thread::available_parallelism().map_or(1, |n| n.get())
-    } else {
-        args.threads
-    };
+    let threads = args.output.threads();
     if args.dry_run {
         let summary = plan.summary(threads);
         if args.json {

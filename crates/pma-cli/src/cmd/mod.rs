@@ -5,6 +5,8 @@ use std::process::ExitCode;
 
 use crate::cli::{Cli, Command};
 
+#[cfg(feature = "lab")]
+pub mod demo;
 pub mod diff;
 #[cfg(feature = "lab")]
 pub mod eval;
@@ -12,6 +14,7 @@ pub mod inspect;
 pub mod merge;
 #[cfg(feature = "lab")]
 pub mod train;
+pub mod watch;
 
 /// Dispatches to the subcommand.
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -19,10 +22,15 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Merge(args) => merge::run(args),
         Command::Inspect(args) => inspect::run(args),
         Command::Diff(args) => diff::run(args),
+        Command::Watch(args) => watch::run(args),
         #[cfg(feature = "lab")]
         Command::Train(args) => train::run(args),
         #[cfg(feature = "lab")]
         Command::Eval(args) => eval::run(args),
+        #[cfg(feature = "lab")]
+        Command::Demo(args) => demo::run(args),
+        #[cfg(feature = "lab")]
+        Command::Reproduce(args) => demo::run_reproduce(args),
     }
 }
 
