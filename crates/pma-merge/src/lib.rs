@@ -32,6 +32,7 @@ pub mod inspect;
 pub mod plan;
 pub mod progress;
 pub mod series;
+pub mod watch;
 pub mod weights;
 
 pub use error::{Error, Result};

@@ -1,0 +1,1 @@
+//! Online merging beside a running job (being written).
