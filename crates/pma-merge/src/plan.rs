@@ -307,6 +307,13 @@ fn plan_tensor(
     let newest = &inputs[inputs.len() - 1].checkpoint;
     let name = &reference.info.name;
     let ref_class = classify(reference.info.dtype);
+    if ref_class == DtypeClass::Unsupported {
+        return Err(Error::UnsupportedDtype {
+            path: newest.file_of(reference).path().into(),
+            tensor: name.clone(),
+            dtype: dtype_name(reference.info.dtype),
+        });
+    }
     let mut sources = Vec::with_capacity(inputs.len());
     for input in inputs {
         let ckpt = &input.checkpoint;
