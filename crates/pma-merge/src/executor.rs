@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 
-use pma_format::dtype::{accumulate, classify, count_nonfinite, encode_f64};
+use pma_format::dtype::{classify, count_nonfinite, encode_f64, weighted_sum};
 use pma_format::{DtypeClass, FloatDtype, StagedOutput, StreamWriter};
 use rayon::prelude::*;
 use serde::Serialize;
@@ -359,21 +359,22 @@ fn average(
         while start < n {
             let end = (start + BLOCK_ELEMS).min(n);
             let acc = &mut acc[..end - start];
-            acc.fill(0.0);
-            for ((src, &dt), &w) in srcs.iter().zip(&dtypes).zip(&plan.weights.values) {
-                let sz = dt.size_bytes();
-                accumulate(dt, &src[start * sz..end * sz], w, acc);
-            }
-            // Any NaN/Inf input makes its w·x, and so the sum, non-finite (0·Inf is NaN too),
-            // so one cheap pass over the block finds out whether to count per input.
-            if acc.iter().any(|v| !v.is_finite()) {
+            let blocks: Vec<(FloatDtype, &[u8])> = srcs
+                .iter()
+                .zip(&dtypes)
+                .map(|(src, &dt)| (dt, &src[start * dt.size_bytes()..end * dt.size_bytes()]))
+                .collect();
+            weighted_sum(&blocks, &plan.weights.values, acc);
+            let osz = out.size_bytes();
+            let all_finite = encode_f64(out, acc, &mut bytes[start * osz..end * osz]);
+            // Any NaN/Inf input makes its w·x, and so the sum, non-finite (0·Inf is NaN too), so
+            // inputs need counting only when the encoder saw a non-finite sum.
+            if !all_finite {
                 for (i, (src, &dt)) in srcs.iter().zip(&dtypes).enumerate() {
                     let sz = dt.size_bytes();
                     nonfinite[i] += count_nonfinite(dt, &src[start * sz..end * sz]);
                 }
             }
-            let osz = out.size_bytes();
-            encode_f64(out, acc, &mut bytes[start * osz..end * osz]);
             start = end;
         }
     });
