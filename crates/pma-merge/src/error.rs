@@ -116,6 +116,33 @@ pub enum Error {
         /// Why.
         reason: String,
     },
+    /// The watcher's state dir holds state made with different settings.
+    #[error("{}: watch state was made with {found} but this run asks for {expected}; use another --out or delete the state dir to start over", path.display())]
+    WatchStateMismatch {
+        /// The state file.
+        path: PathBuf,
+        /// The settings of this run.
+        expected: String,
+        /// The settings recorded in the state.
+        found: String,
+    },
+    /// The watcher's state file cannot be parsed or refers to files that are gone.
+    #[error("{}: corrupt watch state: {reason}", path.display())]
+    WatchStateCorrupt {
+        /// The state file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Bad watch settings.
+    #[error("invalid watch settings: {0}")]
+    InvalidWatchConfig(String),
+    /// Another watcher holds the state dir.
+    #[error("{}: another pma watch is running on this output (lock held)", path.display())]
+    WatchLocked {
+        /// The lock file.
+        path: PathBuf,
+    },
 }
 
 /// `Result` with this crate's [`Error`].

@@ -1,0 +1,167 @@
+//! Deciding when a checkpoint the trainer is writing is complete.
+//!
+//! A checkpoint is taken only when all of these hold:
+//! - it has *settled*: its files' sizes and modification times have not changed for the settle
+//!   interval. Either every file was last modified at least that long ago (decided at once,
+//!   which is what `--once` relies on), or this watcher has seen the same sizes and times on
+//!   polls that far apart (which does not trust the file server's clock);
+//! - the `--ready-file` marker, if one is asked for, exists: inside the checkpoint
+//!   (`trainer_state.json` for the HF Trainer), or in the run directory holding a step number at
+//!   least the checkpoint's (Megatron's `latest_checkpointed_iteration.txt`);
+//! - it opens and validates: every file its index names exists, every header is valid and every
+//!   file length matches its header ([`Checkpoint::open`]).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime};
+
+use pma_format::Checkpoint;
+
+/// What a look at one checkpoint found.
+#[derive(Debug)]
+pub enum Readiness {
+    /// Complete and validated.
+    Ready(Checkpoint),
+    /// Still changing (or too recently changed): look again later.
+    Settling,
+    /// Settled but not usable (missing shard, truncated file, no ready marker).
+    Incomplete(String),
+}
+
+/// (name, length, mtime) of every file that makes up a checkpoint.
+type Snapshot = Vec<(String, u64, Option<SystemTime>)>;
+
+/// Remembers what each pending checkpoint looked like, to tell when it stops changing.
+#[derive(Debug)]
+pub struct ReadinessTracker {
+    settle: Duration,
+    ready_file: Option<String>,
+    seen: HashMap<PathBuf, (Snapshot, Instant)>,
+}
+
+impl ReadinessTracker {
+    /// A tracker with a settle interval and an optional ready marker.
+    pub fn new(settle: Duration, ready_file: Option<String>) -> ReadinessTracker {
+        ReadinessTracker {
+            settle,
+            ready_file,
+            seen: HashMap::new(),
+        }
+    }
+
+    /// Looks at the checkpoint at `path` (step `step`) in `run_dir`.
+    pub fn check(&mut self, run_dir: &Path, path: &Path, step: u64) -> Readiness {
+        if !self.settled(path) {
+            return Readiness::Settling;
+        }
+        if let Some(marker) = &self.ready_file {
+            if !marker_present(run_dir, path, marker, step) {
+                return Readiness::Incomplete(format!("ready file '{marker}' not present"));
+            }
+        }
+        match Checkpoint::open(path) {
+            Ok(ckpt) => {
+                self.seen.remove(path);
+                Readiness::Ready(ckpt)
+            }
+            Err(e) => Readiness::Incomplete(e.to_string()),
+        }
+    }
+
+    /// Forgets a checkpoint (taken or skipped).
+    pub fn forget(&mut self, path: &Path) {
+        self.seen.remove(path);
+    }
+
+    fn settled(&mut self, path: &Path) -> bool {
+        if self.settle.is_zero() {
+            return true;
+        }
+        let snap = snapshot(path);
+        let now_wall = SystemTime::now();
+        let old_enough = !snap.is_empty()
+            && snap.iter().all(|(_, _, mtime)| {
+                mtime.is_some_and(|m| {
+                    now_wall
+                        .duration_since(m)
+                        .is_ok_and(|age| age >= self.settle)
+                })
+            });
+        if old_enough {
+            return true;
+        }
+        let now = Instant::now();
+        match self.seen.get(path) {
+            Some((prev, since)) if *prev == snap => now.duration_since(*since) >= self.settle,
+            _ => {
+                self.seen.insert(path.to_path_buf(), (snap, now));
+                false
+            }
+        }
+    }
+}
+
+fn snapshot(path: &Path) -> Snapshot {
+    let describe = |p: &Path, name: String| {
+        p.metadata()
+            .ok()
+            .filter(|m| m.is_file())
+            .map(|m| (name, m.len(), m.modified().ok()))
+    };
+    if path.is_file() {
+        return describe(path, String::new()).into_iter().collect();
+    }
+    let mut snap: Snapshot = std::fs::read_dir(path)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| describe(&e.path(), e.file_name().to_string_lossy().into_owned()))
+        .collect();
+    snap.sort();
+    snap
+}
+
+fn marker_present(run_dir: &Path, ckpt: &Path, marker: &str, step: u64) -> bool {
+    if ckpt.is_dir() && ckpt.join(marker).exists() {
+        return true;
+    }
+    std::fs::read_to_string(run_dir.join(marker))
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .is_some_and(|latest| latest >= step)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unchanged_files_settle_after_the_interval_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let ck = dir.path().join("step-1");
+        std::fs::create_dir(&ck).unwrap();
+        std::fs::write(ck.join("model.safetensors"), b"x").unwrap();
+        let mut t = ReadinessTracker::new(Duration::from_millis(300), None);
+        assert!(!t.settled(&ck), "fresh files are not settled");
+        std::thread::sleep(Duration::from_millis(150));
+        assert!(!t.settled(&ck));
+        // Growth restarts the clock.
+        std::fs::write(ck.join("model.safetensors"), b"xy").unwrap();
+        assert!(!t.settled(&ck));
+        std::thread::sleep(Duration::from_millis(350));
+        assert!(t.settled(&ck));
+    }
+
+    #[test]
+    fn megatron_marker_in_run_dir_counts_for_earlier_steps() {
+        let dir = tempfile::tempdir().unwrap();
+        let ck = dir.path().join("iter_0000200");
+        std::fs::create_dir(&ck).unwrap();
+        let m = "latest_checkpointed_iteration.txt";
+        assert!(!marker_present(dir.path(), &ck, m, 200));
+        std::fs::write(dir.path().join(m), b"100\n").unwrap();
+        assert!(!marker_present(dir.path(), &ck, m, 200));
+        std::fs::write(dir.path().join(m), b"200\n").unwrap();
+        assert!(marker_present(dir.path(), &ck, m, 200));
+    }
+}
