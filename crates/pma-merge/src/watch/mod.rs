@@ -670,7 +670,7 @@ impl<'c> Watcher<'c> {
                     Err(Error::NotEnoughCheckpoints { .. }) => {}
                     Err(e) => return Err(e),
                 }
-                next.members = retain_window(&history, *last, every.unwrap_or(1), 1);
+                next.members = retain_window(&history, *last, every.unwrap_or(1), 0);
             }
             Averaging::IncrementalSma { last, .. } => {
                 // Without --last the sum runs over every checkpoint and nothing ever leaves,
