@@ -67,7 +67,7 @@ pub enum Error {
         dtype: String,
     },
     /// `shape` × dtype size overflows or disagrees with `data_offsets`.
-    #[error("{}: tensor '{tensor}': shape {shape:?} of {dtype} needs {expected} bytes but data_offsets span {found}", path.display())]
+    #[error("{}: tensor '{tensor}': shape {shape:?} of {dtype:?} needs {} bytes but data_offsets span {found}", path.display(), expected.map_or_else(|| "an overflowing number of".to_string(), |b| b.to_string()))]
     SizeMismatch {
         /// The file.
         path: PathBuf,
@@ -76,9 +76,9 @@ pub enum Error {
         /// Its declared shape.
         shape: Vec<u64>,
         /// Its dtype.
-        dtype: String,
-        /// numel × dtype size (or `overflow`).
-        expected: String,
+        dtype: safetensors::Dtype,
+        /// numel × dtype size (`None` on overflow).
+        expected: Option<u64>,
         /// end − begin.
         found: u64,
     },

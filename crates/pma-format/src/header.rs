@@ -14,7 +14,7 @@ use std::path::Path;
 
 use safetensors::Dtype;
 
-use crate::dtype::{dtype_bits, dtype_name, parse_dtype};
+use crate::dtype::{dtype_bits, parse_dtype};
 use crate::error::{Error, Result};
 
 /// Largest header we accept. The safetensors crate uses the same 100 MB bound; real headers of
@@ -227,8 +227,8 @@ fn parse_tensor(path: &Path, name: String, entry: serde_json::Value) -> Result<T
             path: path.into(),
             tensor: name,
             shape,
-            dtype: dtype_name(dtype),
-            expected: expected.map_or_else(|| "an overflowing number of".into(), |b| b.to_string()),
+            dtype,
+            expected,
             found: end - begin,
         });
     }

@@ -180,7 +180,7 @@ impl MergePlan {
         }
         let sizes: Vec<u64> = tensors.iter().map(|t| t.spec.n_bytes()).collect();
         let ranges = if config.single_file {
-            vec![0..tensors.len()]
+            std::iter::once(0..tensors.len()).collect()
         } else {
             pma_format::plan_shards(&sizes, config.max_shard_bytes)
         };

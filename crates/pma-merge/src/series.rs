@@ -245,7 +245,7 @@ pub fn parse_byte_size(s: &str) -> Option<u64> {
     };
     let v: f64 = num.trim().parse().ok()?;
     let total = (v * mult).round();
-    (total.is_finite() && total >= 1.0 && total < 1.8e19).then_some(total as u64)
+    (1.0..1.8e19).contains(&total).then_some(total as u64)
 }
 
 #[cfg(test)]
