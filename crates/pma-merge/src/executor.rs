@@ -35,6 +35,8 @@ pub const JOB_ELEMS: u64 = 1 << 19;
 pub const BLOCK_ELEMS: usize = 1 << 16;
 /// Jobs per batch, per worker thread.
 const JOBS_PER_THREAD: usize = 2;
+/// Batches whose inputs are prefetched ahead of the one being computed.
+const PREFETCH_BATCHES: usize = 4;
 /// Output batches alive at once: one being computed, these queued for or inside the writer.
 pub const BATCHES_IN_FLIGHT: usize = 2;
 
@@ -236,18 +238,30 @@ fn compute_batches(
     tx: &mpsc::SyncSender<Vec<JobOutput>>,
 ) -> Result<Vec<NonFiniteWarning>> {
     let batch_len = threads * JOBS_PER_THREAD;
-    let mut all = jobs(plan).peekable();
-    let mut next: Vec<Job> = all.by_ref().take(batch_len).collect();
+    let mut all = jobs(plan);
+    // Batches whose input pages have been requested from the kernel but not yet merged. On a cold
+    // cache this keeps several reads in flight per input while the current batch computes.
+    let mut ahead: std::collections::VecDeque<Vec<Job>> = std::collections::VecDeque::new();
+    let mut refill = |ahead: &mut std::collections::VecDeque<Vec<Job>>| {
+        while ahead.len() < PREFETCH_BATCHES {
+            let batch: Vec<Job> = all.by_ref().take(batch_len).collect();
+            if batch.is_empty() {
+                break;
+            }
+            for job in &batch {
+                prefetch(plan, job);
+            }
+            ahead.push_back(batch);
+        }
+    };
     let mut counts: HashMap<(usize, usize), u64> = HashMap::new();
     let mut warnings = Vec::new();
-    while !next.is_empty() {
+    refill(&mut ahead);
+    while let Some(batch) = ahead.pop_front() {
         if cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
             return Err(Error::Interrupted);
         }
-        let batch = std::mem::replace(&mut next, all.by_ref().take(batch_len).collect());
-        for job in &next {
-            prefetch(plan, job);
-        }
+        refill(&mut ahead);
         let outputs: Vec<JobOutput> = batch
             .par_iter()
             .map(|job| run_job(plan, job))
