@@ -700,3 +700,52 @@ fn sigterm_during_a_daemon_run_exits_zero_with_committed_state() {
         "the 60 s sleep is interrupted"
     );
 }
+
+#[test]
+fn ema_stream_output_in_the_state_dtype_is_a_link_to_the_read_only_state() {
+    use std::os::unix::fs::MetadataExt;
+    let d = tempfile::tempdir().unwrap();
+    let run = d.path().join("run");
+    // Float tensors only: an integer tensor cannot live in the state, so it forces a copy.
+    for i in 0..3 {
+        let w = values(i as u64, 1000);
+        write_ckpt(
+            &run.join(format!("step-{:07}", 100 * (i + 1))),
+            &[("w", Dtype::F32, vec![1000], common::f32_bytes(&w))],
+        );
+    }
+    let out = d.path().join("out");
+    watch(&run, &out)
+        .args([
+            "--method",
+            "ema-stream",
+            "--state-dtype",
+            "f32",
+            "--dtype",
+            "f32",
+        ])
+        .args(["--once", "--keep", "2"])
+        .assert()
+        .success();
+    let s = state(&out);
+    let state_file = out
+        .join(".pma-watch/tensors")
+        .join(s["tensor_file"].as_str().unwrap());
+    let output = out.join("step-0000300/model.safetensors");
+    let (a, b) = (
+        std::fs::metadata(&state_file).unwrap(),
+        std::fs::metadata(&output).unwrap(),
+    );
+    assert_eq!(a.ino(), b.ino(), "one inode, no second write");
+    assert!(a.permissions().readonly());
+    // It is a proper output: provenance and all, and pruning one name leaves the other.
+    let ck = pma_format::Checkpoint::open(&out.join("step-0000300")).unwrap();
+    assert!(ck.files()[0].header().metadata["pma"].contains("ema-stream"));
+    assert_eq!(output_steps(&out), ["step-0000200", "step-0000300"]);
+    assert_eq!(
+        std::fs::read_dir(out.join(".pma-watch/tensors"))
+            .unwrap()
+            .count(),
+        1
+    );
+}

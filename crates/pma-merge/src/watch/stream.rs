@@ -131,6 +131,24 @@ pub(crate) fn run_update(
         .collect();
     let sizes: Vec<u64> = planned.iter().map(|p| p.out_spec.n_bytes()).collect();
     let ranges = pma_format::plan_shards(&sizes, u.max_shard_bytes);
+    // When the output would be the state byte for byte (EMA, output dtype = state dtype, one
+    // shard, no integer tensors), the output is a hard link to the state file instead of a
+    // second copy: the state file is never modified after it is written (each generation has
+    // its own name, and it is made read-only), so sharing the inode is safe and halves the
+    // bytes an update writes.
+    let share = matches!(u.rule, StreamRule::Ema { .. })
+        && ranges.len() == 1
+        && planned.iter().all(|p| match p.mode {
+            Mode::Float { out, .. } => out == u.state_dtype,
+            Mode::Copy => false,
+        });
+    let state_metadata = if share {
+        let mut m = u.out_metadata.clone();
+        m.extend(u.state_metadata.clone());
+        m
+    } else {
+        u.state_metadata.clone()
+    };
     let n_shards = ranges.len();
     let shards: Vec<(PathBuf, Range<usize>)> = ranges
         .into_iter()
@@ -158,7 +176,10 @@ pub(crate) fn run_update(
     let batch_len = threads * 2;
     let read_bytes = std::thread::scope(|scope| -> Result<u64> {
         let (tx, rx) = mpsc::sync_channel::<Vec<JobOut>>(1);
-        let writer = scope.spawn(|| write_all(&planned, &state_specs, u, state_path, &shards, rx));
+        let out_shards: &[(PathBuf, Range<usize>)] = if share { &[] } else { &shards };
+        let meta = &state_metadata;
+        let writer =
+            scope.spawn(|| write_all(&planned, &state_specs, u, meta, state_path, out_shards, rx));
         let computed = pool.install(|| -> Result<u64> {
             let mut read = 0;
             let batches: Vec<&[(usize, Range<u64>)]> = jobs.chunks(batch_len).collect();
@@ -170,7 +191,7 @@ pub(crate) fn run_update(
                 }
                 let outs: Vec<JobOut> = batch
                     .par_iter()
-                    .map(|(ti, r)| run_job(u, &planned, *ti, r.clone()))
+                    .map(|(ti, r)| run_job(u, &planned, *ti, r.clone(), !share))
                     .collect::<Result<_>>()?;
                 read += outs.iter().map(|o| o.read_bytes).sum::<u64>();
                 if tx.send(outs).is_err() {
@@ -185,6 +206,13 @@ pub(crate) fn run_update(
         written?;
         Ok(read)
     })?;
+    make_read_only(state_path)?;
+    if share {
+        let target = out_dir.join(pma_format::shard_file_name(0, 1));
+        if std::fs::hard_link(state_path, &target).is_err() {
+            pma_format::copy_file_synced(state_path, &target)?;
+        }
+    }
     if n_shards > 1 {
         let listing: Vec<(String, Vec<&TensorSpec>)> = shards
             .iter()
@@ -201,7 +229,20 @@ pub(crate) fn run_update(
     Ok(StreamStats {
         read_bytes,
         state_bytes: state_specs.iter().map(TensorSpec::n_bytes).sum(),
-        output_bytes: sizes.iter().sum(),
+        output_bytes: if share { 0 } else { sizes.iter().sum() },
+    })
+}
+
+/// Makes a state file read-only, so nothing writes through a hard link to it by accident.
+fn make_read_only(path: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o444)).map_err(|e| {
+        pma_format::Error::Io {
+            path: path.into(),
+            action: "making read-only",
+            source: e,
+        }
+        .into()
     })
 }
 
@@ -338,6 +379,7 @@ fn run_job(
     planned: &[Planned<'_>],
     ti: usize,
     elems: Range<u64>,
+    with_output: bool,
 ) -> Result<JobOut> {
     let p = &planned[ti];
     let xfile = u.new.file_of(p.src);
@@ -383,7 +425,7 @@ fn run_job(
     };
     let n = (elems.end - elems.start) as usize;
     let mut state = vec![0u8; n * sd.size_bytes()];
-    let mut output = vec![0u8; n * out.size_bytes()];
+    let mut output = vec![0u8; if with_output { n * out.size_bytes() } else { 0 }];
     let mut acc = vec![0.0f64; BLOCK_ELEMS.min(n)];
     let mut nonfinite = 0u64;
     let mut start = 0;
@@ -424,6 +466,10 @@ fn run_job(
         }
         let st = &mut state[start * sd.size_bytes()..end * sd.size_bytes()];
         encode_f64(sd, acc, st);
+        if !with_output {
+            start = end;
+            continue;
+        }
         match u.rule {
             StreamRule::Ema { .. } => {
                 // The output is the state as stored, so a restart from the state file
@@ -470,15 +516,26 @@ fn run_job(
 }
 
 /// Writer thread: the state file and the output shards, each in tensor order.
+/// With no `shards`, only the state is written (the output will link to it).
 fn write_all(
     planned: &[Planned<'_>],
     state_specs: &[TensorSpec],
     u: &StreamUpdate<'_>,
+    state_metadata: &BTreeMap<String, String>,
     state_path: &Path,
     shards: &[(PathBuf, Range<usize>)],
     rx: mpsc::Receiver<Vec<JobOut>>,
 ) -> Result<()> {
-    let mut state = StreamWriter::create(state_path, state_specs, &u.state_metadata)?;
+    let mut state = StreamWriter::create(state_path, state_specs, state_metadata)?;
+    if shards.is_empty() {
+        for batch in rx {
+            for job in batch {
+                state.write(&job.state)?;
+            }
+        }
+        state.finish()?;
+        return Ok(());
+    }
     let open = |i: usize| {
         let specs: Vec<TensorSpec> = planned[shards[i].1.clone()]
             .iter()
