@@ -1,0 +1,237 @@
+//! `pma demo --profile tiny` end to end: real training, merging and evaluation on the embedded
+//! corpus, then checks on `results.json` for structure and sanity: every figure finite, every
+//! merge member an existing, evaluated checkpoint, every file the report names present.
+#![cfg(feature = "lab")]
+
+use std::path::Path;
+
+use assert_cmd::Command;
+use serde_json::Value;
+
+fn finite(v: &Value, what: &str) -> f64 {
+    let x = v
+        .as_f64()
+        .unwrap_or_else(|| panic!("{what} is not a number: {v}"));
+    assert!(x.is_finite(), "{what} is not finite: {x}");
+    x
+}
+
+fn arr<'a>(v: &'a Value, key: &str) -> &'a Vec<Value> {
+    v[key]
+        .as_array()
+        .unwrap_or_else(|| panic!("{key} is not an array"))
+}
+
+/// Checks the parts of `results.json` that every scope has.
+fn check_common(out: &Path, r: &Value) {
+    assert_eq!(r["schema_version"], 1);
+    assert!(r["seed"].is_u64());
+    assert!(r["config"]["trunk_steps"].is_u64());
+
+    let checkpoints = arr(r, "checkpoints");
+    assert!(!checkpoints.is_empty());
+    for c in checkpoints {
+        assert!(
+            c["run"].is_string() && c["step"].is_u64() && c["tokens"].is_u64(),
+            "{c}"
+        );
+        let v = finite(&c["val_loss"], "checkpoint val_loss");
+        // Byte-level: anything above ln(256) is worse than uniform.
+        assert!(v > 0.0 && v < 8.0, "{c}");
+        for k in ["ppl", "bpb", "accuracy"] {
+            finite(&c["metrics"][k], k);
+        }
+        assert!(out
+            .join(c["path"].as_str().unwrap())
+            .join("model.safetensors")
+            .is_file());
+    }
+
+    let merges = arr(r, "merges");
+    assert!(!merges.is_empty());
+    for m in merges {
+        let method = m["method"].as_str().unwrap();
+        assert!(["sma", "ema", "wma"].contains(&method), "{m}");
+        assert_eq!(m["alpha"].is_null(), method != "ema", "{m}");
+        let n = m["n"].as_u64().unwrap() as usize;
+        let members = arr(m, "members");
+        let weights = arr(m, "weights");
+        assert_eq!(members.len(), n);
+        assert_eq!(weights.len(), n);
+        let sum: f64 = weights.iter().map(|w| finite(w, "weight")).sum();
+        assert!((sum - 1.0).abs() < 1e-9, "weights sum to {sum}: {m}");
+        assert!(m["interval"].as_u64().unwrap() > 0);
+        finite(&m["val_loss"], "merge val_loss");
+        let run = m["run"].as_str().unwrap();
+        let mut prev = 0;
+        for s in members {
+            let step = s.as_u64().unwrap();
+            assert!(step > prev, "members are oldest first: {m}");
+            prev = step;
+            let dir = out.join("runs").join(run).join(format!("step-{step:07}"));
+            assert!(
+                dir.join("model.safetensors").is_file(),
+                "missing member {}",
+                dir.display()
+            );
+            assert!(
+                checkpoints
+                    .iter()
+                    .any(|c| c["run"] == run && c["step"] == step),
+                "member {run}/{step} was not evaluated"
+            );
+        }
+        assert_eq!(
+            m["step"].as_u64(),
+            Some(prev),
+            "the newest member is the merge's step"
+        );
+        assert!(out
+            .join(m["path"].as_str().unwrap())
+            .join("model.safetensors")
+            .is_file());
+    }
+
+    for a in arr(r, "annealed") {
+        finite(&a["val_loss"], "annealed val_loss");
+        assert!(a["step"].as_u64().unwrap() > a["from_step"].as_u64().unwrap());
+    }
+    for p in arr(r, "predictions") {
+        for k in ["annealed_loss", "raw_loss", "merge_loss", "gap"] {
+            finite(&p[k], k);
+        }
+    }
+    let findings = arr(r, "findings");
+    assert!(!findings.is_empty());
+    for f in findings {
+        assert!(
+            f["claim"].is_string() && f["held"].is_boolean() && f["evidence"].is_string(),
+            "{f}"
+        );
+    }
+    for run in arr(r, "runs") {
+        finite(&run["tokens_per_sec"], "tokens_per_sec");
+        assert!(!arr(run, "curve").is_empty());
+    }
+
+    let report = std::fs::read_to_string(out.join("report.md")).unwrap();
+    for line in report.lines().filter(|l| l.starts_with("![")) {
+        let target = line.split("](").nth(1).unwrap().trim_end_matches(')');
+        let png = std::fs::read(out.join(target)).unwrap_or_else(|_| panic!("{target} missing"));
+        assert_eq!(&png[1..4], b"PNG");
+    }
+}
+
+#[test]
+fn tiny_demo_writes_sane_results() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let assert = Command::cargo_bin("pma")
+        .unwrap()
+        .current_dir(dir.path())
+        .args([
+            "demo",
+            "--profile",
+            "tiny",
+            "--seed",
+            "7",
+            "--quiet",
+            "--out",
+        ])
+        .arg(&out)
+        .assert()
+        .success();
+    let stdout = String::from_utf8(assert.get_output().stdout.clone()).unwrap();
+    assert!(stdout.contains("report.md"), "{stdout}");
+    assert!(stdout.contains("annealed"), "{stdout}");
+
+    let r: Value =
+        serde_json::from_slice(&std::fs::read(out.join("results.json")).unwrap()).unwrap();
+    assert_eq!(r["scope"], "demo");
+    assert_eq!(r["profile"], "tiny");
+    assert_eq!(r["seed"], 7);
+    check_common(&out, &r);
+    assert!(!arr(&r, "annealed").is_empty());
+    for m in arr(&r, "merges") {
+        assert_eq!(m["run"], "trunk");
+    }
+    assert!(r["spike"].is_null() && r["continued"].is_null());
+    for png in ["loss_vs_step.png", "heat_table.png"] {
+        assert!(out.join("plots").join(png).is_file());
+    }
+
+    // A second run into the same directory needs --overwrite.
+    Command::cargo_bin("pma")
+        .unwrap()
+        .current_dir(dir.path())
+        .args(["demo", "--profile", "tiny", "--quiet", "--out"])
+        .arg(&out)
+        .assert()
+        .failure()
+        .stderr(predicates::str::contains("--overwrite"));
+}
+
+/// The reproduction's code paths (sweeps, in-branch merges, MoE, continued training, spike
+/// recovery) at tiny scale.
+#[test]
+fn tiny_reproduce_covers_every_section() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    Command::cargo_bin("pma")
+        .unwrap()
+        .current_dir(dir.path())
+        .args(["reproduce", "--profile", "tiny", "--quiet", "--out"])
+        .arg(&out)
+        .assert()
+        .success();
+    let r: Value =
+        serde_json::from_slice(&std::fs::read(out.join("results.json")).unwrap()).unwrap();
+    assert_eq!(r["scope"], "reproduce");
+    check_common(&out, &r);
+    let tags: Vec<&str> = arr(&r, "merges")
+        .iter()
+        .flat_map(|m| arr(m, "tags").iter().map(|t| t.as_str().unwrap()))
+        .collect();
+    for tag in [
+        "grid",
+        "n_sweep",
+        "v_sweep",
+        "anneal_branch",
+        "moe",
+        "continued_init",
+        "spike_init",
+    ] {
+        assert!(tags.contains(&tag), "no {tag} merge");
+    }
+    let c = &r["continued"];
+    for k in [
+        "initial_heldout_loss",
+        "final_heldout_loss",
+        "max_grad_norm",
+        "grad_norm_std",
+    ] {
+        for v in arr(c, k) {
+            finite(v, k);
+        }
+    }
+    let s = &r["spike"];
+    finite(&s["pre_spike_val_loss"], "pre_spike_val_loss");
+    assert!(s["from_raw"]["recovered"].is_boolean() && s["from_merge"]["recovered"].is_boolean());
+    let ids: Vec<&str> = arr(&r, "findings")
+        .iter()
+        .map(|f| f["id"].as_str().unwrap())
+        .collect();
+    for id in [
+        "merge_beats_newest",
+        "large_n_hurts_early_helps_late",
+        "large_v_hurts_early",
+        "moe_merge_beats_newest",
+        "pma_init_continued_training",
+        "pma_init_recovers_spike",
+    ] {
+        assert!(ids.contains(&id), "no finding {id}: {ids:?}");
+    }
+    for png in ["sweeps.png", "moe.png", "continued.png", "spike.png"] {
+        assert!(out.join("plots").join(png).is_file(), "{png}");
+    }
+}

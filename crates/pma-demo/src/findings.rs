@@ -1,0 +1,470 @@
+//! The paper's findings as checks on [`Results`].
+//!
+//! Each check reads only `results.json` data and states its rule up front, so a verdict can be
+//! re-derived by hand. The rules were fixed before any run and are deliberately plain (a
+//! comparison of two losses, a sign), with no tolerance chosen after seeing the numbers. A check
+//! whose experiment did not run is left out rather than reported as held.
+
+use crate::results::{Finding, MergeRecord, Results};
+
+/// Every check that has data, in report order.
+pub fn derive_findings(r: &Results) -> Vec<Finding> {
+    [
+        merge_beats_newest(r, "trunk", "grid", "merge_beats_newest"),
+        predicts_annealing(r),
+        method_spread_shrinks(r),
+        weighted_best_early(r),
+        n_sweep(r),
+        v_sweep(r),
+        anneal_branch(r),
+        merge_beats_newest(r, "moe", "moe", "moe_merge_beats_newest"),
+        continued(r),
+        spike(r),
+    ]
+    .into_iter()
+    .flatten()
+    .collect()
+}
+
+fn fmt_loss(x: f64) -> String {
+    format!("{x:.4}")
+}
+
+/// Grid points of the trunk, earliest first.
+fn grid_points(r: &Results, run: &str, tag: &str) -> Vec<u64> {
+    let mut points: Vec<u64> = r
+        .merges
+        .iter()
+        .filter(|m| m.run == run && m.tags.iter().any(|t| t == tag))
+        .map(|m| m.step)
+        .collect();
+    points.sort_unstable();
+    points.dedup();
+    points
+}
+
+fn best<'a>(merges: impl Iterator<Item = &'a MergeRecord>) -> Option<&'a MergeRecord> {
+    merges.min_by(|a, b| a.val_loss.total_cmp(&b.val_loss))
+}
+
+fn at<'a>(
+    r: &'a Results,
+    run: &'a str,
+    tag: &'a str,
+    step: u64,
+) -> impl Iterator<Item = &'a MergeRecord> + 'a {
+    r.merges
+        .iter()
+        .filter(move |m| m.run == run && m.step == step && m.tags.iter().any(|t| t == tag))
+}
+
+/// Rule: at every merge point, the best merge has a lower validation loss than the newest raw
+/// checkpoint at that point.
+fn merge_beats_newest(r: &Results, run: &str, tag: &str, id: &str) -> Option<Finding> {
+    let points = grid_points(r, run, tag);
+    if points.is_empty() {
+        return None;
+    }
+    let mut held = true;
+    let mut parts = Vec::new();
+    for step in points {
+        let raw = r.checkpoint(run, step)?;
+        let all: Vec<&MergeRecord> = at(r, run, tag, step).collect();
+        let b = best(all.iter().copied())?;
+        let n_better = all.iter().filter(|m| m.val_loss < raw.val_loss).count();
+        held &= b.val_loss < raw.val_loss;
+        parts.push(format!(
+            "step {step}: newest raw {} vs best merge {} (N={}) {} ({:+.4}; {n_better}/{} merges beat the raw checkpoint)",
+            fmt_loss(raw.val_loss),
+            b.label(),
+            b.n,
+            fmt_loss(b.val_loss),
+            b.val_loss - raw.val_loss,
+            all.len()
+        ));
+    }
+    let what = if run == "moe" {
+        "For the MoE model, merging"
+    } else {
+        "Merging"
+    };
+    Some(Finding {
+        id: id.into(),
+        claim: format!("{what} the last N constant-LR checkpoints beats the newest checkpoint."),
+        held,
+        evidence: parts.join("; "),
+    })
+}
+
+/// Rule: the best merge at constant LR recovers at least half of the improvement annealing
+/// brings over the raw checkpoint with the same token count.
+fn predicts_annealing(r: &Results) -> Option<Finding> {
+    if r.predictions.is_empty() {
+        return None;
+    }
+    let mut held = true;
+    let mut parts = Vec::new();
+    for p in &r.predictions {
+        held &= p.recovered_fraction >= 0.5;
+        parts.push(format!(
+            "step {}: raw {}, merge {}, annealed {} (gap {:+.4}, merge recovers {:.0}% of the annealing gain)",
+            p.step,
+            fmt_loss(p.raw_loss),
+            fmt_loss(p.merge_loss),
+            fmt_loss(p.annealed_loss),
+            p.gap,
+            100.0 * p.recovered_fraction
+        ));
+    }
+    Some(Finding {
+        id: "merge_predicts_annealing".into(),
+        claim: "A merge of constant-LR checkpoints approximates the annealed model at the same token count (rule: it recovers at least half of the raw-to-annealed improvement).".into(),
+        held,
+        evidence: parts.join("; "),
+    })
+}
+
+fn spread(ms: &[&MergeRecord]) -> f64 {
+    let lo = ms.iter().map(|m| m.val_loss).fold(f64::INFINITY, f64::min);
+    let hi = ms
+        .iter()
+        .map(|m| m.val_loss)
+        .fold(f64::NEG_INFINITY, f64::max);
+    hi - lo
+}
+
+/// Rule: at a common N, the spread between methods (max − min loss) is smaller at the last grid
+/// point than at the first.
+fn method_spread_shrinks(r: &Results) -> Option<Finding> {
+    let points = grid_points(r, "trunk", "grid");
+    let (&early, &late) = (points.first()?, points.last()?);
+    if early == late {
+        return None;
+    }
+    let n = *r
+        .config
+        .ns
+        .iter()
+        .filter(|&&n| at(r, "trunk", "grid", early).any(|m| m.n == n))
+        .max()?;
+    let e: Vec<&MergeRecord> = at(r, "trunk", "grid", early).filter(|m| m.n == n).collect();
+    let l: Vec<&MergeRecord> = at(r, "trunk", "grid", late).filter(|m| m.n == n).collect();
+    if e.len() < 2 || l.len() < 2 {
+        return None;
+    }
+    let (se, sl) = (spread(&e), spread(&l));
+    Some(Finding {
+        id: "method_differences_shrink".into(),
+        claim: "Differences between SMA, EMA and WMA are larger early in training and vanish late."
+            .into(),
+        held: sl < se,
+        evidence: format!(
+            "N={n}: spread across methods {:.4} at step {early}, {:.4} at step {late}",
+            se, sl
+        ),
+    })
+}
+
+/// Rule: at the first grid point and the largest common N, the best method is WMA or the EMA
+/// with the highest alpha (the ones that weight recent checkpoints most).
+fn weighted_best_early(r: &Results) -> Option<Finding> {
+    let points = grid_points(r, "trunk", "grid");
+    let &early = points.first()?;
+    let n = *r
+        .config
+        .ns
+        .iter()
+        .filter(|&&n| at(r, "trunk", "grid", early).any(|m| m.n == n))
+        .max()?;
+    let ms: Vec<&MergeRecord> = at(r, "trunk", "grid", early).filter(|m| m.n == n).collect();
+    let b = best(ms.iter().copied())?;
+    let max_alpha = ms
+        .iter()
+        .filter_map(|m| m.alpha)
+        .fold(f64::NEG_INFINITY, f64::max);
+    let held = b.method == "wma" || b.alpha == Some(max_alpha);
+    let table: Vec<String> = ms
+        .iter()
+        .map(|m| format!("{} {}", m.label(), fmt_loss(m.val_loss)))
+        .collect();
+    Some(Finding {
+        id: "weighted_best_early".into(),
+        claim: "Early in training, methods that weight recent checkpoints more (WMA, EMA with a higher alpha) merge best.".into(),
+        held,
+        evidence: format!("step {early}, N={n}: {} (best: {})", table.join(", "), b.label()),
+    })
+}
+
+/// Rule: at the first point the largest N is worse than the smallest; at the last point it is
+/// better.
+fn n_sweep(r: &Results) -> Option<Finding> {
+    let points = grid_points(r, "trunk", "n_sweep");
+    let (&early, &late) = (points.first()?, points.last()?);
+    if early == late {
+        return None;
+    }
+    let line = |step: u64| -> Vec<&MergeRecord> {
+        let mut v: Vec<&MergeRecord> = at(r, "trunk", "n_sweep", step).collect();
+        v.sort_by_key(|m| m.n);
+        v
+    };
+    let (e, l) = (line(early), line(late));
+    let (e0, e1, l0, l1) = (e.first()?, e.last()?, l.first()?, l.last()?);
+    let held = e1.val_loss > e0.val_loss && l1.val_loss < l0.val_loss;
+    let fmt = |v: &[&MergeRecord]| {
+        v.iter()
+            .map(|m| format!("N={} {}", m.n, fmt_loss(m.val_loss)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    Some(Finding {
+        id: "large_n_hurts_early_helps_late".into(),
+        claim: "A large N hurts early in training and helps late (SMA, V = K).".into(),
+        held,
+        evidence: format!("step {early}: {}; step {late}: {}", fmt(&e), fmt(&l)),
+    })
+}
+
+/// Rule: at the first point the largest interval is worse than the smallest.
+fn v_sweep(r: &Results) -> Option<Finding> {
+    let points = grid_points(r, "trunk", "v_sweep");
+    let &early = points.first()?;
+    let line = |step: u64| -> Vec<&MergeRecord> {
+        let mut v: Vec<&MergeRecord> = at(r, "trunk", "v_sweep", step).collect();
+        v.sort_by_key(|m| m.interval);
+        v
+    };
+    let e = line(early);
+    let (e0, e1) = (e.first()?, e.last()?);
+    if e0.interval == e1.interval {
+        return None;
+    }
+    let fmt = |v: &[&MergeRecord]| {
+        v.iter()
+            .map(|m| format!("V={} {}", m.interval, fmt_loss(m.val_loss)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let late = *points.last()?;
+    let late_text = if late != early {
+        format!("; step {late}: {}", fmt(&line(late)))
+    } else {
+        String::new()
+    };
+    Some(Finding {
+        id: "large_v_hurts_early".into(),
+        claim: format!(
+            "Early in training, too large an interval V pulls in unstable weights (SMA, N = {}).",
+            e0.n
+        ),
+        held: e1.val_loss > e0.val_loss,
+        evidence: format!("step {early}: {}{late_text}", fmt(&e)),
+    })
+}
+
+/// Rule: inside each annealing branch, the best merge ending at its last checkpoint is no worse
+/// than that checkpoint.
+fn anneal_branch(r: &Results) -> Option<Finding> {
+    let mut parts = Vec::new();
+    let mut held = true;
+    for a in &r.annealed {
+        let ms: Vec<&MergeRecord> = r
+            .merges_tagged("anneal_branch")
+            .filter(|m| m.run == a.run)
+            .collect();
+        let Some(b) = best(ms.iter().copied()) else {
+            continue;
+        };
+        held &= b.val_loss <= a.val_loss;
+        parts.push(format!(
+            "{}: annealed {} vs best in-branch merge {} (N={}) {} ({:+.4})",
+            a.run,
+            fmt_loss(a.val_loss),
+            b.label(),
+            b.n,
+            fmt_loss(b.val_loss),
+            b.val_loss - a.val_loss
+        ));
+    }
+    if parts.is_empty() {
+        return None;
+    }
+    Some(Finding {
+        id: "merge_during_annealing".into(),
+        claim: "Merging the last checkpoints of the annealing branch is no worse than its final checkpoint (the paper sees small or no gains once the LR is annealed).".into(),
+        held,
+        evidence: parts.join("; "),
+    })
+}
+
+/// Rule: continued training from the merge has a smaller gradient-norm spread and a final
+/// held-out loss no worse than continued training from the newest raw checkpoint.
+fn continued(r: &Results) -> Option<Finding> {
+    let c = r.continued.as_ref()?;
+    let held =
+        c.grad_norm_std.1 <= c.grad_norm_std.0 && c.final_heldout_loss.1 <= c.final_heldout_loss.0;
+    Some(Finding {
+        id: "pma_init_continued_training".into(),
+        claim: "PMA-init (starting continued training from a merge) gives steadier gradient norms and no worse a loss than starting from the newest checkpoint.".into(),
+        held,
+        evidence: format!(
+            "held-out loss before: raw {} / PMA {}; after {} steps: raw {} / PMA {}; grad-norm std raw {:.3} / PMA {:.3}; max grad norm raw {:.3} / PMA {:.3}",
+            fmt_loss(c.initial_heldout_loss.0),
+            fmt_loss(c.initial_heldout_loss.1),
+            r.config.continued.steps,
+            fmt_loss(c.final_heldout_loss.0),
+            fmt_loss(c.final_heldout_loss.1),
+            c.grad_norm_std.0,
+            c.grad_norm_std.1,
+            c.max_grad_norm.0,
+            c.max_grad_norm.1
+        ),
+    })
+}
+
+/// Rule: resuming from the PMA merge recovers (finite, final loss within 5% of the pre-spike
+/// checkpoint) and ends no worse than resuming from the newest pre-spike checkpoint.
+fn spike(r: &Results) -> Option<Finding> {
+    let s = r.spike.as_ref()?;
+    let (a, b) = (&s.from_raw, &s.from_merge);
+    let merge_no_worse = !a.final_val_loss.is_finite() || b.final_val_loss <= a.final_val_loss;
+    let spiked = !s.max_train_loss.is_finite() || s.max_train_loss > 1.5 * s.pre_spike_train_loss;
+    let show = |x: f64| {
+        if x.is_finite() {
+            fmt_loss(x)
+        } else {
+            "diverged".into()
+        }
+    };
+    Some(Finding {
+        id: "pma_init_recovers_spike".into(),
+        claim: "After a loss spike, resuming from a PMA merge of the checkpoints before it recovers at least as well as resuming from the last checkpoint.".into(),
+        held: b.recovered && merge_no_worse,
+        evidence: format!(
+            "LR x{} for {} steps from step {}: train loss {:.3} before, max {} after ({}); pre-spike checkpoint (step {}) val {}; resumed from it: final val {} ({}); resumed from {}: final val {} ({})",
+            s.factor,
+            s.len_steps,
+            s.spike_step,
+            s.pre_spike_train_loss,
+            show(s.max_train_loss),
+            if spiked { "a real spike" } else { "the spike barely showed" },
+            s.pre_spike_step,
+            fmt_loss(s.pre_spike_val_loss),
+            show(a.final_val_loss),
+            if a.recovered { "recovered" } else { "did not recover" },
+            s.merge_id,
+            show(b.final_val_loss),
+            if b.recovered { "recovered" } else { "did not recover" },
+        ),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::profile::{Profile, Scale};
+    use crate::results::{CheckpointRecord, EvalInfo, Metrics, RESULTS_SCHEMA_VERSION};
+
+    fn metrics(v: f64) -> Metrics {
+        Metrics {
+            val_loss: v,
+            ppl: v.exp(),
+            bpb: v / std::f64::consts::LN_2,
+            accuracy: 0.5,
+        }
+    }
+
+    fn empty() -> Results {
+        Results {
+            schema_version: RESULTS_SCHEMA_VERSION,
+            pma_version: "test".into(),
+            scope: "demo".into(),
+            profile: "tiny".into(),
+            seed: 0,
+            config: Profile::new(Scale::Tiny),
+            eval: EvalInfo {
+                data: "x".into(),
+                n_tokens: 1,
+                seq_len: 2,
+            },
+            runs: vec![],
+            checkpoints: vec![],
+            merges: vec![],
+            annealed: vec![],
+            predictions: vec![],
+            continued: None,
+            spike: None,
+            findings: vec![],
+            timings: vec![],
+            elapsed_secs: 0.0,
+        }
+    }
+
+    fn ckpt(step: u64, v: f64) -> CheckpointRecord {
+        CheckpointRecord {
+            run: "trunk".into(),
+            step,
+            global_step: step,
+            tokens: step,
+            val_loss: v,
+            metrics: metrics(v),
+            path: String::new(),
+        }
+    }
+
+    fn merge(method: &str, alpha: Option<f64>, n: usize, step: u64, v: f64) -> MergeRecord {
+        MergeRecord {
+            id: format!("{method}{alpha:?}-{n}-{step}"),
+            tags: vec!["grid".into()],
+            run: "trunk".into(),
+            method: method.into(),
+            alpha,
+            n,
+            interval: 5,
+            step,
+            global_step: step,
+            tokens: step,
+            members: vec![],
+            weights: vec![],
+            val_loss: v,
+            metrics: metrics(v),
+            path: String::new(),
+        }
+    }
+
+    #[test]
+    fn no_data_no_findings() {
+        assert!(derive_findings(&empty()).is_empty());
+    }
+
+    #[test]
+    fn merge_beats_newest_needs_every_point() {
+        let mut r = empty();
+        r.checkpoints = vec![ckpt(30, 2.0), ckpt(60, 1.8)];
+        r.merges = vec![
+            merge("sma", None, 3, 30, 1.9),
+            merge("sma", None, 3, 60, 1.85),
+        ];
+        let f = merge_beats_newest(&r, "trunk", "grid", "x").unwrap();
+        assert!(!f.held, "{}", f.evidence);
+        r.merges[1].val_loss = 1.7;
+        assert!(merge_beats_newest(&r, "trunk", "grid", "x").unwrap().held);
+    }
+
+    #[test]
+    fn spread_and_early_winner() {
+        let mut r = empty();
+        r.merges = vec![
+            merge("sma", None, 3, 30, 2.0),
+            merge("ema", Some(0.2), 3, 30, 1.9),
+            merge("wma", None, 3, 30, 1.8),
+            merge("sma", None, 3, 60, 1.50),
+            merge("ema", Some(0.2), 3, 60, 1.51),
+            merge("wma", None, 3, 60, 1.52),
+        ];
+        assert!(method_spread_shrinks(&r).unwrap().held);
+        assert!(weighted_best_early(&r).unwrap().held);
+        r.merges[0].val_loss = 1.0;
+        assert!(!weighted_best_early(&r).unwrap().held);
+    }
+}

@@ -1,0 +1,701 @@
+//! PNG plots of a [`Results`], drawn with `plotters` and an embedded font.
+//!
+//! Plots are rendered from `results.json` data only. Text uses DejaVu Sans, vendored in
+//! `assets/` and registered with plotters' `ab_glyph` backend once per process, so drawing needs
+//! no system fonts or fontconfig. Non-finite values (a diverged run) are left out of a line.
+//!
+//! [`draw_all`] writes into `OUT/plots/`:
+//! - `loss_vs_step.png`: raw trunk checkpoints, the best merge at each point, annealed branches;
+//! - `heat_table.png`: method × N, one panel per merge point, coloured by the change against the
+//!   newest raw checkpoint;
+//! - reproduction only: `sweeps.png`, `prediction.png`, `moe.png`, `continued.png`, `spike.png`.
+
+use std::path::{Path, PathBuf};
+use std::sync::Once;
+
+use plotters::coord::Shift;
+use plotters::prelude::*;
+use plotters::style::FontStyle;
+
+use crate::error::{Error, Result};
+use crate::results::Results;
+
+static FONT_TTF: &[u8] = include_bytes!("../assets/DejaVuSans.ttf");
+const FONT: &str = "sans-serif";
+const WIDTH: u32 = 900;
+const HEIGHT: u32 = 520;
+
+const COLORS: [RGBColor; 8] = [
+    RGBColor(31, 119, 180),
+    RGBColor(214, 39, 40),
+    RGBColor(44, 160, 44),
+    RGBColor(255, 127, 14),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+    RGBColor(23, 190, 207),
+];
+
+fn register_font() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        // The vendored file is a valid TrueType font; a failure would only mean text is missing.
+        let _ = plotters::style::register_font(FONT, FontStyle::Normal, FONT_TTF);
+    });
+}
+
+/// How a series is drawn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mark {
+    /// A line.
+    Line,
+    /// A line with a dot at each point.
+    LineDots,
+    /// Dots only.
+    Dots,
+}
+
+/// One labelled series of a chart.
+#[derive(Debug, Clone)]
+pub struct Series {
+    /// Legend text.
+    pub label: String,
+    /// (x, y) points; non-finite ones are skipped.
+    pub points: Vec<(f64, f64)>,
+    /// How to draw it.
+    pub mark: Mark,
+}
+
+/// A line chart.
+#[derive(Debug, Clone)]
+pub struct Chart {
+    /// Title.
+    pub title: String,
+    /// X axis label.
+    pub x_label: String,
+    /// Y axis label.
+    pub y_label: String,
+    /// Series, drawn in order with colours from a fixed palette.
+    pub series: Vec<Series>,
+}
+
+fn plot_err(path: &Path) -> impl Fn(String) -> Error + '_ {
+    move |reason| Error::Plot {
+        path: path.to_path_buf(),
+        reason,
+    }
+}
+
+fn bounds(series: &[Series]) -> Option<((f64, f64), (f64, f64))> {
+    let pts: Vec<(f64, f64)> = series
+        .iter()
+        .flat_map(|s| s.points.iter().copied())
+        .filter(|(x, y)| x.is_finite() && y.is_finite())
+        .collect();
+    if pts.is_empty() {
+        return None;
+    }
+    let (mut x0, mut x1, mut y0, mut y1) = (
+        f64::INFINITY,
+        f64::NEG_INFINITY,
+        f64::INFINITY,
+        f64::NEG_INFINITY,
+    );
+    for (x, y) in pts {
+        x0 = x0.min(x);
+        x1 = x1.max(x);
+        y0 = y0.min(y);
+        y1 = y1.max(y);
+    }
+    let pad_x = ((x1 - x0) * 0.03).max(1e-9);
+    let pad_y = ((y1 - y0) * 0.08).max(1e-3);
+    Some(((x0 - pad_x, x1 + pad_x), (y0 - pad_y, y1 + pad_y)))
+}
+
+fn draw_chart(
+    area: &DrawingArea<BitMapBackend<'_>, Shift>,
+    chart: &Chart,
+) -> std::result::Result<(), String> {
+    let Some(((x0, x1), (y0, y1))) = bounds(&chart.series) else {
+        return area
+            .draw(&Text::new(
+                format!("{}: no data", chart.title),
+                (20, 20),
+                (FONT, 16).into_font(),
+            ))
+            .map_err(|e| e.to_string());
+    };
+    let mut ctx = ChartBuilder::on(area)
+        .caption(&chart.title, (FONT, 18))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(x0..x1, y0..y1)
+        .map_err(|e| e.to_string())?;
+    ctx.configure_mesh()
+        .x_desc(chart.x_label.as_str())
+        .y_desc(chart.y_label.as_str())
+        .label_style((FONT, 13))
+        .y_label_formatter(&|y| format!("{y:.3}"))
+        .x_label_formatter(&|x| format!("{x:.0}"))
+        .draw()
+        .map_err(|e| e.to_string())?;
+    for (i, s) in chart.series.iter().enumerate() {
+        let color = COLORS[i % COLORS.len()];
+        let pts: Vec<(f64, f64)> = s
+            .points
+            .iter()
+            .copied()
+            .filter(|(x, y)| x.is_finite() && y.is_finite())
+            .collect();
+        if pts.is_empty() {
+            continue;
+        }
+        let style = ShapeStyle::from(&color).stroke_width(2);
+        match s.mark {
+            Mark::Line | Mark::LineDots => {
+                ctx.draw_series(LineSeries::new(pts.clone(), style))
+                    .map_err(|e| e.to_string())?
+                    .label(s.label.as_str())
+                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], style));
+                if s.mark == Mark::LineDots {
+                    ctx.draw_series(pts.iter().map(|&p| Circle::new(p, 3, color.filled())))
+                        .map_err(|e| e.to_string())?;
+                }
+            }
+            Mark::Dots => {
+                ctx.draw_series(pts.iter().map(|&p| Circle::new(p, 5, color.filled())))
+                    .map_err(|e| e.to_string())?
+                    .label(s.label.as_str())
+                    .legend(move |(x, y)| Circle::new((x + 10, y), 5, color.filled()));
+            }
+        }
+    }
+    ctx.configure_series_labels()
+        .label_font((FONT, 13))
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::UpperRight)
+        .draw()
+        .map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+/// Draws `charts` side by side (one row) into `path`.
+pub fn draw_charts(path: &Path, charts: &[Chart]) -> Result<()> {
+    register_font();
+    let err = plot_err(path);
+    let n = charts.len().max(1) as u32;
+    let root =
+        BitMapBackend::new(path, (WIDTH * n.min(2), HEIGHT * n.div_ceil(2))).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(e.to_string()))?;
+    let cols = n.min(2) as usize;
+    let rows = (n as usize).div_ceil(cols);
+    let areas = root.split_evenly((rows, cols));
+    for (area, chart) in areas.iter().zip(charts) {
+        draw_chart(area, chart).map_err(&err)?;
+    }
+    root.present().map_err(|e| err(e.to_string()))
+}
+
+/// One cell of a heat table.
+#[derive(Debug, Clone)]
+pub struct HeatCell {
+    /// Text in the cell.
+    pub text: String,
+    /// Colour value: negative is better (green), positive worse (red); `None` is grey.
+    pub delta: Option<f64>,
+}
+
+/// A table of coloured cells with row and column headers.
+#[derive(Debug, Clone)]
+pub struct HeatTable {
+    /// Title above the table.
+    pub title: String,
+    /// Column headers.
+    pub columns: Vec<String>,
+    /// (row header, cells).
+    pub rows: Vec<(String, Vec<HeatCell>)>,
+}
+
+fn heat_color(delta: Option<f64>, scale: f64) -> RGBColor {
+    let Some(d) = delta.filter(|d| d.is_finite()) else {
+        return RGBColor(220, 220, 220);
+    };
+    let t = (d.abs() / scale.max(1e-12)).min(1.0);
+    let mix = |a: u8, b: u8| (f64::from(a) + (f64::from(b) - f64::from(a)) * t).round() as u8;
+    if d < 0.0 {
+        RGBColor(mix(255, 60), mix(255, 170), mix(255, 80))
+    } else {
+        RGBColor(mix(255, 220), mix(255, 70), mix(255, 60))
+    }
+}
+
+/// Draws heat tables stacked vertically into `path`.
+pub fn draw_heat_tables(path: &Path, tables: &[HeatTable], footer: &str) -> Result<()> {
+    register_font();
+    let err = plot_err(path);
+    let (cell_w, cell_h, head_w, title_h) = (170i32, 44i32, 110i32, 40i32);
+    let max_cols = tables.iter().map(|t| t.columns.len()).max().unwrap_or(1) as i32;
+    let block_h = |t: &HeatTable| title_h + cell_h * (t.rows.len() as i32 + 1) + 16;
+    let height: i32 = tables.iter().map(block_h).sum::<i32>() + 40;
+    let width = head_w + cell_w * max_cols + 24;
+    let root = BitMapBackend::new(path, (width as u32, height as u32)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(e.to_string()))?;
+    let scale = tables
+        .iter()
+        .flat_map(|t| t.rows.iter().flat_map(|r| r.1.iter()))
+        .filter_map(|c| c.delta)
+        .filter(|d| d.is_finite())
+        .fold(0.0f64, |m, d| m.max(d.abs()));
+    let text = |s: &str, x: i32, y: i32, size: i32| {
+        root.draw(&Text::new(s.to_string(), (x, y), (FONT, size).into_font()))
+            .map_err(|e| err(e.to_string()))
+    };
+    let mut y = 10;
+    for t in tables {
+        text(&t.title, 12, y + 8, 17)?;
+        let y0 = y + title_h;
+        for (j, c) in t.columns.iter().enumerate() {
+            text(c, head_w + cell_w * j as i32 + 12, y0 + 14, 15)?;
+        }
+        for (i, (label, cells)) in t.rows.iter().enumerate() {
+            let ry = y0 + cell_h * (i as i32 + 1);
+            text(label, 12, ry + 14, 15)?;
+            for (j, cell) in cells.iter().enumerate() {
+                let x = head_w + cell_w * j as i32;
+                root.draw(&Rectangle::new(
+                    [(x, ry), (x + cell_w - 4, ry + cell_h - 4)],
+                    heat_color(cell.delta, scale).filled(),
+                ))
+                .map_err(|e| err(e.to_string()))?;
+                text(&cell.text, x + 8, ry + 13, 14)?;
+            }
+        }
+        y += block_h(t);
+    }
+    text(footer, 12, height - 28, 13)?;
+    root.present().map_err(|e| err(e.to_string()))
+}
+
+/// Where plots go.
+pub fn plots_dir(out: &Path) -> PathBuf {
+    out.join("plots")
+}
+
+/// The method labels of the grid, in a fixed order.
+pub fn grid_labels(r: &Results) -> Vec<String> {
+    let mut labels = vec!["sma".to_string()];
+    labels.extend(r.config.ema_alphas.iter().map(|a| format!("ema{a}")));
+    labels.push("wma".into());
+    labels
+}
+
+/// Steps of the merges tagged `tag` in `run`, sorted.
+pub fn merge_steps(r: &Results, run: &str, tag: &str) -> Vec<u64> {
+    let mut s: Vec<u64> = r
+        .merges
+        .iter()
+        .filter(|m| m.run == run && m.tags.iter().any(|t| t == tag))
+        .map(|m| m.step)
+        .collect();
+    s.sort_unstable();
+    s.dedup();
+    s
+}
+
+/// Draws every plot the results have data for; returns the files written, relative to `out`.
+pub fn draw_all(r: &Results, out: &Path) -> Result<Vec<String>> {
+    let dir = plots_dir(out);
+    std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, "creating", e))?;
+    let mut written = Vec::new();
+    let mut put = |name: &str, f: &dyn Fn(&Path) -> Result<()>| -> Result<()> {
+        let path = dir.join(name);
+        f(&path)?;
+        written.push(format!("plots/{name}"));
+        Ok(())
+    };
+
+    put("loss_vs_step.png", &|p| draw_charts(p, &[loss_chart(r)]))?;
+    put("heat_table.png", &|p| {
+        draw_heat_tables(
+            p,
+            &heat_tables(r),
+            "cell: val loss (change vs the newest raw checkpoint); green = merge better",
+        )
+    })?;
+    if r.merges_tagged("n_sweep").next().is_some() || r.merges_tagged("v_sweep").next().is_some() {
+        put("sweeps.png", &|p| draw_charts(p, &sweep_charts(r)))?;
+    }
+    if !r.predictions.is_empty() {
+        put("prediction.png", &|p| {
+            draw_charts(p, &[prediction_chart(r)])
+        })?;
+    }
+    if r.run("moe").is_some() {
+        put("moe.png", &|p| draw_charts(p, &[moe_chart(r)]))?;
+    }
+    if let Some(c) = &r.continued {
+        let runs = [
+            (c.raw_run.as_str(), "from newest raw"),
+            (c.merge_run.as_str(), "from PMA merge"),
+        ];
+        put("continued.png", &|p| {
+            draw_charts(
+                p,
+                &[
+                    curve_chart(r, &runs, "Continued training: train loss", false, false),
+                    curve_chart(r, &runs, "Continued training: grad norm", true, false),
+                ],
+            )
+        })?;
+    }
+    if r.spike.is_some() {
+        let runs = [
+            ("spike", "spiking run"),
+            ("resume-raw", "resumed from pre-spike ckpt"),
+            ("resume-pma", "resumed from PMA merge"),
+        ];
+        put("spike.png", &|p| {
+            draw_charts(
+                p,
+                &[
+                    curve_chart(r, &runs, "Loss spike: train loss", false, true),
+                    spike_val_chart(r),
+                ],
+            )
+        })?;
+    }
+    Ok(written)
+}
+
+fn loss_chart(r: &Results) -> Chart {
+    let raw: Vec<(f64, f64)> = r
+        .checkpoints
+        .iter()
+        .filter(|c| c.run == "trunk")
+        .map(|c| (c.global_step as f64, c.val_loss))
+        .collect();
+    let mut series = vec![Series {
+        label: "raw checkpoints (constant LR)".into(),
+        points: raw,
+        mark: Mark::LineDots,
+    }];
+    let best: Vec<(f64, f64)> = merge_steps(r, "trunk", "grid")
+        .into_iter()
+        .chain(r.predictions.iter().map(|p| p.step))
+        .filter_map(|s| {
+            r.merges
+                .iter()
+                .filter(|m| m.run == "trunk" && m.step == s && m.interval == r.config.save_every)
+                .min_by(|a, b| a.val_loss.total_cmp(&b.val_loss))
+                .map(|m| (s, m.val_loss))
+        })
+        .collect::<std::collections::BTreeMap<u64, f64>>()
+        .into_iter()
+        .map(|(s, v)| (s as f64, v))
+        .collect();
+    series.push(Series {
+        label: "best merge at each point".into(),
+        points: best,
+        mark: Mark::Dots,
+    });
+    for a in &r.annealed {
+        let mut pts: Vec<(f64, f64)> = r
+            .checkpoint("trunk", a.from_step)
+            .map(|c| (c.global_step as f64, c.val_loss))
+            .into_iter()
+            .collect();
+        pts.extend(
+            r.checkpoints
+                .iter()
+                .filter(|c| c.run == a.run)
+                .map(|c| (c.global_step as f64, c.val_loss)),
+        );
+        series.push(Series {
+            label: format!("annealed from {}", a.from_step),
+            points: pts,
+            mark: Mark::LineDots,
+        });
+    }
+    Chart {
+        title: "Validation loss vs step".into(),
+        x_label: "trunk step".into(),
+        y_label: "val loss (nats/byte)".into(),
+        series,
+    }
+}
+
+/// Method × N tables, one per grid point.
+pub fn heat_tables(r: &Results) -> Vec<HeatTable> {
+    let ns = &r.config.ns;
+    merge_steps(r, "trunk", "grid")
+        .into_iter()
+        .map(|step| {
+            let raw = r.checkpoint("trunk", step).map(|c| c.val_loss);
+            let rows = grid_labels(r)
+                .into_iter()
+                .map(|label| {
+                    let cells = ns
+                        .iter()
+                        .map(|&n| {
+                            let m = r.merges.iter().find(|m| {
+                                m.run == "trunk"
+                                    && m.step == step
+                                    && m.n == n
+                                    && m.interval == r.config.save_every
+                                    && m.label() == label
+                            });
+                            match (m, raw) {
+                                (Some(m), Some(raw)) => HeatCell {
+                                    text: format!("{:.4} ({:+.4})", m.val_loss, m.val_loss - raw),
+                                    delta: Some(m.val_loss - raw),
+                                },
+                                (Some(m), None) => HeatCell {
+                                    text: format!("{:.4}", m.val_loss),
+                                    delta: None,
+                                },
+                                _ => HeatCell {
+                                    text: "-".into(),
+                                    delta: None,
+                                },
+                            }
+                        })
+                        .collect();
+                    (label, cells)
+                })
+                .collect();
+            HeatTable {
+                title: format!(
+                    "step {step}: newest raw checkpoint {}",
+                    raw.map_or("-".into(), |v| format!("{v:.4}"))
+                ),
+                columns: ns.iter().map(|n| format!("N = {n}")).collect(),
+                rows,
+            }
+        })
+        .collect()
+}
+
+fn sweep_charts(r: &Results) -> Vec<Chart> {
+    let mut charts = Vec::new();
+    for (tag, x_label, key) in [
+        ("n_sweep", "N (checkpoints merged)", 0),
+        ("v_sweep", "V (steps between merged checkpoints)", 1),
+    ] {
+        let series = merge_steps(r, "trunk", tag)
+            .into_iter()
+            .map(|step| {
+                let mut pts: Vec<(f64, f64)> = r
+                    .merges_tagged(tag)
+                    .filter(|m| m.run == "trunk" && m.step == step)
+                    .map(|m| {
+                        (
+                            if key == 0 {
+                                m.n as f64
+                            } else {
+                                m.interval as f64
+                            },
+                            m.val_loss,
+                        )
+                    })
+                    .collect();
+                pts.sort_by(|a, b| a.0.total_cmp(&b.0));
+                Series {
+                    label: format!("SMA ending at step {step}"),
+                    points: pts,
+                    mark: Mark::LineDots,
+                }
+            })
+            .collect();
+        charts.push(Chart {
+            title: if key == 0 {
+                "N sweep (V = K)".into()
+            } else {
+                "V sweep (fixed N)".into()
+            },
+            x_label: x_label.into(),
+            y_label: "val loss".into(),
+            series,
+        });
+    }
+    charts
+}
+
+fn prediction_chart(r: &Results) -> Chart {
+    let pick = |f: &dyn Fn(&crate::results::PredictionRecord) -> f64| -> Vec<(f64, f64)> {
+        r.predictions
+            .iter()
+            .map(|p| (p.tokens as f64 / 1e6, f(p)))
+            .collect()
+    };
+    Chart {
+        title: "Annealing prediction at matched token counts".into(),
+        x_label: "training tokens (millions)".into(),
+        y_label: "val loss".into(),
+        series: vec![
+            Series {
+                label: "raw (constant LR)".into(),
+                points: pick(&|p| p.raw_loss),
+                mark: Mark::LineDots,
+            },
+            Series {
+                label: "best merge (constant LR)".into(),
+                points: pick(&|p| p.merge_loss),
+                mark: Mark::LineDots,
+            },
+            Series {
+                label: "annealed".into(),
+                points: pick(&|p| p.annealed_loss),
+                mark: Mark::LineDots,
+            },
+        ],
+    }
+}
+
+fn moe_chart(r: &Results) -> Chart {
+    let raw: Vec<(f64, f64)> = r
+        .checkpoints
+        .iter()
+        .filter(|c| c.run == "moe")
+        .map(|c| (c.step as f64, c.val_loss))
+        .collect();
+    let mut series = vec![Series {
+        label: "MoE raw checkpoints".into(),
+        points: raw,
+        mark: Mark::LineDots,
+    }];
+    for label in grid_labels(r) {
+        let pts: Vec<(f64, f64)> = r
+            .merges_tagged("moe")
+            .filter(|m| m.label() == label)
+            .map(|m| (m.step as f64, m.val_loss))
+            .collect();
+        series.push(Series {
+            label: format!("MoE merge {label}"),
+            points: pts,
+            mark: Mark::Dots,
+        });
+    }
+    Chart {
+        title: "MoE: validation loss".into(),
+        x_label: "step".into(),
+        y_label: "val loss".into(),
+        series,
+    }
+}
+
+fn curve_chart(
+    r: &Results,
+    runs: &[(&str, &str)],
+    title: &str,
+    grad_norm: bool,
+    global: bool,
+) -> Chart {
+    let series = runs
+        .iter()
+        .filter_map(|(name, label)| {
+            let run = r.run(name)?;
+            let off = if global { run.step_offset } else { 0 };
+            Some(Series {
+                label: (*label).into(),
+                points: run
+                    .curve
+                    .iter()
+                    .map(|c| {
+                        (
+                            (c.step + off) as f64,
+                            if grad_norm { c.grad_norm } else { c.loss },
+                        )
+                    })
+                    .collect(),
+                mark: Mark::Line,
+            })
+        })
+        .collect();
+    Chart {
+        title: title.into(),
+        x_label: if global {
+            "step (spiking run's count)".into()
+        } else {
+            "step".into()
+        },
+        y_label: if grad_norm {
+            "grad norm".into()
+        } else {
+            "train loss".into()
+        },
+        series,
+    }
+}
+
+fn spike_val_chart(r: &Results) -> Chart {
+    let series = [
+        ("spike", "spiking run"),
+        ("resume-raw", "resumed from pre-spike ckpt"),
+        ("resume-pma", "resumed from PMA merge"),
+    ]
+    .iter()
+    .map(|(name, label)| Series {
+        label: (*label).into(),
+        points: r
+            .checkpoints
+            .iter()
+            .filter(|c| c.run == *name)
+            .map(|c| (c.global_step as f64, c.val_loss))
+            .collect(),
+        mark: Mark::LineDots,
+    })
+    .collect();
+    Chart {
+        title: "Loss spike: validation loss".into(),
+        x_label: "step (spiking run's count)".into(),
+        y_label: "val loss".into(),
+        series,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_a_png_with_the_embedded_font() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.png");
+        let chart = Chart {
+            title: "Validation loss vs step".into(),
+            x_label: "step".into(),
+            y_label: "loss".into(),
+            series: vec![
+                Series {
+                    label: "a".into(),
+                    points: vec![(0.0, 2.0), (1.0, 1.5), (2.0, f64::NAN), (3.0, 1.2)],
+                    mark: Mark::LineDots,
+                },
+                Series {
+                    label: "b".into(),
+                    points: vec![(1.0, 1.4)],
+                    mark: Mark::Dots,
+                },
+            ],
+        };
+        draw_charts(&path, &[chart]).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(&bytes[1..4], b"PNG");
+        let table = HeatTable {
+            title: "t".into(),
+            columns: vec!["N = 3".into()],
+            rows: vec![(
+                "sma".into(),
+                vec![HeatCell {
+                    text: "1.0".into(),
+                    delta: Some(-0.1),
+                }],
+            )],
+        };
+        let path = dir.path().join("h.png");
+        draw_heat_tables(&path, &[table], "footer").unwrap();
+        assert_eq!(&std::fs::read(&path).unwrap()[1..4], b"PNG");
+    }
+}

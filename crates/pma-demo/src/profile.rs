@@ -1,0 +1,399 @@
+//! Experiment profiles: how big, how long, and which merges.
+//!
+//! A run of the demo is a [`Scope`] (the demo's core experiments, or the full reproduction with
+//! its extra sections) at a [`Scale`] (`tiny` for CI, `quick` for the five-minute demo, `full`
+//! for the hour-long reproduction). [`Profile::new`] turns a scale into plain numbers: the model
+//! shape, the trunk run, where merges and annealing forks happen, and the sizes of the extra
+//! experiments. Every number is in `results.json` next to the figures it produced.
+//!
+//! Steps are counted from the start of the trunk run. A merge "at step s with N and interval V"
+//! averages the checkpoints at `s - (N-1)V, ..., s - V, s`. An annealing fork "from step f" starts
+//! from the trunk's checkpoint at `f` and decays the LR to its minimum over `D` steps, so its last
+//! checkpoint has seen as many tokens as the trunk at `f + D`.
+
+use pma_lab::config::{default_intermediate_size, ModelConfig, ModelKind};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// How large and long the experiments are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scale {
+    /// Seconds per run; for CI and tests (under two minutes in all).
+    Tiny,
+    /// The demo's default: about five minutes on two cores.
+    Quick,
+    /// The reproduction's default: about an hour on two cores.
+    Full,
+}
+
+impl Scale {
+    /// The lowercase name used on the command line and in `results.json`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Scale::Tiny => "tiny",
+            Scale::Quick => "quick",
+            Scale::Full => "full",
+        }
+    }
+}
+
+impl std::fmt::Display for Scale {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for Scale {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "tiny" => Ok(Scale::Tiny),
+            "quick" => Ok(Scale::Quick),
+            "full" => Ok(Scale::Full),
+            other => Err(format!(
+                "unknown profile '{other}' (expected tiny, quick or full)"
+            )),
+        }
+    }
+}
+
+/// Which experiments run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scope {
+    /// Trunk, one annealing fork, the method × N grid at two or three points.
+    Demo,
+    /// Everything in the demo plus early/late, N and V sweeps, merges inside the annealing
+    /// branch, annealing prediction, an MoE model, PMA-init for continued training and
+    /// loss-spike recovery.
+    Reproduce,
+}
+
+impl Scope {
+    /// The lowercase name used in `results.json`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Scope::Demo => "demo",
+            Scope::Reproduce => "reproduce",
+        }
+    }
+}
+
+/// The MoE run of the reproduction.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MoeProfile {
+    /// Model shape (Mixtral layout).
+    pub model: ModelConfig,
+    /// Constant-LR steps after warmup.
+    pub steps: u64,
+    /// Checkpoint interval.
+    pub save_every: u64,
+    /// Checkpoints per merge.
+    pub n: usize,
+}
+
+/// PMA-init for continued training on held-out text.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ContinuedProfile {
+    /// Steps of continued training from each init.
+    pub steps: u64,
+    /// Peak LR of the continued runs.
+    pub lr: f64,
+    /// Linear warmup of the continued runs (their optimizers start fresh).
+    pub warmup_steps: u64,
+    /// Checkpoints in the SMA merge used as PMA-init.
+    pub n: usize,
+}
+
+/// Loss-spike recovery.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SpikeProfile {
+    /// Steps of the spiking run (it may stop earlier when it diverges).
+    pub steps: u64,
+    /// Checkpoint interval of the spiking run.
+    pub save_every: u64,
+    /// First step of the LR spike (0-based update index).
+    pub spike_step: u64,
+    /// LR multiplier during the spike.
+    pub factor: f64,
+    /// Length of the spike in steps.
+    pub len_steps: u64,
+    /// Checkpoints before the spike merged into the PMA-init.
+    pub n: usize,
+    /// Steps each resumed run trains.
+    pub resume_steps: u64,
+}
+
+/// Every number an experiment needs. Plain data; built by [`Profile::new`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Profile {
+    /// The scale it was built for.
+    pub scale: Scale,
+    /// Dense model shape of the trunk.
+    pub model: ModelConfig,
+    /// Sequences per batch.
+    pub batch_size: usize,
+    /// Tokens per sequence.
+    pub seq_len: usize,
+    /// Peak (stable-phase) LR.
+    pub lr: f64,
+    /// LR at the end of an annealing decay.
+    pub min_lr: f64,
+    /// Linear warmup of the trunk.
+    pub warmup_steps: u64,
+    /// Steps of the trunk (warmup + constant LR).
+    pub trunk_steps: u64,
+    /// Checkpoint interval K of the trunk.
+    pub save_every: u64,
+    /// Steps at which the method × N grid is merged, earliest first.
+    pub merge_points: Vec<u64>,
+    /// N values of the grid.
+    pub ns: Vec<usize>,
+    /// EMA smoothing values of the grid (the demo uses 0.2).
+    pub ema_alphas: Vec<f64>,
+    /// Trunk steps annealing forks start from.
+    pub anneal_from: Vec<u64>,
+    /// Decay length D of each annealing fork.
+    pub decay_steps: u64,
+    /// Tokens of the validation split used for every evaluation (a fixed prefix).
+    pub eval_tokens: usize,
+    /// N values of the N sweep (V = K), reproduction only.
+    pub sweep_ns: Vec<usize>,
+    /// Intervals of the V sweep as multiples of K, reproduction only.
+    pub sweep_v_multiples: Vec<u64>,
+    /// N of the V sweep.
+    pub sweep_v_n: usize,
+    /// The MoE run, reproduction only.
+    pub moe: MoeProfile,
+    /// Continued training, reproduction only.
+    pub continued: ContinuedProfile,
+    /// Spike recovery, reproduction only.
+    pub spike: SpikeProfile,
+}
+
+fn dense(hidden: usize, layers: usize, heads: usize, seq_len: usize) -> ModelConfig {
+    ModelConfig {
+        kind: ModelKind::Dense,
+        hidden_size: hidden,
+        intermediate_size: default_intermediate_size(hidden),
+        num_layers: layers,
+        num_heads: heads,
+        num_kv_heads: heads,
+        max_position_embeddings: seq_len,
+        ..ModelConfig::default()
+    }
+}
+
+fn moe(hidden: usize, layers: usize, heads: usize, seq_len: usize, experts: usize) -> ModelConfig {
+    ModelConfig {
+        kind: ModelKind::Moe,
+        // Each expert is half a dense MLP wide, so top-2 routing costs about one dense MLP.
+        intermediate_size: default_intermediate_size(hidden) / 2,
+        num_experts: experts,
+        top_k: 2,
+        ..dense(hidden, layers, heads, seq_len)
+    }
+}
+
+impl Profile {
+    /// The numbers of a scale. They were chosen for wall time on two CPU cores, never by the
+    /// outcome of a finding.
+    pub fn new(scale: Scale) -> Profile {
+        match scale {
+            Scale::Tiny => Profile {
+                scale,
+                model: dense(32, 2, 2, 32),
+                batch_size: 8,
+                seq_len: 32,
+                lr: 3e-3,
+                min_lr: 3e-4,
+                warmup_steps: 10,
+                trunk_steps: 60,
+                save_every: 5,
+                merge_points: vec![30, 60],
+                ns: vec![3, 6, 10],
+                ema_alphas: vec![0.2],
+                anneal_from: vec![40],
+                decay_steps: 20,
+                eval_tokens: 4096,
+                sweep_ns: vec![3, 6, 10, 15],
+                sweep_v_multiples: vec![1, 2, 3, 4],
+                sweep_v_n: 3,
+                moe: MoeProfile {
+                    model: moe(32, 1, 2, 32, 4),
+                    steps: 30,
+                    save_every: 5,
+                    n: 3,
+                },
+                continued: ContinuedProfile {
+                    steps: 10,
+                    lr: 3e-3,
+                    warmup_steps: 2,
+                    n: 3,
+                },
+                spike: SpikeProfile {
+                    steps: 40,
+                    save_every: 5,
+                    spike_step: 25,
+                    factor: 30.0,
+                    len_steps: 5,
+                    n: 3,
+                    resume_steps: 15,
+                },
+            },
+            Scale::Quick => Profile {
+                scale,
+                model: dense(64, 2, 4, 64),
+                batch_size: 16,
+                seq_len: 64,
+                lr: 3e-3,
+                min_lr: 3e-4,
+                warmup_steps: 30,
+                trunk_steps: 400,
+                save_every: 20,
+                merge_points: vec![200, 300, 400],
+                ns: vec![3, 6, 10],
+                ema_alphas: vec![0.2],
+                anneal_from: vec![300],
+                decay_steps: 100,
+                eval_tokens: 16_384,
+                sweep_ns: vec![3, 6, 10, 15],
+                sweep_v_multiples: vec![1, 2, 3, 4],
+                sweep_v_n: 3,
+                moe: MoeProfile {
+                    model: moe(64, 2, 4, 64, 4),
+                    steps: 200,
+                    save_every: 20,
+                    n: 6,
+                },
+                continued: ContinuedProfile {
+                    steps: 60,
+                    lr: 3e-3,
+                    warmup_steps: 5,
+                    n: 6,
+                },
+                spike: SpikeProfile {
+                    steps: 200,
+                    save_every: 20,
+                    spike_step: 150,
+                    factor: 30.0,
+                    len_steps: 10,
+                    n: 3,
+                    resume_steps: 60,
+                },
+            },
+            Scale::Full => Profile {
+                scale,
+                model: dense(128, 4, 4, 128),
+                batch_size: 16,
+                seq_len: 128,
+                lr: 3e-3,
+                min_lr: 3e-4,
+                warmup_steps: 100,
+                trunk_steps: 1600,
+                save_every: 50,
+                merge_points: vec![600, 1100, 1600],
+                ns: vec![3, 6, 10],
+                ema_alphas: vec![0.1, 0.2, 0.5],
+                anneal_from: vec![800, 1100, 1400],
+                decay_steps: 200,
+                eval_tokens: 32_768,
+                sweep_ns: vec![3, 6, 10, 15],
+                sweep_v_multiples: vec![1, 2, 3, 4],
+                sweep_v_n: 4,
+                moe: MoeProfile {
+                    model: moe(128, 2, 4, 128, 8),
+                    steps: 600,
+                    save_every: 50,
+                    n: 6,
+                },
+                continued: ContinuedProfile {
+                    steps: 200,
+                    lr: 3e-3,
+                    warmup_steps: 10,
+                    n: 6,
+                },
+                spike: SpikeProfile {
+                    steps: 800,
+                    save_every: 50,
+                    spike_step: 600,
+                    factor: 30.0,
+                    len_steps: 20,
+                    n: 3,
+                    resume_steps: 200,
+                },
+            },
+        }
+    }
+
+    /// Checks that every merge point, fork and sweep lands on checkpoints that will exist.
+    pub fn validate(&self, scope: Scope) -> Result<()> {
+        let bad =
+            |field: &'static str, reason: String| Err(Error::InvalidProfile { field, reason });
+        let k = self.save_every;
+        if k == 0 || self.trunk_steps < k {
+            return bad(
+                "save_every",
+                format!("{k} does not fit {} steps", self.trunk_steps),
+            );
+        }
+        for &p in &self.merge_points {
+            if p % k != 0 || p > self.trunk_steps {
+                return bad("merge_points", format!("{p} is not a checkpoint step"));
+            }
+        }
+        for &f in &self.anneal_from {
+            if f % k != 0 || f > self.trunk_steps || f < self.warmup_steps {
+                return bad(
+                    "anneal_from",
+                    format!("{f} is not a stable-phase checkpoint"),
+                );
+            }
+        }
+        if self.decay_steps == 0 {
+            return bad("decay_steps", "must be positive".into());
+        }
+        if self.merge_points.is_empty() || self.ns.is_empty() {
+            return bad("merge_points", "the grid needs points and N values".into());
+        }
+        if scope == Scope::Reproduce {
+            let s = &self.spike;
+            if s.save_every == 0 || s.spike_step < s.save_every * s.n as u64 {
+                return bad(
+                    "spike.spike_step",
+                    format!(
+                        "{} leaves fewer than {} checkpoints before the spike",
+                        s.spike_step, s.n
+                    ),
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_scale_validates_for_both_scopes() {
+        for scale in [Scale::Tiny, Scale::Quick, Scale::Full] {
+            let p = Profile::new(scale);
+            p.validate(Scope::Demo).unwrap();
+            p.validate(Scope::Reproduce).unwrap();
+            p.model.validate().unwrap();
+            p.moe.model.validate().unwrap();
+        }
+    }
+
+    #[test]
+    fn scale_names_round_trip() {
+        for scale in [Scale::Tiny, Scale::Quick, Scale::Full] {
+            assert_eq!(scale.name().parse::<Scale>().unwrap(), scale);
+        }
+        assert!("huge".parse::<Scale>().is_err());
+    }
+}

@@ -1,0 +1,396 @@
+//! `results.json`: every run, checkpoint, merge, annealed model and finding of one invocation.
+//!
+//! [`Results`] is the single source of the report: `report.md`, the plots and the terminal
+//! table are rendered from it and from nothing else, so a reader can re-check any claim against
+//! the JSON. Losses are mean next-token cross-entropy in nats per byte-token on the fixed
+//! validation prefix described by [`EvalInfo`].
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::profile::Profile;
+
+/// Version of the `results.json` layout.
+pub const RESULTS_SCHEMA_VERSION: u32 = 1;
+
+/// The whole record of one `pma demo` / `pma reproduce` invocation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Results {
+    /// [`RESULTS_SCHEMA_VERSION`].
+    pub schema_version: u32,
+    /// `pma-demo` version that wrote it.
+    pub pma_version: String,
+    /// `demo` or `reproduce`.
+    pub scope: String,
+    /// `tiny`, `quick` or `full`.
+    pub profile: String,
+    /// Seeds used (the trunk's; every other run's seed is derived from it and listed in `runs`).
+    pub seed: u64,
+    /// Every number of the experiment design.
+    pub config: Profile,
+    /// What "validation loss" means here.
+    pub eval: EvalInfo,
+    /// Every training run.
+    pub runs: Vec<RunRecord>,
+    /// Every raw checkpoint evaluated.
+    pub checkpoints: Vec<CheckpointRecord>,
+    /// Every merge evaluated.
+    pub merges: Vec<MergeRecord>,
+    /// The last checkpoint of every annealing fork.
+    pub annealed: Vec<AnnealedRecord>,
+    /// Merged-at-constant-LR vs annealed at matched token counts.
+    pub predictions: Vec<PredictionRecord>,
+    /// PMA-init for continued training (reproduction only).
+    pub continued: Option<ContinuedRecord>,
+    /// Loss-spike recovery (reproduction only).
+    pub spike: Option<SpikeRecord>,
+    /// Which of the paper's findings held here.
+    pub findings: Vec<Finding>,
+    /// Wall time of each stage, in order.
+    pub timings: Vec<StageTiming>,
+    /// Wall time of the whole invocation.
+    pub elapsed_secs: f64,
+}
+
+/// The evaluation set.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvalInfo {
+    /// Plain-words description of the data.
+    pub data: String,
+    /// Tokens in the evaluation stream.
+    pub n_tokens: usize,
+    /// Window length.
+    pub seq_len: usize,
+}
+
+/// One point of a training curve (from the run's `metrics.jsonl`).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct CurvePoint {
+    /// Step within the run.
+    pub step: u64,
+    /// LR of the update.
+    pub lr: f64,
+    /// Training loss of the batch (may be non-finite in a diverged run).
+    #[serde(with = "finite_or_null")]
+    pub loss: f64,
+    /// Global gradient norm before clipping.
+    #[serde(with = "finite_or_null")]
+    pub grad_norm: f64,
+}
+
+/// One training run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunRecord {
+    /// Name (`trunk`, `anneal-300`, `moe`, `ct-raw`, ...); also its directory under `runs/`.
+    pub name: String,
+    /// What the run is for.
+    pub role: String,
+    /// `dense` or `moe`.
+    pub model: String,
+    /// Scalar parameters.
+    pub n_params: usize,
+    /// Seed of its sampler (and init, for fresh runs).
+    pub seed: u64,
+    /// Checkpoint it started from (PMA-init / fork), relative to the output directory.
+    pub init: Option<String>,
+    /// Trunk step its step 0 corresponds to (forks), so `global = offset + local`.
+    pub step_offset: u64,
+    /// Steps it was configured for.
+    pub steps: u64,
+    /// Steps it actually took (fewer when it diverged).
+    pub steps_done: u64,
+    /// `Some(step)` when training stopped on a non-finite loss at that step.
+    pub diverged_at: Option<u64>,
+    /// Schedule in words (e.g. `constant lr 3e-3, warmup 30`).
+    pub schedule: String,
+    /// Training tokens per second.
+    pub tokens_per_sec: f64,
+    /// Wall time.
+    pub elapsed_secs: f64,
+    /// Training curve, every step.
+    pub curve: Vec<CurvePoint>,
+}
+
+/// Evaluation figures shared by checkpoints and merges.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Metrics {
+    /// Mean next-token cross-entropy (nats/token).
+    pub val_loss: f64,
+    /// `exp(val_loss)`.
+    pub ppl: f64,
+    /// Bits per byte.
+    pub bpb: f64,
+    /// Next-token accuracy.
+    pub accuracy: f64,
+}
+
+/// One raw checkpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CheckpointRecord {
+    /// Run name.
+    pub run: String,
+    /// Step within the run.
+    pub step: u64,
+    /// Trunk-equivalent step (`step_offset + step`).
+    pub global_step: u64,
+    /// Training tokens seen, counting the trunk before a fork.
+    pub tokens: u64,
+    /// Mean validation cross-entropy.
+    pub val_loss: f64,
+    /// Other figures.
+    pub metrics: Metrics,
+    /// Directory, relative to the output directory.
+    pub path: String,
+}
+
+/// One merged model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MergeRecord {
+    /// Unique name; also its directory under `merges/`.
+    pub id: String,
+    /// Experiments it belongs to (`grid`, `n_sweep`, `v_sweep`, `anneal_branch`, `moe`, ...).
+    pub tags: Vec<String>,
+    /// Run whose checkpoints were merged.
+    pub run: String,
+    /// `sma`, `ema` or `wma`.
+    pub method: String,
+    /// EMA smoothing, for `ema`.
+    pub alpha: Option<f64>,
+    /// Checkpoints merged.
+    pub n: usize,
+    /// Steps between merged checkpoints (V).
+    pub interval: u64,
+    /// Step of the newest member, within the run.
+    pub step: u64,
+    /// Trunk-equivalent step of the newest member.
+    pub global_step: u64,
+    /// Training tokens of the newest member.
+    pub tokens: u64,
+    /// Steps of the members, oldest first, within the run.
+    pub members: Vec<u64>,
+    /// Weights, oldest first.
+    pub weights: Vec<f64>,
+    /// Mean validation cross-entropy.
+    pub val_loss: f64,
+    /// Other figures.
+    pub metrics: Metrics,
+    /// Directory, relative to the output directory.
+    pub path: String,
+}
+
+impl MergeRecord {
+    /// `sma`, `wma` or `ema0.2`.
+    pub fn label(&self) -> String {
+        match self.alpha {
+            Some(a) => format!("{}{a}", self.method),
+            None => self.method.clone(),
+        }
+    }
+}
+
+/// The end of one annealing fork.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AnnealedRecord {
+    /// Fork run name.
+    pub run: String,
+    /// Trunk step it forked from.
+    pub from_step: u64,
+    /// Trunk-equivalent step of its last checkpoint (`from_step + D`).
+    pub step: u64,
+    /// Training tokens at that checkpoint.
+    pub tokens: u64,
+    /// Decay length D.
+    pub decay_steps: u64,
+    /// Mean validation cross-entropy.
+    pub val_loss: f64,
+}
+
+/// A merged-at-constant-LR model against the annealed model with the same token count.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PredictionRecord {
+    /// Trunk-equivalent step of both.
+    pub step: u64,
+    /// Training tokens of both.
+    pub tokens: u64,
+    /// The annealed model's loss.
+    pub annealed_loss: f64,
+    /// The raw trunk checkpoint's loss at that step.
+    pub raw_loss: f64,
+    /// The merge compared (the best trunk merge ending at that step).
+    pub merge_id: String,
+    /// Its loss.
+    pub merge_loss: f64,
+    /// `merge_loss - annealed_loss` (positive: annealing is better).
+    pub gap: f64,
+    /// Fraction of the raw→annealed improvement the merge recovers:
+    /// `(raw - merge) / (raw - annealed)`.
+    pub recovered_fraction: f64,
+}
+
+/// PMA-init for continued training.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ContinuedRecord {
+    /// Description of the held-out text.
+    pub data: String,
+    /// Trunk step both inits come from.
+    pub from_step: u64,
+    /// The merge used as PMA-init.
+    pub merge_id: String,
+    /// Run started from the newest raw checkpoint.
+    pub raw_run: String,
+    /// Run started from the merge.
+    pub merge_run: String,
+    /// Loss of each init on the held-out text before continued training: (raw, merge).
+    pub initial_heldout_loss: (f64, f64),
+    /// Loss on the held-out text after continued training: (raw, merge).
+    pub final_heldout_loss: (f64, f64),
+    /// Mean training loss over the first quarter of the steps: (raw, merge).
+    pub early_train_loss: (f64, f64),
+    /// Largest gradient norm over the run: (raw, merge).
+    pub max_grad_norm: (f64, f64),
+    /// Standard deviation of the gradient norm over the run: (raw, merge).
+    pub grad_norm_std: (f64, f64),
+}
+
+/// One resumption after a loss spike.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RecoveryRecord {
+    /// The run.
+    pub run: String,
+    /// What it started from, relative to the output directory.
+    pub init: String,
+    /// Validation loss of the init.
+    pub init_val_loss: f64,
+    /// Validation loss at its end (non-finite when it diverged).
+    #[serde(with = "finite_or_null")]
+    pub final_val_loss: f64,
+    /// Largest training loss during the resumed run (non-finite when it diverged).
+    #[serde(with = "finite_or_null")]
+    pub max_train_loss: f64,
+    /// It finished finite with a final validation loss no worse than 5% above the pre-spike
+    /// checkpoint's.
+    pub recovered: bool,
+}
+
+/// Loss-spike recovery.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SpikeRecord {
+    /// The spiking run.
+    pub run: String,
+    /// First spiked step and its LR factor and length.
+    pub spike_step: u64,
+    /// LR multiplier.
+    pub factor: f64,
+    /// Spike length.
+    pub len_steps: u64,
+    /// Mean training loss of the steps just before the spike.
+    pub pre_spike_train_loss: f64,
+    /// Largest training loss from the spike on (non-finite when it diverged).
+    #[serde(with = "finite_or_null")]
+    pub max_train_loss: f64,
+    /// The run's last validation loss after the spike (non-finite when it diverged).
+    #[serde(with = "finite_or_null")]
+    pub final_val_loss: f64,
+    /// Newest checkpoint before the spike.
+    pub pre_spike_step: u64,
+    /// Its validation loss.
+    pub pre_spike_val_loss: f64,
+    /// The PMA merge of the checkpoints before the spike.
+    pub merge_id: String,
+    /// Resumed from the newest pre-spike checkpoint.
+    pub from_raw: RecoveryRecord,
+    /// Resumed from the PMA merge.
+    pub from_merge: RecoveryRecord,
+}
+
+/// One claim of the paper, checked here.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Finding {
+    /// Short id (`merge_beats_newest`, ...).
+    pub id: String,
+    /// The claim in the paper's words.
+    pub claim: String,
+    /// Whether it held in this run.
+    pub held: bool,
+    /// The numbers behind the verdict, quoted from this file.
+    pub evidence: String,
+}
+
+/// Wall time of one stage.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StageTiming {
+    /// Stage label.
+    pub stage: String,
+    /// Seconds.
+    pub elapsed_secs: f64,
+}
+
+impl Results {
+    /// The trunk checkpoint at `step`, if evaluated.
+    pub fn checkpoint(&self, run: &str, step: u64) -> Option<&CheckpointRecord> {
+        self.checkpoints
+            .iter()
+            .find(|c| c.run == run && c.step == step)
+    }
+
+    /// Merges carrying `tag`.
+    pub fn merges_tagged<'a>(&'a self, tag: &'a str) -> impl Iterator<Item = &'a MergeRecord> + 'a {
+        self.merges
+            .iter()
+            .filter(move |m| m.tags.iter().any(|t| t == tag))
+    }
+
+    /// A run by name.
+    pub fn run(&self, name: &str) -> Option<&RunRecord> {
+        self.runs.iter().find(|r| r.name == name)
+    }
+
+    /// Writes `results.json` into `dir` (temp file, then rename).
+    pub fn write(&self, dir: &Path) -> Result<()> {
+        let path = dir.join("results.json");
+        let mut bytes = serde_json::to_vec_pretty(self).map_err(|source| Error::Json {
+            path: path.clone(),
+            source,
+        })?;
+        bytes.push(b'\n');
+        write_atomic(&path, &bytes)
+    }
+
+    /// Reads a `results.json`.
+    pub fn read(path: &Path) -> Result<Results> {
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, "reading", e))?;
+        serde_json::from_slice(&bytes).map_err(|source| Error::Json {
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+}
+
+/// Writes `bytes` to a temp file beside `path`, then renames it into place.
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut staged = path.as_os_str().to_owned();
+    staged.push(".partial");
+    let staged = std::path::PathBuf::from(staged);
+    std::fs::write(&staged, bytes).map_err(|e| Error::io(&staged, "writing", e))?;
+    std::fs::rename(&staged, path).map_err(|e| Error::io(path, "renaming into", e))
+}
+
+/// JSON has no NaN or infinity: non-finite values (a diverged run) are written as `null` and read
+/// back as NaN.
+mod finite_or_null {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &f64, s: S) -> Result<S::Ok, S::Error> {
+        if v.is_finite() {
+            s.serialize_f64(*v)
+        } else {
+            s.serialize_none()
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+        Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
+    }
+}
