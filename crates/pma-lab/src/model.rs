@@ -45,7 +45,7 @@ impl SwiGlu {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let g = linear(x, &self.gate_proj)?;
         let u = linear(x, &self.up_proj)?;
-        Ok(linear(&(silu(&g)? * u)?, &self.down_proj)?)
+        linear(&(silu(&g)? * u)?, &self.down_proj)
     }
 }
 
@@ -160,7 +160,7 @@ impl Attention {
         let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?.broadcast_add(mask)?;
         let p = softmax_last(&scores)?;
         let o = p.matmul(&v)?.transpose(1, 2)?.reshape((b * t, nh * hd))?;
-        Ok(linear(&o, &self.o_proj)?)
+        linear(&o, &self.o_proj)
     }
 }
 
@@ -611,7 +611,7 @@ mod tests {
             let base: Vec<f64> = var.flatten_all().unwrap().to_vec1().unwrap();
             for _ in 0..3 {
                 let i = rng.below(base.len() as u64) as usize;
-                let mut at = |delta: f64| {
+                let at = |delta: f64| {
                     let mut p = base.clone();
                     p[i] += delta;
                     var.set(&Tensor::from_vec(p, var.shape(), &Device::Cpu).unwrap())
