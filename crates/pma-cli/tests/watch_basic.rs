@@ -749,3 +749,50 @@ fn ema_stream_output_in_the_state_dtype_is_a_link_to_the_read_only_state() {
         1
     );
 }
+
+#[test]
+fn json_events_on_stdout_and_log_at_a_chosen_path() {
+    let d = tempfile::tempdir().unwrap();
+    let run = d.path().join("run");
+    make_run(&run, 2, 10);
+    let out = d.path().join("out");
+    let log = d.path().join("logs/watch.jsonl");
+    let assert = pma()
+        .arg("watch")
+        .arg(&run)
+        .arg("--out")
+        .arg(&out)
+        .args([
+            "--method", "sma", "--last", "2", "--once", "--settle", "0", "--json",
+        ])
+        .arg("--log")
+        .arg(&log)
+        .assert()
+        .success();
+    let stdout = String::from_utf8(assert.get_output().stdout.clone()).unwrap();
+    let lines: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let kinds: Vec<&str> = lines[..lines.len() - 1]
+        .iter()
+        .map(|e| e["event"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        kinds,
+        ["seen", "pinned", "seen", "pinned", "counted", "merged", "unpinned"]
+    );
+    assert!(lines.iter().all(|e| e["schema_version"] == 1));
+    assert_eq!(
+        lines.last().unwrap()["report"]["processed"],
+        serde_json::json!([100, 200])
+    );
+    // The log holds the same events, one per line.
+    let logged: Vec<serde_json::Value> = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(logged.len(), kinds.len());
+    assert!(!out.join(".pma-watch/events.jsonl").exists());
+}

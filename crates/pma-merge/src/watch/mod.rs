@@ -740,6 +740,22 @@ impl<'c> Watcher<'c> {
                 remove_any(&self.state_dir.join(TENSORS_DIR).join(f));
             }
         }
+        match &written {
+            Some((members, weights, read_bytes, written_bytes)) => sink(&WatchEvent::Merged {
+                step,
+                output: out_path.clone(),
+                members: members.clone(),
+                weights: weights.clone(),
+                elapsed_secs: started.elapsed().as_secs_f64(),
+                read_bytes: *read_bytes,
+                written_bytes: *written_bytes,
+            }),
+            None => sink(&WatchEvent::Counted {
+                step,
+                members: self.state.members.len(),
+                needed: floor,
+            }),
+        }
         let kept: HashSet<u64> = self.state.members.iter().map(|m| m.step).collect();
         for m in old.members.iter().chain(std::iter::once(&Member {
             step,
@@ -750,36 +766,18 @@ impl<'c> Watcher<'c> {
                 sink(&WatchEvent::Unpinned { step: m.step });
             }
         }
-        match written {
-            Some((members, weights, read_bytes, written_bytes)) => {
-                sink(&WatchEvent::Merged {
-                    step,
-                    output: out_path.clone(),
-                    members,
-                    weights,
-                    elapsed_secs: started.elapsed().as_secs_f64(),
-                    read_bytes,
-                    written_bytes,
-                });
-                for name in pruned {
-                    let p = config.out_dir.join(name);
-                    remove_any(&p);
-                    sink(&WatchEvent::Pruned { output: p });
-                }
-                if let Some(cmd) = &config.exec {
-                    sink(&run_exec(cmd, &out_path));
-                }
-                Ok(Some(out_path))
-            }
-            None => {
-                sink(&WatchEvent::Counted {
-                    step,
-                    members: self.state.members.len(),
-                    needed: floor,
-                });
-                Ok(None)
-            }
+        for name in pruned {
+            let p = config.out_dir.join(name);
+            remove_any(&p);
+            sink(&WatchEvent::Pruned { output: p });
         }
+        if written.is_none() {
+            return Ok(None);
+        }
+        if let Some(cmd) = &config.exec {
+            sink(&run_exec(cmd, &out_path));
+        }
+        Ok(Some(out_path))
     }
 
     /// Runs a streaming update into a new tensor state file (recorded in `next`) and, when
