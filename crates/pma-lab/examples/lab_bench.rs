@@ -96,5 +96,42 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         r.val_loss
     );
     std::fs::remove_dir_all(&out)?;
+    phases(&config)?;
+    Ok(())
+}
+
+/// Seconds per step spent in forward, backward and the optimizer update.
+fn phases(config: &TrainConfig) -> Result<(), Box<dyn std::error::Error>> {
+    use candle_core::{DType, Device, Tensor};
+    use pma_lab::model::Params;
+    use pma_lab::optim::{AdamW, AdamWConfig};
+    let (params, model) = Params::init(&config.model, 1, DType::F32, &Device::Cpu)?;
+    let mut opt = AdamW::new(AdamWConfig::default(), &params);
+    let (b, t) = (config.batch_size, config.seq_len);
+    let tokens = pma_lab::data::encode_bytes(&pma_lab::data::MOBY_DICK[..b * (t + 1)]);
+    let x: Vec<u32> = tokens.chunks(t + 1).flat_map(|w| w[..t].to_vec()).collect();
+    let y: Vec<u32> = tokens.chunks(t + 1).flat_map(|w| w[1..].to_vec()).collect();
+    let x = Tensor::from_vec(x, (b, t), &Device::Cpu)?;
+    let y = Tensor::from_vec(y, (b, t), &Device::Cpu)?;
+    let (mut f, mut bw, mut u) = (0.0, 0.0, 0.0);
+    let n = 5;
+    for _ in 0..n {
+        let s = Instant::now();
+        let loss = model.loss(&x, &y)?;
+        f += s.elapsed().as_secs_f64();
+        let s = Instant::now();
+        let grads = loss.total.backward()?;
+        bw += s.elapsed().as_secs_f64();
+        let s = Instant::now();
+        opt.update(&params, &grads, 1e-3)?;
+        u += s.elapsed().as_secs_f64();
+    }
+    let n = n as f64;
+    println!(
+        "per step: forward {:.3}s backward {:.3}s update {:.3}s",
+        f / n,
+        bw / n,
+        u / n
+    );
     Ok(())
 }

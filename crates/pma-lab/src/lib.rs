@@ -52,6 +52,7 @@ pub mod config;
 pub mod data;
 mod error;
 pub mod eval;
+mod fused;
 pub mod model;
 pub mod optim;
 pub mod rng;

@@ -42,10 +42,15 @@ pub struct SwiGlu {
 }
 
 impl SwiGlu {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, fused: bool) -> Result<Tensor> {
         let g = linear(x, &self.gate_proj)?;
         let u = linear(x, &self.up_proj)?;
-        linear(&(silu(&g)? * u)?, &self.down_proj)
+        let act = if fused {
+            g.apply_op2(&u, crate::fused::SiluMul)?
+        } else {
+            (silu(&g)? * u)?
+        };
+        linear(&act, &self.down_proj)
     }
 }
 
@@ -70,7 +75,7 @@ pub struct Routing {
 }
 
 impl SparseMoe {
-    fn forward(&self, x: &Tensor) -> Result<(Tensor, Routing)> {
+    fn forward(&self, x: &Tensor, fused: bool) -> Result<(Tensor, Routing)> {
         let (n, h) = x.dims2()?;
         let n_experts = self.experts.len();
         let probs = softmax_last(&linear(x, &self.gate)?)?;
@@ -98,7 +103,7 @@ impl SparseMoe {
             let idx = Tensor::new(rows[e].as_slice(), x.device())?;
             let xe = x.index_select(&idx, 0)?;
             let we = weights.get(e)?.index_select(&idx, 0)?.unsqueeze(1)?;
-            let ye = expert.forward(&xe)?.broadcast_mul(&we)?;
+            let ye = expert.forward(&xe, fused)?.broadcast_mul(&we)?;
             out = out.index_add(&idx, &ye, 0)?;
         }
         Ok((out, Routing { probs, chosen }))
@@ -145,7 +150,7 @@ impl Attention {
         b: usize,
         t: usize,
         rope: &Rope,
-        mask: &Tensor,
+        mask: Option<&Tensor>,
     ) -> Result<Tensor> {
         let (nh, nkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
         let heads = |w: &Tensor, n: usize| -> Result<Tensor> {
@@ -157,8 +162,14 @@ impl Attention {
         let q = rope.apply(&heads(&self.q_proj, nh)?)?;
         let k = repeat_kv(rope.apply(&heads(&self.k_proj, nkv)?)?, nh / nkv)?;
         let v = repeat_kv(heads(&self.v_proj, nkv)?, nh / nkv)?;
-        let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?.broadcast_add(mask)?;
-        let p = softmax_last(&scores)?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let scores = q.matmul(&k.t()?)?;
+        let p = match mask {
+            Some(mask) => softmax_last(&(scores * scale)?.broadcast_add(mask)?)?,
+            None => scores
+                .contiguous()?
+                .apply_op1(crate::fused::CausalSoftmax { scale })?,
+        };
         let o = p.matmul(&v)?.transpose(1, 2)?.reshape((b * t, nh * hd))?;
         linear(&o, &self.o_proj)
     }
@@ -242,6 +253,9 @@ pub struct Llama {
     pub norm: Tensor,
     /// `lm_head.weight`, or `None` when tied to the embedding.
     pub lm_head: Option<Tensor>,
+    /// Use the fused CPU kernels of [`crate::fused`] (set when the weights are on the CPU; the
+    /// primitive-op path computes the same function on any device).
+    pub fused_kernels: bool,
 }
 
 /// Logits and router decisions of one forward pass.
@@ -335,6 +349,7 @@ impl Llama {
         };
         Ok(Llama {
             config: config.clone(),
+            fused_kernels: embed_tokens.device().is_cpu(),
             embed_tokens,
             layers,
             norm,
@@ -349,24 +364,29 @@ impl Llama {
         let device = self.embed_tokens.device();
         let c = &self.config;
         let rope = Rope::new(c.head_dim(), t, c.rope_theta, dtype, device)?;
-        let mask = causal_mask(t, dtype, device)?;
+        let fused = self.fused_kernels;
+        let mask = if fused {
+            None
+        } else {
+            Some(causal_mask(t, dtype, device)?)
+        };
         let mut x = self.embed_tokens.index_select(&tokens.flatten_all()?, 0)?;
         let mut routing = Vec::new();
         for layer in &self.layers {
-            let h = rms_norm(&x, &layer.input_layernorm, c.rms_norm_eps)?;
-            x = (x + layer.self_attn.forward(&h, b, t, &rope, &mask)?)?;
-            let h = rms_norm(&x, &layer.post_attention_layernorm, c.rms_norm_eps)?;
+            let h = rms_norm(&x, &layer.input_layernorm, c.rms_norm_eps, fused)?;
+            x = (x + layer.self_attn.forward(&h, b, t, &rope, mask.as_ref())?)?;
+            let h = rms_norm(&x, &layer.post_attention_layernorm, c.rms_norm_eps, fused)?;
             let y = match &layer.feed_forward {
-                FeedForward::Mlp(mlp) => mlp.forward(&h)?,
+                FeedForward::Mlp(mlp) => mlp.forward(&h, fused)?,
                 FeedForward::Moe(moe) => {
-                    let (y, r) = moe.forward(&h)?;
+                    let (y, r) = moe.forward(&h, fused)?;
                     routing.push(r);
                     y
                 }
             };
             x = (x + y)?;
         }
-        let x = rms_norm(&x, &self.norm, c.rms_norm_eps)?;
+        let x = rms_norm(&x, &self.norm, c.rms_norm_eps, fused)?;
         let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
         Ok(ForwardOutput {
             logits: linear(&x, head)?,
@@ -377,7 +397,14 @@ impl Llama {
     /// The training objective for `inputs` and `targets`, both `[B, T]` u32.
     pub fn loss(&self, inputs: &Tensor, targets: &Tensor) -> Result<LossOutput> {
         let out = self.forward(inputs)?;
-        let ce = cross_entropy(&out.logits, &targets.flatten_all()?)?;
+        let targets = targets.flatten_all()?;
+        let ce = if self.fused_kernels {
+            out.logits
+                .apply_op2(&targets, crate::fused::RowNll)?
+                .mean_all()?
+        } else {
+            cross_entropy(&out.logits, &targets)?
+        };
         if out.routing.is_empty() {
             return Ok(LossOutput {
                 total: ce.clone(),
@@ -424,7 +451,12 @@ fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 }
 
 /// `x / sqrt(mean(x^2) + eps) * w` over the last dim.
-fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, fused: bool) -> Result<Tensor> {
+    if fused {
+        return Ok(x
+            .contiguous()?
+            .apply_op2(w, crate::fused::RmsNorm { eps })?);
+    }
     let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
     let inv = (ms + eps)?.sqrt()?.recip()?;
     Ok(x.broadcast_mul(&inv)?.broadcast_mul(w)?)
@@ -643,6 +675,50 @@ mod tests {
         gradcheck(ModelKind::Moe);
     }
 
+    /// The fused CPU kernels and the primitive-op path compute the same loss and gradients.
+    #[test]
+    fn fused_kernels_match_primitive_ops() {
+        for kind in [ModelKind::Dense, ModelKind::Moe] {
+            let config = tiny(kind);
+            let (params, fused) = Params::init(&config, 9, DType::F64, &Device::Cpu).unwrap();
+            assert!(fused.fused_kernels);
+            let plain = Llama {
+                fused_kernels: false,
+                ..fused.clone()
+            };
+            let (x, y) = batch(&config, 3, 7, 10);
+            let (lf, lp) = (fused.loss(&x, &y).unwrap(), plain.loss(&x, &y).unwrap());
+            let (a, b) = (
+                lf.total.to_scalar::<f64>().unwrap(),
+                lp.total.to_scalar::<f64>().unwrap(),
+            );
+            assert!((a - b).abs() < 1e-12, "{kind:?}: loss {a} vs {b}");
+            let (gf, gp) = (lf.total.backward().unwrap(), lp.total.backward().unwrap());
+            for (name, var) in &params.vars {
+                let f: Vec<f64> = gf
+                    .get(var.as_tensor())
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                let p: Vec<f64> = gp
+                    .get(var.as_tensor())
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                for (u, v) in f.iter().zip(&p) {
+                    assert!(
+                        (u - v).abs() < 1e-10 * (1.0 + v.abs()),
+                        "{kind:?} {name}: {u} vs {v}"
+                    );
+                }
+            }
+        }
+    }
+
     #[test]
     fn top_k_picks_largest_first() {
         assert_eq!(top_k(&[0.1, 0.5, 0.2, 0.2], 2), vec![1, 2]);
@@ -662,7 +738,7 @@ mod tests {
         let (n, h) = (10, config.hidden_size);
         let xs: Vec<f64> = (0..n * h).map(|_| rng.normal()).collect();
         let x = Tensor::from_vec(xs.clone(), (n, h), &Device::Cpu).unwrap();
-        let (y, routing) = moe.forward(&x).unwrap();
+        let (y, routing) = moe.forward(&x, true).unwrap();
         let y: Vec<Vec<f64>> = y.to_vec2().unwrap();
         let mat = |t: &Tensor| -> Vec<Vec<f64>> { t.to_vec2().unwrap() };
         let matvec = |w: &[Vec<f64>], v: &[f64]| -> Vec<f64> {
