@@ -381,7 +381,7 @@ pub fn run(
     let mut report = WatchReport::default();
     let mut wakeup = wake::Wakeup::new(&config.run_dir);
     loop {
-        watcher.poll(stop, &mut report, sink)?;
+        let settling = watcher.poll(stop, &mut report, sink)?;
         if stop.load(Ordering::SeqCst) {
             report.interrupted = true;
             break;
@@ -389,7 +389,16 @@ pub fn run(
         if config.once {
             break;
         }
-        wakeup.wait(config.interval, stop);
+        // A settling checkpoint is looked at again once its settle interval can have passed,
+        // not a whole polling interval later.
+        let wait = if settling {
+            config
+                .interval
+                .min(config.settle + Duration::from_millis(100))
+        } else {
+            config.interval
+        };
+        wakeup.wait(wait, stop);
         if stop.load(Ordering::SeqCst) {
             report.interrupted = true;
             break;
@@ -459,13 +468,14 @@ impl<'c> Watcher<'c> {
         self.state_dir.join(PINS_DIR)
     }
 
-    /// One look at the run dir: pin what is ready, then process it in step order.
+    /// One look at the run dir: pin what is ready, then process it in step order. Returns
+    /// whether it stopped at a checkpoint that is still settling.
     fn poll(
         &mut self,
         stop: &AtomicBool,
         report: &mut WatchReport,
         sink: &mut dyn FnMut(&WatchEvent),
-    ) -> Result<()> {
+    ) -> Result<bool> {
         let last = self.state.last_step();
         let newer = |s: u64| last.is_none_or(|l| s > l);
         let entries = match CheckpointSeries::discover(&self.config.run_dir) {
@@ -531,7 +541,7 @@ impl<'c> Watcher<'c> {
             .rposition(|(_, _, f)| matches!(f, Found::Pinned(_)));
         for (i, (step, source, status)) in found.into_iter().enumerate() {
             if stop.load(Ordering::SeqCst) {
-                return Ok(());
+                return Ok(false);
             }
             let source_path = source.clone().unwrap_or_default();
             match status {
@@ -565,7 +575,7 @@ impl<'c> Watcher<'c> {
                             reason,
                         });
                     }
-                    return Ok(());
+                    return Ok(false);
                 }
                 Found::Settling => {
                     let reason = "settling: files changed recently".to_string();
@@ -577,11 +587,11 @@ impl<'c> Watcher<'c> {
                             reason,
                         });
                     }
-                    return Ok(());
+                    return Ok(true);
                 }
             }
         }
-        Ok(())
+        Ok(false)
     }
 
     /// Processes one pinned checkpoint and commits. Returns the output written, if any.
