@@ -20,7 +20,7 @@ use std::time::Instant;
 
 use pma_lab::data::{encode_bytes, split_tokens, DataSource, MOBY_DICK};
 use pma_lab::eval::{evaluate_on, EvalConfig, EvalReport};
-use pma_lab::schedule::{LrSpike, ScheduleKind};
+use pma_lab::schedule::{DecayShape, LrSpike, ScheduleKind};
 use pma_lab::train::{StepMetrics, TrainConfig};
 use pma_merge::{
     execute, CheckpointSeries, ExecOptions, MergeConfig, MergeInput, MergePlan, Selection, Weights,
@@ -1092,8 +1092,16 @@ fn describe_schedule(t: &TrainConfig) -> String {
     let mut out = match s.kind {
         ScheduleKind::Constant => format!("constant lr {:e}, warmup {}", s.peak_lr, s.warmup_steps),
         ScheduleKind::Wsd => format!(
-            "wsd lr {:e} -> {:e}, warmup {}, decay {} ({:?})",
-            s.peak_lr, s.min_lr, s.warmup_steps, s.decay_steps, s.decay_shape
+            "wsd lr {:e} -> {:e}, warmup {}, decay {} ({})",
+            s.peak_lr,
+            s.min_lr,
+            s.warmup_steps,
+            s.decay_steps,
+            match s.decay_shape {
+                DecayShape::Linear => "linear",
+                DecayShape::Cosine => "cosine",
+                DecayShape::OneSqrt => "1-sqrt",
+            }
         ),
         ScheduleKind::Cosine => format!(
             "cosine lr {:e} -> {:e}, warmup {}",
