@@ -796,3 +796,47 @@ fn json_events_on_stdout_and_log_at_a_chosen_path() {
     assert_eq!(logged.len(), kinds.len());
     assert!(!out.join(".pma-watch/events.jsonl").exists());
 }
+
+#[test]
+fn sigint_mid_run_finishes_the_current_update_then_stops() {
+    let d = tempfile::tempdir().unwrap();
+    let run = d.path().join("run");
+    make_run(&run, 6, 3_000_000);
+    let out = d.path().join("out");
+    let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("pma"))
+        .arg("watch")
+        .arg(&run)
+        .arg("--out")
+        .arg(&out)
+        .args([
+            "--method", "sma", "--last", "2", "--once", "--settle", "0", "--quiet",
+        ])
+        .args(["--threads", "1"])
+        .spawn()
+        .unwrap();
+    // Interrupt as soon as the first merge is logged: the watcher is then inside the next update.
+    assert!(wait_for(Duration::from_secs(60), || !events_of(
+        &out, "merged"
+    )
+    .is_empty()));
+    // SAFETY: signalling our own child by pid.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    let done: Vec<u64> = state(&out)["processed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    assert!(done.len() >= 2 && done.len() < 6, "stopped early: {done:?}");
+    assert_eq!(done, [100, 200, 300, 400, 500, 600][..done.len()]);
+    // Every committed update has its output; nothing half-made is left behind.
+    let want: Vec<String> = done[1..].iter().map(|s| format!("step-{s:07}")).collect();
+    assert_eq!(output_steps(&out), want);
+    assert!(!std::fs::read_dir(&out).unwrap().any(|e| e
+        .unwrap()
+        .file_name()
+        .to_string_lossy()
+        .contains("pma-tmp")));
+}

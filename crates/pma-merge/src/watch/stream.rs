@@ -10,7 +10,7 @@
 //! so an update costs about one pass over the state. As in the merge executor, tensors are cut
 //! into jobs computed in parallel while a writer thread writes the previous batch in a fixed
 //! order, and input pages are dropped from our address space as soon as a job is done, so memory
-//! stays flat. Every element is computed with `accumulate` (`acc += w·x`, no fused multiply-add)
+//! stays flat. Every element is computed with `weighted_sum` (`acc += w·x`, no fused multiply-add)
 //! and rounded once, so results do not depend on the thread count.
 
 use std::collections::{BTreeMap, HashMap};
@@ -18,7 +18,7 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 
-use pma_format::dtype::{accumulate, classify, count_nonfinite, dtype_name, encode_f64};
+use pma_format::dtype::{classify, count_nonfinite, dtype_name, encode_f64, weighted_sum};
 use pma_format::{
     Checkpoint, DtypeClass, FloatDtype, SafetensorsFile, StreamWriter, TensorInfo, TensorRef,
     TensorSpec,
@@ -426,46 +426,46 @@ fn run_job(
     let n = (elems.end - elems.start) as usize;
     let mut state = vec![0u8; n * sd.size_bytes()];
     let mut output = vec![0u8; if with_output { n * out.size_bytes() } else { 0 }];
-    let mut acc = vec![0.0f64; BLOCK_ELEMS.min(n)];
+    let mut acc = vec![0.0f64; BLOCK_ELEMS.min(n)]; // fully overwritten by each block's sum
     let mut nonfinite = 0u64;
     let mut start = 0;
     while start < n {
         let end = (start + BLOCK_ELEMS).min(n);
         let acc = &mut acc[..end - start];
-        acc.fill(0.0);
         let xs = &xb[start * x.size_bytes()..end * x.size_bytes()];
         let ps = pb.map(|b| &b[start * sd.size_bytes()..end * sd.size_bytes()]);
-        match u.rule {
-            // 0 + (1−α)·E is exactly (1−α)·E, so this is (1−α)·E + α·x with two roundings,
-            // then one more into the state dtype.
-            StreamRule::Ema { alpha } => match ps {
-                Some(ps) => {
-                    accumulate(sd, ps, 1.0 - alpha, acc);
-                    accumulate(x, xs, alpha, acc);
-                }
-                None => accumulate(x, xs, 1.0, acc),
-            },
-            // (S + x_new) − x_leaving, in f64.
-            StreamRule::Sum { .. } => {
-                if let Some(ps) = ps {
-                    accumulate(sd, ps, 1.0, acc);
-                }
-                accumulate(x, xs, 1.0, acc);
-                if let Some((d, ob)) = ob {
-                    accumulate(
-                        d,
-                        &ob[start * d.size_bytes()..end * d.size_bytes()],
-                        -1.0,
-                        acc,
-                    );
-                }
+        let os = ob.map(|(d, b)| (d, &b[start * d.size_bytes()..end * d.size_bytes()]));
+        // One fused pass, `acc = ((0 + w_1·a) + w_2·b) + …` with separate multiply and add:
+        // - EMA: 0 + (1−α)·E is exactly (1−α)·E, so this is (1−α)·E + α·x, two roundings
+        //   (then one more into the state dtype); the first checkpoint gives E = x;
+        // - SMA sum: (S + x_new) − x_leaving, in f64.
+        let (srcs, weights): (Vec<(FloatDtype, &[u8])>, Vec<f64>) = match (u.rule, ps) {
+            (StreamRule::Ema { alpha }, Some(ps)) => {
+                (vec![(sd, ps), (x, xs)], vec![1.0 - alpha, alpha])
             }
-        }
-        if acc.iter().any(|v| !v.is_finite()) {
+            (StreamRule::Ema { .. }, None) => (vec![(x, xs)], vec![1.0]),
+            (StreamRule::Sum { .. }, ps) => {
+                let mut srcs = Vec::with_capacity(3);
+                let mut weights = Vec::with_capacity(3);
+                if let Some(ps) = ps {
+                    srcs.push((sd, ps));
+                    weights.push(1.0);
+                }
+                srcs.push((x, xs));
+                weights.push(1.0);
+                if let Some(os) = os {
+                    srcs.push(os);
+                    weights.push(-1.0);
+                }
+                (srcs, weights)
+            }
+        };
+        weighted_sum(&srcs, &weights, acc);
+        let st = &mut state[start * sd.size_bytes()..end * sd.size_bytes()];
+        // A NaN/Inf input makes the sum non-finite, so inputs need counting only then.
+        if !encode_f64(sd, acc, st) {
             nonfinite += count_nonfinite(x, xs);
         }
-        let st = &mut state[start * sd.size_bytes()..end * sd.size_bytes()];
-        encode_f64(sd, acc, st);
         if !with_output {
             start = end;
             continue;
