@@ -10,12 +10,12 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// Training or evaluation failed.
+    /// Training or evaluation failed. (Boxed, like the merge error, to keep `Result` small.)
     #[error(transparent)]
-    Lab(#[from] pma_lab::Error),
+    Lab(Box<pma_lab::Error>),
     /// Selecting or merging checkpoints failed.
     #[error(transparent)]
-    Merge(#[from] pma_merge::Error),
+    Merge(Box<pma_merge::Error>),
     /// An OS-level I/O failure.
     #[error("{}: {action}: {source}", path.display())]
     Io {
@@ -61,6 +61,18 @@ pub enum Error {
     /// The run was interrupted through the cancel flag.
     #[error("interrupted")]
     Cancelled,
+}
+
+impl From<pma_lab::Error> for Error {
+    fn from(e: pma_lab::Error) -> Error {
+        Error::Lab(Box::new(e))
+    }
+}
+
+impl From<pma_merge::Error> for Error {
+    fn from(e: pma_merge::Error) -> Error {
+        Error::Merge(Box::new(e))
+    }
 }
 
 impl Error {

@@ -99,14 +99,14 @@ pub fn render_report(r: &Results) -> String {
     let _ = writeln!(o, "# {title}\n");
     let _ = writeln!(
         o,
-        "`pma {}` with profile **{}**, seed **{}** (pma-demo {}), {:.0} s wall in all. Every number below is in `results.json`; every model was trained and evaluated in this invocation.\n",
-        r.scope, r.profile, r.seed, r.pma_version, r.elapsed_secs
+        "`pma {}` with profile **{}**, seed **{}** (pma-demo {}), {:.0} s wall in all. Every number below is in `results.json`; every model was trained and evaluated in this invocation. Re-run with `pma {} --profile {} --seed {}`.\n",
+        r.scope, r.profile, r.seed, r.pma_version, r.elapsed_secs, r.scope, r.profile, r.seed
     );
     if let Some(t) = trunk {
         let p = &r.config;
         let _ = writeln!(
             o,
-            "- **Model:** dense Llama-style, {} layers, hidden {}, {} heads, {} parameters, byte tokens.\n- **Trunk:** {} steps of {} sequences × {} tokens, {}; a checkpoint every K = {} steps. Trained on `data/pretrain.txt` ({:.0} tokens/s).\n- **Annealing forks:** from trunk steps {:?}, the LR decays from {:e} to {:e} over D = {} steps (1-sqrt), AdamW moments carried over.\n- **Validation:** {}.\n",
+            "- **Model:** dense Llama-style, {} layers, hidden {}, {} heads, {} parameters, byte tokens.\n- **Trunk:** {} steps of {} sequences × {} tokens, {}; a checkpoint every K = {} steps. Trained on `data/pretrain.txt`, the first 90% of the embedded corpus's training part ({:.0} tokens/s).\n- **Annealing forks:** from trunk steps {:?}, the LR decays from {:e} to {:e} over D = {} steps (1-sqrt), AdamW moments carried over.\n- **Validation:** {}.\n",
             p.model.num_layers, p.model.hidden_size, p.model.num_heads, t.n_params,
             p.trunk_steps, p.batch_size, p.seq_len, t.schedule, p.save_every, t.tokens_per_sec,
             p.anneal_from, p.lr, p.min_lr, p.decay_steps, r.eval.data

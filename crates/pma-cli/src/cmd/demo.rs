@@ -118,14 +118,23 @@ impl Progress for StageProgress {
         }
         bar.set_length(total);
         bar.set_prefix(label.to_string());
+        if !self.tty {
+            eprintln!("{label}: {total} to do");
+        }
         *self.state.lock().expect("progress lock is never poisoned") =
             Some((bar, label.to_string(), Instant::now()));
     }
 
     fn advance(&self, message: &str) {
-        if let Some((bar, _, _)) = &*self.state.lock().expect("progress lock is never poisoned") {
+        if let Some((bar, label, _)) = &*self.state.lock().expect("progress lock is never poisoned")
+        {
             bar.inc(1);
             bar.set_message(message.to_string());
+            // Without a terminal, a line at each quarter of a long stage shows it is alive.
+            let (pos, len) = (bar.position(), bar.length().unwrap_or(0));
+            if !self.tty && len >= 40 && pos < len && pos % len.div_ceil(4) == 0 {
+                eprintln!("{label}: {pos}/{len} {message}");
+            }
         }
     }
 
