@@ -76,8 +76,10 @@ fn loss_falls_on_the_corpus() {
     );
     assert_eq!(report.checkpoints.len(), 1);
     let eval = evaluate(&report.checkpoints[0], &EvalConfig::default()).unwrap();
+    eprintln!("val loss after 60 steps: {:.4}", eval.val_loss);
     // ln 256 = 5.55 nats at init; byte unigrams of English alone are ~3.0.
-    assert!(eval.val_loss < 2.75, "val loss {}", eval.val_loss);
+    // 2.70 on the reference machine.
+    assert!(eval.val_loss < 2.8, "val loss {}", eval.val_loss);
     assert!((eval.ppl - eval.val_loss.exp()).abs() < 1e-9);
     assert!((eval.bpb - eval.val_loss / std::f64::consts::LN_2).abs() < 1e-12);
     assert!(eval.accuracy > 0.2, "accuracy {}", eval.accuracy);
