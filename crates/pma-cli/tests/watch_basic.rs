@@ -840,3 +840,35 @@ fn sigint_mid_run_finishes_the_current_update_then_stops() {
         .to_string_lossy()
         .contains("pma-tmp")));
 }
+
+#[test]
+fn a_damaged_pending_pin_is_rebuilt_from_the_trainers_copy() {
+    let d = tempfile::tempdir().unwrap();
+    let run = d.path().join("run");
+    let ckpts = make_run(&run, 2, 100);
+    // Step 100 is still settling, step 200 is not: 200 gets pinned, and waits behind 100.
+    set_mtime_back(&ckpts[1], 120);
+    let out = d.path().join("out");
+    let once = |out: &Path| {
+        let mut c = pma();
+        c.arg("watch").arg(&run).arg("--out").arg(out);
+        c.args([
+            "--method", "sma", "--last", "2", "--once", "--quiet", "--settle", "60",
+        ]);
+        c.assert().success();
+    };
+    once(&out);
+    let pin = out.join(".pma-watch/pins/step-0000200");
+    assert!(pin.join("model.safetensors").is_file());
+    assert!(try_state(&out).is_none(), "nothing processed yet");
+    std::fs::remove_file(pin.join("model.safetensors")).unwrap();
+    set_mtime_back(&ckpts[0], 120);
+    once(&out);
+    assert_eq!(state(&out)["processed"], serde_json::json!([100, 200]));
+    let reference = d.path().join("reference");
+    merge(&ckpts, &["--method", "sma"], &reference);
+    assert_eq!(
+        read_tensors(&out.join("step-0000200")),
+        read_tensors(&reference)
+    );
+}

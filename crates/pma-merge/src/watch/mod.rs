@@ -518,6 +518,16 @@ impl<'c> Watcher<'c> {
                     });
                 }
             }
+            // A pin left by an earlier run was complete and durable when renamed into place,
+            // but files can still go missing from it (a disk fault, a hand-run `rm`): it is
+            // checked again, and rebuilt from the trainer's copy if it no longer validates.
+            let pin = pin.filter(|p| {
+                let valid = Checkpoint::open(p).is_ok();
+                if !valid {
+                    remove_any(p);
+                }
+                valid
+            });
             let status = match (pin, &source) {
                 (Some(pin), _) => Found::Pinned(pin),
                 (None, Some(path)) => match self.tracker.check(&self.config.run_dir, path, step) {
@@ -532,7 +542,9 @@ impl<'c> Watcher<'c> {
                     Readiness::Settling => Found::Settling,
                     Readiness::Incomplete(reason) => Found::Incomplete(reason),
                 },
-                (None, None) => unreachable!("every candidate has a source or a pin"),
+                (None, None) => {
+                    Found::Incomplete("its pin was damaged and the trainer's copy is gone".into())
+                }
             };
             found.push((step, source, status));
         }
