@@ -480,3 +480,91 @@ impl CustomOp2 for RowNll {
         Ok((Some(dz), None))
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// RoPE on [B, N, T, D] in HF's rotate_half layout, with c = cos[t, i], s = sin[t, i], h = D/2:
+//   y_i = x_i c - x_{i+h} s,   y_{i+h} = x_{i+h} c + x_i s            (i < h)
+// The map is a rotation R of each (x_i, x_{i+h}) pair, so the backward is R^T:
+//   dx_i = dy_i c + dy_{i+h} s,   dx_{i+h} = dy_{i+h} c - dy_i s.
+
+/// Rotary position embedding with precomputed `[T, D/2]` tables.
+pub(crate) struct Rotary {
+    pub(crate) cos: Vec<f64>,
+    pub(crate) sin: Vec<f64>,
+    pub(crate) t: usize,
+    pub(crate) half: usize,
+}
+
+impl Rotary {
+    fn apply<T: Real>(&self, x: &[T], inverse: bool) -> Vec<T> {
+        let (t, h) = (self.t, self.half);
+        let mut y = vec![T::zero(); x.len()];
+        let chunk = t * 2 * h;
+        y.par_chunks_mut(chunk)
+            .zip(x.par_chunks(chunk))
+            .for_each(|(yb, xb)| {
+                for p in 0..t {
+                    let (yr, xr) = (
+                        &mut yb[p * 2 * h..(p + 1) * 2 * h],
+                        &xb[p * 2 * h..(p + 1) * 2 * h],
+                    );
+                    for i in 0..h {
+                        let c = T::from_f64(self.cos[p * h + i]);
+                        let s = T::from_f64(self.sin[p * h + i]);
+                        let (a, b) = (xr[i], xr[i + h]);
+                        if inverse {
+                            yr[i] = a * c + b * s;
+                            yr[i + h] = b * c - a * s;
+                        } else {
+                            yr[i] = a * c - b * s;
+                            yr[i + h] = b * c + a * s;
+                        }
+                    }
+                }
+            });
+        y
+    }
+
+    fn check(&self, l: &Layout) -> Result<()> {
+        let dims = l.dims();
+        let ok = dims.len() == 4 && dims[2] == self.t && dims[3] == 2 * self.half;
+        if ok {
+            Ok(())
+        } else {
+            Err(candle_core::Error::Msg(format!(
+                "rope: expected [B, N, {}, {}], got {dims:?}",
+                self.t,
+                2 * self.half
+            )))
+        }
+    }
+}
+
+impl CustomOp1 for Rotary {
+    fn name(&self) -> &'static str {
+        "pma-rope"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.check(l)?;
+        let out = match s.dtype() {
+            DType::F32 => f32::to_cpu_storage_owned(self.apply(slice::<f32>(s, l, "rope")?, false)),
+            DType::F64 => f64::to_cpu_storage_owned(self.apply(slice::<f64>(s, l, "rope")?, false)),
+            d => return Err(unsupported("rope", d)),
+        };
+        Ok((out, l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        let dx = match x.dtype() {
+            DType::F32 => {
+                Tensor::from_vec(self.apply(&host::<f32>(dy)?, true), x.shape(), x.device())?
+            }
+            DType::F64 => {
+                Tensor::from_vec(self.apply(&host::<f64>(dy)?, true), x.shape(), x.device())?
+            }
+            d => return Err(unsupported("rope", d)),
+        };
+        Ok(Some(dx))
+    }
+}

@@ -206,33 +206,55 @@ pub struct Block {
 struct Rope {
     cos: Tensor,
     sin: Tensor,
+    /// The `[T, D/2]` halves for the fused kernel, when it is in use.
+    host: Option<(Vec<f64>, Vec<f64>)>,
 }
 
 impl Rope {
-    fn new(head_dim: usize, t: usize, theta: f64, dtype: DType, device: &Device) -> Result<Rope> {
+    fn new(
+        head_dim: usize,
+        t: usize,
+        theta: f64,
+        dtype: DType,
+        device: &Device,
+        fused: bool,
+    ) -> Result<Rope> {
         let half = head_dim / 2;
-        let mut cos = Vec::with_capacity(t * head_dim);
-        let mut sin = Vec::with_capacity(t * head_dim);
+        let mut cos_half = Vec::with_capacity(t * half);
+        let mut sin_half = Vec::with_capacity(t * half);
         for pos in 0..t {
-            for _ in 0..2 {
-                for i in 0..half {
-                    // inv_freq_i = theta^(-2i/D), computed in f32 as HF does, then the angle in f32.
-                    let inv_freq = 1.0f32 / (theta as f32).powf((2 * i) as f32 / head_dim as f32);
-                    let angle = pos as f32 * inv_freq;
-                    cos.push(angle.cos() as f64);
-                    sin.push(angle.sin() as f64);
-                }
+            for i in 0..half {
+                // inv_freq_i = theta^(-2i/D), computed in f32 as HF does, then the angle in f32.
+                let inv_freq = 1.0f32 / (theta as f32).powf((2 * i) as f32 / head_dim as f32);
+                let angle = pos as f32 * inv_freq;
+                cos_half.push(f64::from(angle.cos()));
+                sin_half.push(f64::from(angle.sin()));
             }
         }
+        let twice = |v: &[f64]| -> Vec<f64> {
+            v.chunks(half)
+                .flat_map(|r| r.iter().chain(r.iter()).copied())
+                .collect()
+        };
         Ok(Rope {
-            cos: Tensor::from_vec(cos, (t, head_dim), device)?.to_dtype(dtype)?,
-            sin: Tensor::from_vec(sin, (t, head_dim), device)?.to_dtype(dtype)?,
+            cos: Tensor::from_vec(twice(&cos_half), (t, head_dim), device)?.to_dtype(dtype)?,
+            sin: Tensor::from_vec(twice(&sin_half), (t, head_dim), device)?.to_dtype(dtype)?,
+            host: fused.then_some((cos_half, sin_half)),
         })
     }
 
     /// `x cos + rotate_half(x) sin` on `[B, N, T, D]`, with `rotate_half(x) = [-x2, x1]`.
     fn apply(&self, x: &Tensor) -> Result<Tensor> {
         let d = x.dim(D::Minus1)?;
+        if let Some((cos, sin)) = &self.host {
+            let op = crate::fused::Rotary {
+                cos: cos.clone(),
+                sin: sin.clone(),
+                t: x.dim(2)?,
+                half: d / 2,
+            };
+            return Ok(x.contiguous()?.apply_op1(op)?);
+        }
         let x1 = x.narrow(D::Minus1, 0, d / 2)?;
         let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
         let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
@@ -363,7 +385,14 @@ impl Llama {
         let dtype = self.embed_tokens.dtype();
         let device = self.embed_tokens.device();
         let c = &self.config;
-        let rope = Rope::new(c.head_dim(), t, c.rope_theta, dtype, device)?;
+        let rope = Rope::new(
+            c.head_dim(),
+            t,
+            c.rope_theta,
+            dtype,
+            device,
+            self.fused_kernels,
+        )?;
         let fused = self.fused_kernels;
         let mask = if fused {
             None

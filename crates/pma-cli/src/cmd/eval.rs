@@ -16,7 +16,8 @@ pub struct Args {
     /// Checkpoints to evaluate (directories with config.json and weights, any float dtype).
     #[arg(required = true, value_name = "CKPT")]
     pub checkpoints: Vec<PathBuf>,
-    /// Evaluate on the whole of these files instead of the embedded corpus's validation split.
+    /// Evaluate on the whole of these files instead of the embedded corpus's validation split
+    /// (give the checkpoints first: every word after --data is a file).
     #[arg(long, value_name = "FILE", num_args = 1..)]
     pub data: Option<Vec<PathBuf>>,
     /// Window length in tokens [default: the model's training length].
