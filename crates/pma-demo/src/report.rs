@@ -225,7 +225,7 @@ pub fn render_report(r: &Results) -> String {
             for p in &r.predictions {
                 let _ = writeln!(
                     o,
-                    "| {} | {} | {} | {} | {} | {} | {:+.4} | {:.0}% |",
+                    "| {} | {} | {} | {} | {} | {} | {:+.4} | {} |",
                     p.step,
                     p.tokens,
                     loss(p.raw_loss),
@@ -233,7 +233,11 @@ pub fn render_report(r: &Results) -> String {
                     loss(p.merge_loss),
                     loss(p.annealed_loss),
                     p.gap,
-                    100.0 * p.recovered_fraction
+                    if p.annealed_loss < p.raw_loss {
+                        format!("{:.0}%", 100.0 * p.recovered_fraction)
+                    } else {
+                        "– (annealing did not help)".into()
+                    }
                 );
             }
             if r.predictions.len() > 1 {
@@ -383,6 +387,20 @@ pub fn render_report(r: &Results) -> String {
             s.pre_spike_train_loss, loss(s.max_train_loss)
         );
         let _ = writeln!(o, "| resumed from | init val loss | final val loss | max train loss | recovered |\n|---|---|---|---|---|");
+        let spike_last = r
+            .checkpoints
+            .iter()
+            .filter(|c| c.run == s.run)
+            .max_by_key(|c| c.step);
+        if let Some(c) = spike_last {
+            let _ = writeln!(
+                o,
+                "| (no resumption: the spiking run itself, step {}) | – | {} | {} | – |",
+                c.step,
+                loss(s.final_val_loss),
+                loss(s.max_train_loss)
+            );
+        }
         for rec in [&s.from_raw, &s.from_merge] {
             let _ = writeln!(
                 o,
