@@ -68,9 +68,12 @@ fn watch(run: &Path, out: &Path) -> assert_cmd::Command {
     c
 }
 
+/// The event log. Tests that poll it while the watcher appends may catch a line half-written;
+/// only complete lines (ending in a newline) are parsed.
 fn events(out: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(out.join(".pma-watch/events.jsonl"))
-        .unwrap_or_default()
+    let text = std::fs::read_to_string(out.join(".pma-watch/events.jsonl")).unwrap_or_default();
+    let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
+    complete
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect()
