@@ -187,6 +187,7 @@ pub fn run(
             .clone();
         lab.results.annealed.push(AnnealedRecord {
             run: fork.name.clone(),
+            base_run: "trunk".into(),
             from_step: *from,
             step: rec.global_step,
             tokens: rec.tokens,
@@ -198,6 +199,7 @@ pub fn run(
 
     if config.scope == Scope::Reproduce {
         lab.moe()?;
+        lab.results.predictions = predictions(&lab.results);
         lab.continued(&trunk)?;
         lab.spike()?;
     }
@@ -414,19 +416,23 @@ fn branch_merge_specs(p: &Profile, run: &str, last_step: u64) -> Vec<MergeSpec> 
 fn predictions(results: &Results) -> Vec<PredictionRecord> {
     let mut out = Vec::new();
     for a in &results.annealed {
-        let Some(raw) = results.checkpoint("trunk", a.step) else {
+        let Some(raw) = results.checkpoint(&a.base_run, a.step) else {
             continue;
+        };
+        let k = if a.base_run == "moe" {
+            results.config.moe.save_every
+        } else {
+            results.config.save_every
         };
         let best = results
             .merges
             .iter()
-            .filter(|m| {
-                m.run == "trunk" && m.step == a.step && m.interval == results.config.save_every
-            })
+            .filter(|m| m.run == a.base_run && m.step == a.step && m.interval == k)
             .min_by(|x, y| x.val_loss.total_cmp(&y.val_loss));
         if let Some(m) = best {
             let improvement = raw.val_loss - a.val_loss;
             out.push(PredictionRecord {
+                run: a.base_run.clone(),
                 step: a.step,
                 tokens: a.tokens,
                 annealed_loss: a.val_loss,
@@ -813,6 +819,43 @@ impl<'a> Lab<'a> {
             self.merge(&run, spec)?;
         }
         self.end_stage();
+
+        // Its annealing fork, ending at the same step as the merges.
+        let name = format!("moe-anneal-{}", m.anneal_from);
+        let train = TrainConfig {
+            init: Some(pma_lab::checkpoint::step_dir(&run.dir, m.anneal_from)),
+            init_optimizer: true,
+            steps: m.decay_steps,
+            schedule: ScheduleKind::Wsd,
+            warmup_steps: Some(0),
+            decay_steps: Some(m.decay_steps),
+            seed: self.config.seed.wrapping_add(1).wrapping_add(m.anneal_from),
+            out_dir: self.run_dir(&name),
+            save_every: m.save_every,
+            ..self.trunk_config()
+        };
+        let role = format!(
+            "MoE annealing fork from step {}: LR decays to min over {} steps",
+            m.anneal_from, m.decay_steps
+        );
+        let fork = self.train(RunSpec {
+            name: name.clone(),
+            role,
+            train,
+            step_offset: m.anneal_from,
+        })?;
+        self.eval_all(&fork)?;
+        if let Some(rec) = self.results.checkpoint(&name, fork.last_step()).cloned() {
+            self.results.annealed.push(AnnealedRecord {
+                run: name,
+                base_run: "moe".into(),
+                from_step: m.anneal_from,
+                step: rec.global_step,
+                tokens: rec.tokens,
+                decay_steps: m.decay_steps,
+                val_loss: rec.val_loss,
+            });
+        }
         Ok(())
     }
 

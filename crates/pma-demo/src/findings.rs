@@ -117,7 +117,8 @@ fn predicts_annealing(r: &Results) -> Option<Finding> {
             "annealing did not beat the raw checkpoint here".into()
         };
         parts.push(format!(
-            "step {}: raw {}, merge {}, annealed {} (gap {:+.4}; {share})",
+            "{} step {}: raw {}, merge {}, annealed {} (gap {:+.4}; {share})",
+            p.run,
             p.step,
             fmt_loss(p.raw_loss),
             fmt_loss(p.merge_loss),

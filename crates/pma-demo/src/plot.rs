@@ -383,7 +383,12 @@ fn loss_chart(r: &Results) -> Chart {
     }];
     let best: Vec<(f64, f64)> = merge_steps(r, "trunk", "grid")
         .into_iter()
-        .chain(r.predictions.iter().map(|p| p.step))
+        .chain(
+            r.predictions
+                .iter()
+                .filter(|p| p.run == "trunk")
+                .map(|p| p.step),
+        )
         .filter_map(|s| {
             r.merges
                 .iter()
@@ -400,7 +405,7 @@ fn loss_chart(r: &Results) -> Chart {
         points: best,
         mark: Mark::Dots,
     });
-    for a in &r.annealed {
+    for a in r.annealed.iter().filter(|a| a.base_run == "trunk") {
         let mut pts: Vec<(f64, f64)> = r
             .checkpoint("trunk", a.from_step)
             .map(|c| (c.global_step as f64, c.val_loss))
@@ -526,11 +531,12 @@ fn prediction_chart(r: &Results) -> Chart {
     let pick = |f: &dyn Fn(&crate::results::PredictionRecord) -> f64| -> Vec<(f64, f64)> {
         r.predictions
             .iter()
+            .filter(|p| p.run == "trunk")
             .map(|p| (p.tokens as f64 / 1e6, f(p)))
             .collect()
     };
     Chart {
-        title: "Annealing prediction at matched token counts".into(),
+        title: "Annealing prediction at matched token counts (dense trunk)".into(),
         x_label: "training tokens (millions)".into(),
         y_label: "val loss".into(),
         series: vec![
@@ -565,6 +571,24 @@ fn moe_chart(r: &Results) -> Chart {
         points: raw,
         mark: Mark::LineDots,
     }];
+    for a in r.annealed.iter().filter(|a| a.base_run == "moe") {
+        let mut pts: Vec<(f64, f64)> = r
+            .checkpoint("moe", a.from_step)
+            .map(|c| (c.global_step as f64, c.val_loss))
+            .into_iter()
+            .collect();
+        pts.extend(
+            r.checkpoints
+                .iter()
+                .filter(|c| c.run == a.run)
+                .map(|c| (c.global_step as f64, c.val_loss)),
+        );
+        series.push(Series {
+            label: format!("MoE annealed from {}", a.from_step),
+            points: pts,
+            mark: Mark::LineDots,
+        });
+    }
     for label in grid_labels(r) {
         let pts: Vec<(f64, f64)> = r
             .merges_tagged("moe")

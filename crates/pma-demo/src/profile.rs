@@ -92,6 +92,10 @@ pub struct MoeProfile {
     pub save_every: u64,
     /// Checkpoints per merge.
     pub n: usize,
+    /// Step its annealing fork starts from.
+    pub anneal_from: u64,
+    /// Decay length of that fork (it ends at `anneal_from + decay_steps`, the run's last step).
+    pub decay_steps: u64,
 }
 
 /// PMA-init for continued training on held-out text.
@@ -232,6 +236,8 @@ impl Profile {
                     steps: 30,
                     save_every: 5,
                     n: 3,
+                    anneal_from: 20,
+                    decay_steps: 10,
                 },
                 continued: ContinuedProfile {
                     steps: 10,
@@ -273,6 +279,8 @@ impl Profile {
                     steps: 200,
                     save_every: 20,
                     n: 6,
+                    anneal_from: 100,
+                    decay_steps: 100,
                 },
                 continued: ContinuedProfile {
                     steps: 60,
@@ -314,6 +322,8 @@ impl Profile {
                     steps: 600,
                     save_every: 50,
                     n: 6,
+                    anneal_from: 400,
+                    decay_steps: 200,
                 },
                 continued: ContinuedProfile {
                     steps: 200,
@@ -365,6 +375,19 @@ impl Profile {
             return bad("merge_points", "the grid needs points and N values".into());
         }
         if scope == Scope::Reproduce {
+            let m = &self.moe;
+            if m.save_every == 0
+                || m.anneal_from % m.save_every != 0
+                || m.anneal_from + m.decay_steps != m.steps
+            {
+                return bad(
+                    "moe.anneal_from",
+                    format!(
+                        "the MoE fork must start at a checkpoint and end at step {}",
+                        m.steps
+                    ),
+                );
+            }
             let s = &self.spike;
             if s.save_every == 0 || s.spike_step < s.save_every * s.n as u64 {
                 return bad(

@@ -32,7 +32,12 @@ pub fn summary_table(r: &Results) -> String {
     let mut out = String::new();
     let ns = &r.config.ns;
     let mut steps = merge_steps(r, "trunk", "grid");
-    steps.extend(r.predictions.iter().map(|p| p.step));
+    steps.extend(
+        r.predictions
+            .iter()
+            .filter(|p| p.run == "trunk")
+            .map(|p| p.step),
+    );
     steps.sort_unstable();
     steps.dedup();
     let _ = write!(out, "{:<8} {:<10}", "step", "method");
@@ -63,7 +68,11 @@ pub fn summary_table(r: &Results) -> String {
             }
             out.push('\n');
         }
-        for a in r.annealed.iter().filter(|a| a.step == step) {
+        for a in r
+            .annealed
+            .iter()
+            .filter(|a| a.base_run == "trunk" && a.step == step)
+        {
             let _ = writeln!(
                 out,
                 "{:<8} {:<10} {:>16}   (annealed from step {} over {} steps)",

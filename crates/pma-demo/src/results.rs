@@ -195,6 +195,8 @@ impl MergeRecord {
 pub struct AnnealedRecord {
     /// Fork run name.
     pub run: String,
+    /// Run it forked from (`trunk` or `moe`).
+    pub base_run: String,
     /// Trunk step it forked from.
     pub from_step: u64,
     /// Trunk-equivalent step of its last checkpoint (`from_step + D`).
@@ -210,15 +212,17 @@ pub struct AnnealedRecord {
 /// A merged-at-constant-LR model against the annealed model with the same token count.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PredictionRecord {
-    /// Trunk-equivalent step of both.
+    /// Constant-LR run (`trunk` or `moe`).
+    pub run: String,
+    /// Step of both, counted in that run.
     pub step: u64,
     /// Training tokens of both.
     pub tokens: u64,
     /// The annealed model's loss.
     pub annealed_loss: f64,
-    /// The raw trunk checkpoint's loss at that step.
+    /// The raw constant-LR checkpoint's loss at that step.
     pub raw_loss: f64,
-    /// The merge compared (the best trunk merge ending at that step).
+    /// The merge compared (the best merge of that run ending at that step, V = K).
     pub merge_id: String,
     /// Its loss.
     pub merge_loss: f64,
