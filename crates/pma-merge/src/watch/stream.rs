@@ -11,7 +11,8 @@
 //! into jobs computed in parallel while a writer thread writes the previous batch in a fixed
 //! order, and input pages are dropped from our address space as soon as a job is done, so memory
 //! stays flat. Every element is computed with `weighted_sum` (`acc += w·x`, no fused multiply-add)
-//! and rounded once, so results do not depend on the thread count.
+//! and rounded once, so results do not depend on the thread count. When the EMA output would be
+//! the state byte for byte, the output is a hard link to the new state file rather than a copy.
 
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
@@ -451,24 +452,22 @@ fn run_job(
             out,
         } => (*x, *prev, *leaving, *out),
     };
-    let slice = |bytes: &'_ [u8], size: usize| -> Range<usize> {
-        let _ = bytes;
-        elems.start as usize * size..elems.end as usize * size
-    };
+    // This job's bytes within a tensor of `size`-byte elements.
+    let span = |size: usize| elems.start as usize * size..elems.end as usize * size;
     let xb_all = u.new.bytes(p.src);
-    let xb = &xb_all[slice(xb_all, x.size_bytes())];
+    let xb = &xb_all[span(x.size_bytes())];
     let sd = u.state_dtype;
     let pb: Option<&[u8]> = match (u.prev, prev) {
         (Some(file), Some(s)) => {
             let all = file.tensor_bytes(s);
-            Some(&all[slice(all, sd.size_bytes())])
+            Some(&all[span(sd.size_bytes())])
         }
         _ => None,
     };
     let ob: Option<(FloatDtype, &[u8])> = match (u.leaving, leaving) {
         (Some(old), Some((d, o))) => {
             let all = old.bytes(o);
-            Some((d, &all[slice(all, d.size_bytes())]))
+            Some((d, &all[span(d.size_bytes())]))
         }
         _ => None,
     };
