@@ -76,8 +76,10 @@ fn execute(scope: Scope, scale: Scale, common: Common) -> anyhow::Result<ExitCod
         threads: common.threads,
     };
     let progress = StageProgress::new(common.quiet);
-    let cancel = super::interrupt_flag();
-    let results = run_demo(&config, &progress, Some(cancel))
+    // No SIGINT handler here: the lab's trainer has no cancel hook, so a handler would only take
+    // effect at the next stage boundary. Ctrl-C kills the process at once instead; checkpoints
+    // and merges are written atomically, so what is on disk stays valid.
+    let results = run_demo(&config, &progress, None)
         .with_context(|| format!("running pma {} into {}", scope.name(), common.out.display()))?;
     print!("{}", pma_demo::report::summary_table(&results));
     println!("\nreport: {}", common.out.join("report.md").display());
