@@ -141,7 +141,9 @@ fn kill_trials(mode: &[&str], trials: usize, rng: &mut Rng) -> usize {
         for attempt in 0.. {
             let context = format!("{mode:?} trial {trial} attempt {attempt}");
             let mut child = watch_cmd(&run, &out, mode).spawn().unwrap();
-            std::thread::sleep(Duration::from_millis(rng.below(full_ms + 20)));
+            // Uniform over an uninterrupted run's length: the first attempt of a trial is
+            // almost always killed, later ones (with less left to do) sometimes finish.
+            std::thread::sleep(Duration::from_millis(rng.below(full_ms)));
             if child.try_wait().unwrap().is_none() {
                 // SAFETY: killing our own child by pid.
                 unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGKILL) };
