@@ -205,11 +205,11 @@ impl Profile {
     /// The numbers of a scale. They were chosen for wall time on two CPU cores, never by the
     /// outcome of a finding.
     ///
-    /// Measured on a shared 2-core box (other builds running, load average 4–10), release build:
-    /// `demo --profile quick` 108 s wall; `reproduce --profile quick` 11 min wall (357 s CPU);
-    /// `demo --profile tiny` 13 s and `reproduce --profile tiny` 30 s with a debug build. The
-    /// full profile is sized from measured step rates (about 0.5 s per dense step of 1,024
-    /// tokens under that load) to about 45 minutes; it has not been run to completion.
+    /// Measured on a shared 2-core box (other builds running, load average 7–10), release build
+    /// with the lab's fused CPU kernels: `demo --profile quick` 59 s wall; `demo --profile tiny`
+    /// 2 s (6 s with a debug build). Before the fused kernels, `reproduce --profile quick` took
+    /// 11 min wall (357 s CPU) under the same load. The full profile is sized from measured step
+    /// rates to well under an hour on two cores; see the report of a run for its stage timings.
     pub fn new(scale: Scale) -> Profile {
         match scale {
             Scale::Tiny => Profile {
