@@ -208,8 +208,8 @@ impl Profile {
     /// Measured on a shared 2-core box (other builds running, load average 7–10), release build
     /// with the lab's fused CPU kernels: `demo --profile quick` 59 s wall; `demo --profile tiny`
     /// 2 s (6 s with a debug build). Before the fused kernels, `reproduce --profile quick` took
-    /// 11 min wall (357 s CPU) under the same load. The full profile is sized from measured step
-    /// rates to well under an hour on two cores; see the report of a run for its stage timings.
+    /// 11 min wall (357 s CPU) under the same load. `reproduce --profile full` with the fused
+    /// kernels: 11 min wall (790 s CPU) at `nice 19` on that box, every section included.
     pub fn new(scale: Scale) -> Profile {
         match scale {
             Scale::Tiny => Profile {
