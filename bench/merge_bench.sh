@@ -42,11 +42,14 @@ PY
 # bench RUN_DIR LABEL EXTRA_ARGS... -> prints one summary line
 bench() {
   local run=$1 label=$2; shift 2
-  local out="$WORK/merged-$label" files
-  files=$(find "$run/" -name '*.safetensors' | sort)
+  local out="$WORK/merged-$label" files plan
+  # The limit reads exactly the files this merge reads.
+  plan=$($PMA merge --run "$run" --method sma "$@" --dry-run --json --out "$out")
+  files=$(echo "$plan" | python3 -c 'import json,sys
+for i in json.load(sys.stdin)["plan"]["inputs"]: print(i["path"])' | while read -r d; do find "$d/" -name '*.safetensors'; done | sort)
   local in_bytes out_bytes out_mib
   in_bytes=$(cat $files | wc -c)
-  out_bytes=$($PMA merge --run "$run" --method sma "$@" --dry-run --json --out "$out" | python3 -c 'import json,sys; print(json.load(sys.stdin)["plan"]["bytes_written"])')
+  out_bytes=$(echo "$plan" | python3 -c 'import json,sys; print(json.load(sys.stdin)["plan"]["bytes_written"])')
   out_mib=$(( (out_bytes + 1048575) / 1048576 ))
   cat $files >/dev/null
   local t_lim=() t_pma=() rss=()

@@ -30,7 +30,7 @@ use crate::plan::{MergePlan, PlanSummary, TensorMode};
 use crate::progress::Progress;
 
 /// Elements per job: the unit of parallel work and of page release.
-pub const JOB_ELEMS: u64 = 1 << 19;
+pub const JOB_ELEMS: u64 = 1 << 20;
 /// Elements per accumulation block (64K × 8 bytes = 512 KiB of f64, about L2).
 pub const BLOCK_ELEMS: usize = 1 << 16;
 /// Jobs per batch, per worker thread.
