@@ -48,7 +48,7 @@ pub struct Args {
 /// Arguments of `pma reproduce`.
 #[derive(Debug, clap::Args)]
 pub struct ReproduceArgs {
-    /// Size: tiny (seconds per run, to check the pipeline), quick, full (about an hour on 2 cores).
+    /// Size: tiny (seconds per run, to check the pipeline), quick, full (about 11 minutes measured on a loaded 2-core box; budgeted for under an hour).
     #[arg(long, value_name = "tiny|quick|full", default_value = "full")]
     pub profile: Scale,
     /// Shared flags.
