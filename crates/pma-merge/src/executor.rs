@@ -172,7 +172,8 @@ pub fn execute(
                 .collect();
             pma_format::write_index(staged.path(), &listing)?;
         }
-        sidecars = copy_sidecars(plan, staged.path())?;
+        let newest = &plan.inputs[plan.inputs.len() - 1].checkpoint;
+        sidecars = copy_sidecars(newest, plan.config.out_dtype, staged.path())?;
     }
     staged.commit()?;
     let elapsed_secs = started.elapsed().as_secs_f64();
@@ -186,10 +187,14 @@ pub fn execute(
     })
 }
 
-/// Copies config/tokenizer files of the newest input; `config.json`'s `torch_dtype` follows an
-/// explicit `--dtype` so `from_pretrained` loads the weights as they were written.
-fn copy_sidecars(plan: &MergePlan, dir: &Path) -> Result<Vec<String>> {
-    let newest = &plan.inputs[plan.inputs.len() - 1].checkpoint;
+/// Copies the newest checkpoint's config/tokenizer files into `dir`; `config.json`'s
+/// `torch_dtype` follows an explicit output dtype so `from_pretrained` loads the weights as they
+/// were written. Returns the names copied.
+pub(crate) fn copy_sidecars(
+    newest: &pma_format::Checkpoint,
+    out_dtype: Option<FloatDtype>,
+    dir: &Path,
+) -> Result<Vec<String>> {
     let mut copied = Vec::new();
     for src in newest.sidecars() {
         let name = src
@@ -197,25 +202,21 @@ fn copy_sidecars(plan: &MergePlan, dir: &Path) -> Result<Vec<String>> {
             .expect("sidecar paths end in a file name")
             .to_owned();
         let dst = dir.join(&name);
-        match (name.to_str(), plan.config.out_dtype) {
-            (Some("config.json"), Some(dtype)) => {
-                let text = std::fs::read(&src).map_err(|e| pma_format::Error::Io {
-                    path: src.clone(),
-                    action: "reading",
-                    source: e,
-                })?;
-                match serde_json::from_slice::<serde_json::Value>(&text) {
-                    Ok(serde_json::Value::Object(mut cfg)) => {
-                        cfg.insert("torch_dtype".into(), dtype.torch_name().into());
-                        let bytes = serde_json::to_vec_pretty(&cfg).expect("JSON value serializes");
-                        pma_format::write_file_synced(&dst, &bytes)?;
-                    }
-                    _ => pma_format::copy_file_synced(&src, &dst)?,
-                }
-            }
-            _ => pma_format::copy_file_synced(&src, &dst)?,
-        }
         copied.push(name.to_string_lossy().into_owned());
+        if let (Some("config.json"), Some(dtype)) = (name.to_str(), out_dtype) {
+            let text = std::fs::read(&src).map_err(|e| pma_format::Error::Io {
+                path: src.clone(),
+                action: "reading",
+                source: e,
+            })?;
+            if let Ok(serde_json::Value::Object(mut cfg)) = serde_json::from_slice(&text) {
+                cfg.insert("torch_dtype".into(), dtype.torch_name().into());
+                let bytes = serde_json::to_vec_pretty(&cfg).expect("JSON value serializes");
+                pma_format::write_file_synced(&dst, &bytes)?;
+                continue;
+            }
+        }
+        pma_format::copy_file_synced(&src, &dst)?;
     }
     Ok(copied)
 }

@@ -859,7 +859,7 @@ impl<'c> Watcher<'c> {
         let stats = stream::run_update(&update, &state_path, staged.path())?;
         sync_dir(&tensors_dir)?;
         if emit {
-            copy_sidecars(&new, config.out_dtype, staged.path())?;
+            crate::executor::copy_sidecars(&new, config.out_dtype, staged.path())?;
             staged.commit()?;
         }
         next.tensor_file = Some(file_name);
@@ -954,29 +954,6 @@ fn stream_provenance(
     m.insert("format".to_string(), "pt".to_string());
     m.insert("pma".to_string(), record.to_string());
     m
-}
-
-/// Copies the newest checkpoint's config/tokenizer files; `config.json`'s `torch_dtype` follows
-/// an explicit output dtype.
-fn copy_sidecars(newest: &Checkpoint, out_dtype: Option<FloatDtype>, dir: &Path) -> Result<()> {
-    for src in newest.sidecars() {
-        let name = src
-            .file_name()
-            .expect("sidecar paths end in a file name")
-            .to_owned();
-        let dst = dir.join(&name);
-        if let (Some("config.json"), Some(dtype)) = (name.to_str(), out_dtype) {
-            let text = std::fs::read(&src).map_err(|e| io_error(&src, "reading", e))?;
-            if let Ok(serde_json::Value::Object(mut cfg)) = serde_json::from_slice(&text) {
-                cfg.insert("torch_dtype".into(), dtype.torch_name().into());
-                let bytes = serde_json::to_vec_pretty(&cfg).expect("JSON value serializes");
-                pma_format::write_file_synced(&dst, &bytes)?;
-                continue;
-            }
-        }
-        pma_format::copy_file_synced(&src, &dst)?;
-    }
-    Ok(())
 }
 
 /// Runs `--exec` through `sh -c`, `{}` replaced by the quoted output path (appended when the
