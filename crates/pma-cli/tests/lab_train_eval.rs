@@ -1,4 +1,5 @@
 //! `pma train` and `pma eval` end to end, on a tiny model, in a fresh temp dir.
+#![cfg(feature = "lab")]
 
 use assert_cmd::Command;
 use predicates::str::contains;

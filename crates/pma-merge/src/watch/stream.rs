@@ -580,7 +580,8 @@ fn write_all(
     rx: mpsc::Receiver<Vec<JobOut>>,
     buffers: &BufferPool,
 ) -> Result<()> {
-    let mut state = StreamWriter::create(state_path, state_specs, state_metadata)?;
+    // The next update reads the state back: keep it in the page cache.
+    let mut state = StreamWriter::create_cached(state_path, state_specs, state_metadata)?;
     if shards.is_empty() {
         for batch in rx {
             for job in batch {
