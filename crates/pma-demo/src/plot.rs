@@ -405,24 +405,7 @@ fn loss_chart(r: &Results) -> Chart {
         points: best,
         mark: Mark::Dots,
     });
-    for a in r.annealed.iter().filter(|a| a.base_run == "trunk") {
-        let mut pts: Vec<(f64, f64)> = r
-            .checkpoint("trunk", a.from_step)
-            .map(|c| (c.global_step as f64, c.val_loss))
-            .into_iter()
-            .collect();
-        pts.extend(
-            r.checkpoints
-                .iter()
-                .filter(|c| c.run == a.run)
-                .map(|c| (c.global_step as f64, c.val_loss)),
-        );
-        series.push(Series {
-            label: format!("annealed from {}", a.from_step),
-            points: pts,
-            mark: Mark::LineDots,
-        });
-    }
+    series.extend(annealed_series(r, "trunk", "annealed from"));
     Chart {
         title: "Validation loss vs step".into(),
         x_label: "trunk step".into(),
@@ -559,6 +542,32 @@ fn prediction_chart(r: &Results) -> Chart {
     }
 }
 
+/// One line per annealing fork of `base_run`: its starting checkpoint, then its own checkpoints.
+fn annealed_series(r: &Results, base_run: &str, label: &str) -> Vec<Series> {
+    r.annealed
+        .iter()
+        .filter(|a| a.base_run == base_run)
+        .map(|a| {
+            let mut points: Vec<(f64, f64)> = r
+                .checkpoint(base_run, a.from_step)
+                .map(|c| (c.global_step as f64, c.val_loss))
+                .into_iter()
+                .collect();
+            points.extend(
+                r.checkpoints
+                    .iter()
+                    .filter(|c| c.run == a.run)
+                    .map(|c| (c.global_step as f64, c.val_loss)),
+            );
+            Series {
+                label: format!("{label} {}", a.from_step),
+                points,
+                mark: Mark::LineDots,
+            }
+        })
+        .collect()
+}
+
 fn moe_chart(r: &Results) -> Chart {
     let raw: Vec<(f64, f64)> = r
         .checkpoints
@@ -571,24 +580,7 @@ fn moe_chart(r: &Results) -> Chart {
         points: raw,
         mark: Mark::LineDots,
     }];
-    for a in r.annealed.iter().filter(|a| a.base_run == "moe") {
-        let mut pts: Vec<(f64, f64)> = r
-            .checkpoint("moe", a.from_step)
-            .map(|c| (c.global_step as f64, c.val_loss))
-            .into_iter()
-            .collect();
-        pts.extend(
-            r.checkpoints
-                .iter()
-                .filter(|c| c.run == a.run)
-                .map(|c| (c.global_step as f64, c.val_loss)),
-        );
-        series.push(Series {
-            label: format!("MoE annealed from {}", a.from_step),
-            points: pts,
-            mark: Mark::LineDots,
-        });
-    }
+    series.extend(annealed_series(r, "moe", "MoE annealed from"));
     for label in grid_labels(r) {
         let pts: Vec<(f64, f64)> = r
             .merges_tagged("moe")
