@@ -41,7 +41,8 @@ const PREFETCH_BATCHES: usize = 4;
 pub const BATCHES_IN_FLIGHT: usize = 2;
 
 /// Upper bound on the executor's working memory (accumulators and output buffers), in bytes.
-pub fn working_memory_bytes(threads: usize, _n_inputs: usize) -> u64 {
+/// It does not depend on the number of inputs: their pages are mapped and released per job.
+pub fn working_memory_bytes(threads: usize) -> u64 {
     let threads = threads.max(1) as u64;
     let acc = threads * BLOCK_ELEMS as u64 * 8;
     let batch_out = threads * JOBS_PER_THREAD as u64 * JOB_ELEMS * 8;

@@ -294,7 +294,7 @@ impl MergePlan {
             n_params: self.tensors.iter().map(PlannedTensor::numel).sum(),
             bytes_read: per_input.iter().sum(),
             bytes_written: self.bytes_written(),
-            memory_bytes: crate::executor::working_memory_bytes(threads, self.inputs.len()),
+            memory_bytes: crate::executor::working_memory_bytes(threads),
         }
     }
 }
