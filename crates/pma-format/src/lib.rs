@@ -22,6 +22,7 @@ pub mod dtype;
 mod error;
 pub mod file;
 pub mod header;
+pub mod region;
 pub mod writer;
 
 pub use checkpoint::{
@@ -31,6 +32,7 @@ pub use dtype::{DtypeClass, FloatDtype};
 pub use error::{Error, Result};
 pub use file::SafetensorsFile;
 pub use header::{Header, TensorInfo, MAX_HEADER_BYTES};
+pub use region::{Region, TensorSource};
 pub use safetensors::Dtype;
 pub use writer::{
     available_bytes, copy_file_synced, encode_header, plan_shards, shard_file_name,
