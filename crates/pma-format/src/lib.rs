@@ -22,6 +22,7 @@ pub mod dtype;
 mod error;
 pub mod file;
 pub mod header;
+pub mod pickle;
 pub mod region;
 pub mod writer;
 
