@@ -18,16 +18,23 @@
 #![deny(missing_docs)]
 
 pub mod checkpoint;
+pub mod dcp;
 pub mod dtype;
 mod error;
 pub mod file;
 pub mod header;
 pub mod pickle;
 pub mod region;
+pub mod torch_save;
+pub mod torchzip;
 pub mod writer;
 
 pub use checkpoint::{
     Checkpoint, Layout, ShardIndex, TensorRef, INDEX_FILE_NAME, SIDECAR_FILES, SINGLE_FILE_NAME,
+};
+pub use dcp::{
+    classify_key, find_dcp_dir, ChunkedTensor, DcpBytes, DcpCheckpoint, DcpChunk, DcpEntry,
+    DcpTensor, EntryRole, StorageLocation,
 };
 pub use dtype::{DtypeClass, FloatDtype};
 pub use error::{Error, Result};
@@ -35,6 +42,7 @@ pub use file::SafetensorsFile;
 pub use header::{Header, TensorInfo, MAX_HEADER_BYTES};
 pub use region::{Region, TensorSource};
 pub use safetensors::Dtype;
+pub use torch_save::{TorchSaveFile, TorchSaveTensor};
 pub use writer::{
     available_bytes, copy_file_synced, encode_header, plan_shards, shard_file_name,
     write_file_synced, write_index, write_safetensors, StagedOutput, StreamWriter, TensorSpec,
