@@ -42,7 +42,7 @@ pub use file::SafetensorsFile;
 pub use header::{Header, TensorInfo, MAX_HEADER_BYTES};
 pub use region::{Region, TensorSource};
 pub use safetensors::Dtype;
-pub use torch_save::{TorchSaveFile, TorchSaveTensor};
+pub use torch_save::{TorchSaveCheckpoint, TorchSaveFile, TorchSaveTensor};
 pub use writer::{
     available_bytes, copy_file_synced, encode_header, plan_shards, shard_file_name,
     write_file_synced, write_index, write_safetensors, StagedOutput, StreamWriter, TensorSpec,

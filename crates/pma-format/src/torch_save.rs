@@ -429,6 +429,133 @@ impl TorchSaveFile {
     }
 }
 
+/// The single-file torch.save checkpoint name HF used before safetensors.
+pub const TORCH_BIN_FILE: &str = "pytorch_model.bin";
+/// The index of a sharded `pytorch_model-0000i-of-0000N.bin` checkpoint.
+pub const TORCH_BIN_INDEX_FILE: &str = "pytorch_model.bin.index.json";
+
+/// A torch.save checkpoint: one file (`pytorch_model.bin`, DeepSpeed's
+/// `mp_rank_00_model_states.pt`, Megatron's `model_optim_rng.pt`, any `.pt`/`.bin`), a
+/// directory holding `pytorch_model.bin`, or a directory of shards with
+/// `pytorch_model.bin.index.json`.
+#[derive(Debug)]
+pub struct TorchSaveCheckpoint {
+    root: PathBuf,
+    files: Vec<TorchSaveFile>,
+}
+
+impl TorchSaveCheckpoint {
+    /// Opens a torch.save file or HF `pytorch_model.bin` directory (single or sharded),
+    /// validating every tensor's view against its storage.
+    pub fn open(path: &Path) -> Result<TorchSaveCheckpoint> {
+        if path.is_file() {
+            let f = TorchSaveFile::open(path)?;
+            return Ok(TorchSaveCheckpoint {
+                root: path.into(),
+                files: vec![f],
+            });
+        }
+        let index_path = path.join(TORCH_BIN_INDEX_FILE);
+        if index_path.is_file() {
+            return Self::open_sharded(path, &index_path);
+        }
+        let single = path.join(TORCH_BIN_FILE);
+        if single.is_file() {
+            let f = TorchSaveFile::open(&single)?;
+            return Ok(TorchSaveCheckpoint {
+                root: path.into(),
+                files: vec![f],
+            });
+        }
+        Err(Error::NotACheckpoint { path: path.into() })
+    }
+
+    fn open_sharded(dir: &Path, index_path: &Path) -> Result<TorchSaveCheckpoint> {
+        let index = crate::checkpoint::ShardIndex::read(index_path)?;
+        let mut shards: Vec<&String> = index.weight_map.values().collect();
+        shards.sort();
+        shards.dedup();
+        let mut files = Vec::with_capacity(shards.len());
+        for shard in shards {
+            let plain = !shard.is_empty()
+                && Path::new(shard.as_str())
+                    .components()
+                    .all(|c| matches!(c, std::path::Component::Normal(_)));
+            let tensor = || {
+                index
+                    .weight_map
+                    .iter()
+                    .find(|(_, f)| *f == shard)
+                    .map(|(t, _)| t.clone())
+                    .unwrap_or_default()
+            };
+            if !plain {
+                return Err(Error::IndexMismatch {
+                    path: index_path.into(),
+                    tensor: tensor(),
+                    reason: format!("shard name '{shard}' is not a plain file name"),
+                });
+            }
+            let p = dir.join(shard.as_str());
+            if !p.is_file() {
+                return Err(Error::MissingShard {
+                    path: index_path.into(),
+                    shard: shard.clone(),
+                    tensor: tensor(),
+                });
+            }
+            let f = TorchSaveFile::open(&p)?;
+            for t in f.tensors() {
+                if index.weight_map.get(&t.name) != Some(shard) {
+                    return Err(Error::IndexMismatch {
+                        path: p.clone(),
+                        tensor: t.name.clone(),
+                        reason: format!(
+                            "found in this shard but the index maps it to {:?}",
+                            index.weight_map.get(&t.name)
+                        ),
+                    });
+                }
+            }
+            files.push(f);
+        }
+        let ckpt = TorchSaveCheckpoint {
+            root: dir.into(),
+            files,
+        };
+        for (name, shard) in &index.weight_map {
+            if ckpt.tensor(name).is_none() {
+                return Err(Error::IndexMismatch {
+                    path: index_path.into(),
+                    tensor: name.clone(),
+                    reason: format!("the index maps it to '{shard}' but that shard lacks it"),
+                });
+            }
+        }
+        Ok(ckpt)
+    }
+
+    /// The path it was opened from.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The files (one, or the shards in name order).
+    pub fn files(&self) -> &[TorchSaveFile] {
+        &self.files
+    }
+
+    /// Every tensor, file by file in pickle order.
+    pub fn tensors(&self) -> impl Iterator<Item = &TorchSaveTensor> {
+        self.files.iter().flat_map(|f| f.tensors())
+    }
+
+    /// The tensor called `name`.
+    pub fn tensor(&self, name: &str) -> Option<&TorchSaveTensor> {
+        self.files.iter().find_map(|f| f.tensor(name))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
