@@ -316,6 +316,7 @@ pub struct TorchSaveTensor {
 pub struct TorchSaveFile {
     path: PathBuf,
     tensors: Vec<TorchSaveTensor>,
+    by_name: std::collections::HashMap<String, usize>,
     skipped: Vec<String>,
 }
 
@@ -338,6 +339,7 @@ impl TorchSaveFile {
         let mut out = TorchSaveFile {
             path: path.into(),
             tensors: Vec::new(),
+            by_name: std::collections::HashMap::new(),
             skipped: Vec::new(),
         };
         let root = match &root {
@@ -390,7 +392,11 @@ impl TorchSaveFile {
                     reason,
                 })?;
                 let chunk = locate_view(file, 0, archive, &t, &name)?;
-                if self.tensors.iter().any(|x| x.name == name) {
+                if self
+                    .by_name
+                    .insert(name.clone(), self.tensors.len())
+                    .is_some()
+                {
                     return Err(Error::DuplicateTensor {
                         path: self.path.clone(),
                         tensor: name,
@@ -419,7 +425,7 @@ impl TorchSaveFile {
 
     /// The tensor called `name`.
     pub fn tensor(&self, name: &str) -> Option<&TorchSaveTensor> {
-        self.tensors.iter().find(|t| t.name == name)
+        self.tensors.get(*self.by_name.get(name)?)
     }
 
     /// Names of the non-tensor leaves that were skipped (ints, strings, namespaces, unknown

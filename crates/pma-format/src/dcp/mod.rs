@@ -209,6 +209,7 @@ impl TensorSource for DcpTensor {
 pub struct DcpCheckpoint {
     dir: PathBuf,
     entries: Vec<DcpEntry>,
+    by_fqn: HashMap<String, usize>,
     files: HashMap<String, Arc<MappedFile>>,
 }
 
@@ -294,9 +295,19 @@ impl DcpCheckpoint {
                 }
             }
         }
+        let mut by_fqn = HashMap::with_capacity(entries.len());
+        for (i, e) in entries.iter().enumerate() {
+            if by_fqn.insert(e.fqn().to_string(), i).is_some() {
+                return Err(Error::DuplicateTensor {
+                    path: md_path,
+                    tensor: e.fqn().into(),
+                });
+            }
+        }
         Ok(DcpCheckpoint {
             dir: dir.into(),
             entries,
+            by_fqn,
             files,
         })
     }
@@ -329,7 +340,15 @@ impl DcpCheckpoint {
 
     /// The tensor entry `fqn`.
     pub fn tensor(&self, fqn: &str) -> Option<&DcpTensor> {
-        self.tensors().find(|t| t.fqn == fqn)
+        match self.entries.get(*self.by_fqn.get(fqn)?)? {
+            DcpEntry::Tensor(t) => Some(t),
+            DcpEntry::Bytes(_) => None,
+        }
+    }
+
+    /// The entry `fqn` (tensor or bytes).
+    pub fn entry(&self, fqn: &str) -> Option<&DcpEntry> {
+        self.entries.get(*self.by_fqn.get(fqn)?)
     }
 
     /// The raw bytes of an item (validated at open), to copy it verbatim into another
