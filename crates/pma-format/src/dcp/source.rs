@@ -432,3 +432,155 @@ impl TensorSource for ChunkedTensor {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::io::Write;
+
+    /// xorshift64*: a tiny deterministic generator, so one proptest seed drives a whole layout.
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        }
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n
+        }
+    }
+
+    /// A random tensor of I32 elements whose value is their global row-major index, stored as
+    /// a grid of chunks, each with its own random dimension order (row-major, column-major,
+    /// anything between), packed into one file at odd (unaligned) offsets.
+    fn random_tensor(seed: u64) -> (tempfile::NamedTempFile, ChunkedTensor) {
+        let mut rng = Rng(seed | 1);
+        let ndim = rng.below(4) as usize;
+        let shape: Vec<u64> = (0..ndim).map(|_| 1 + rng.below(6)).collect();
+        // Cut points per dim -> grid boxes.
+        let cuts: Vec<Vec<u64>> = shape
+            .iter()
+            .map(|&n| {
+                let mut c: Vec<u64> = (1..n).filter(|_| rng.below(3) == 0).collect();
+                c.insert(0, 0);
+                c.push(n);
+                c
+            })
+            .collect();
+        let mut boxes = vec![Region {
+            offsets: vec![],
+            sizes: vec![],
+        }];
+        for c in &cuts {
+            let mut next = Vec::new();
+            for b in &boxes {
+                for w in c.windows(2) {
+                    let mut nb = b.clone();
+                    nb.offsets.push(w[0]);
+                    nb.sizes.push(w[1] - w[0]);
+                    next.push(nb);
+                }
+            }
+            boxes = next;
+        }
+        let mut bytes = Vec::new();
+        let mut placed = Vec::new();
+        for b in boxes {
+            bytes.push(0xAA); // misalign every chunk
+            let base = bytes.len() as u64;
+            // A random storage order of the dims: strides follow it.
+            let mut order: Vec<usize> = (0..ndim).collect();
+            for i in (1..ndim).rev() {
+                order.swap(i, rng.below(i as u64 + 1) as usize);
+            }
+            let mut strides = vec![0u64; ndim];
+            let mut acc = 1;
+            for &d in order.iter().rev() {
+                strides[d] = acc;
+                acc *= b.sizes[d];
+            }
+            let numel = b.numel();
+            let mut data = vec![0u8; numel as usize * 4];
+            for lin in 0..numel {
+                let local = unravel(lin, &b.sizes);
+                let s: u64 = local.iter().zip(&strides).map(|(i, s)| i * s).sum();
+                let mut g = 0u64;
+                for d in 0..ndim {
+                    g = g * shape[d] + b.offsets[d] + local[d];
+                }
+                data[s as usize * 4..s as usize * 4 + 4].copy_from_slice(&(g as u32).to_le_bytes());
+            }
+            bytes.extend_from_slice(&data);
+            placed.push((b, base, strides));
+        }
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(&bytes).unwrap();
+        f.flush().unwrap();
+        let file = MappedFile::open(f.path()).unwrap();
+        let chunks = placed
+            .into_iter()
+            .map(|(region, base, strides)| StoredChunk {
+                region,
+                file: file.clone(),
+                base,
+                strides,
+            })
+            .collect();
+        (f, ChunkedTensor::new("t".into(), Dtype::I32, shape, chunks))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(400))]
+        #[test]
+        fn any_region_and_range_reads_the_right_elements(seed in any::<u64>(), pick in any::<u64>()) {
+            let (_f, t) = random_tensor(seed);
+            let shape = t.shape().to_vec();
+            let mut rng = Rng(pick | 1);
+            let mut region = Region { offsets: vec![], sizes: vec![] };
+            for &n in &shape {
+                let o = rng.below(n);
+                region.offsets.push(o);
+                region.sizes.push(1 + rng.below(n - o));
+            }
+            let n = region.numel();
+            let a = rng.below(n + 1);
+            let b = a + rng.below(n - a + 1);
+            let mut scratch = Vec::new();
+            let got = t.read(&region, a..b, &mut scratch).unwrap().to_vec();
+            let mut want = Vec::new();
+            for lin in a..b {
+                let local = unravel(lin, &region.sizes);
+                let mut g = 0u64;
+                for d in 0..shape.len() {
+                    g = g * shape[d] + region.offsets[d] + local[d];
+                }
+                want.extend_from_slice(&(g as u32).to_le_bytes());
+            }
+            prop_assert_eq!(got, want);
+            t.prefetch(&region, a..b);
+            t.release(&region, a..b);
+        }
+    }
+
+    #[test]
+    fn out_of_bounds_requests_are_errors() {
+        let (_f, t) = random_tensor(7);
+        let shape = t.shape().to_vec();
+        let mut scratch = Vec::new();
+        let full = Region::full(&shape);
+        let n = full.numel();
+        assert!(matches!(
+            t.read(&full, 0..n + 1, &mut scratch),
+            Err(Error::RegionOutOfBounds { .. })
+        ));
+        let wrong_rank = Region {
+            offsets: vec![0; shape.len() + 1],
+            sizes: vec![1; shape.len() + 1],
+        };
+        assert!(t.read(&wrong_rank, 0..1, &mut scratch).is_err());
+        assert!(t.read(&full, n..n, &mut scratch).unwrap().is_empty());
+    }
+}
