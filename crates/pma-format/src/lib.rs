@@ -7,6 +7,15 @@
 //! ([`plan_shards`]), and stages outputs beside their target so they appear atomically
 //! ([`StagedOutput`]). [`dtype`] holds the exact f64 codecs every merge uses.
 //!
+//! Checkpoints written by training frameworks are read too, in place and without executing
+//! anything: [`dcp`] opens torch.distributed.checkpoint directories ([`DcpCheckpoint`]: the
+//! `.metadata` pickle through the safe [`pickle`] reader, items as torch.save zips via
+//! [`torchzip`] or as a safetensors blob), and [`torch_save`] opens torch.save files
+//! ([`TorchSaveCheckpoint`]: `pytorch_model.bin`, sharded `.bin` with its index, DeepSpeed and
+//! Megatron-legacy `.pt`). Every tensor of either is a [`TensorSource`] over global
+//! coordinates ([`ChunkedTensor`]), so members with different chunk layouts merge exactly, and
+//! each entry carries an [`EntryRole`] (model weight or training state).
+//!
 //! ```no_run
 //! use pma_format::Checkpoint;
 //! let ckpt = Checkpoint::open(std::path::Path::new("run/step-0001000"))?;
