@@ -28,6 +28,9 @@ use std::collections::HashMap;
 /// dict → TensorStorageMetadata → list → ChunkStorageMetadata → Size → tuple) is about 10 deep.
 pub const MAX_DEPTH: usize = 200;
 
+/// Bytes a decoded tree may occupy per input byte (plus 1 MiB), see [`parse`].
+pub const BUDGET_BYTES_PER_INPUT_BYTE: u64 = 128;
+
 /// A node of a decoded pickle.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Value {
@@ -202,10 +205,12 @@ pub fn parse(bytes: &[u8]) -> Result<Value, PickleError> {
         op: None,
     };
     let root = vm.run()?;
-    // Budget: the bytes the tree may occupy. Real pickles expand by far less than this (a memo
-    // GET is 2-5 bytes and usually names a string or a small torch.Size).
+    // Budget: the bytes the tree may occupy. torch's .metadata decodes to 13-17x its size (a
+    // 1-byte opcode becomes a whole `Value`; memo GETs re-expand small shared objects), see
+    // `real_metadata_stays_far_inside_the_expansion_budget`; 128x leaves a wide margin while
+    // still refusing a stream that references one big object a million times.
     let budget = (bytes.len() as u64)
-        .saturating_mul(64)
+        .saturating_mul(BUDGET_BYTES_PER_INPUT_BYTE)
         .saturating_add(1 << 20);
     let mut spent = 0u64;
     vm.materialize(root, 0, &mut spent, budget)

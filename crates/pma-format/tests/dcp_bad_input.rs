@@ -256,3 +256,41 @@ proptest! {
         let _ = DcpCheckpoint::open(d);
     }
 }
+
+/// Bytes a decoded tree occupies, counted the way `pickle::parse` charges its budget.
+fn tree_bytes(v: &pma_format::pickle::Value) -> u64 {
+    use pma_format::pickle::Value;
+    let node = std::mem::size_of::<Value>() as u64;
+    node + match v {
+        Value::Str(s) => s.len() as u64,
+        Value::Bytes(b) => b.len() as u64,
+        Value::Global { module, name } => (module.len() + name.len()) as u64,
+        Value::Tuple(x) | Value::List(x) => x.iter().map(tree_bytes).sum(),
+        Value::Dict(x) => x.iter().map(|(k, v)| tree_bytes(k) + tree_bytes(v)).sum(),
+        Value::Reduce { callable, args } => tree_bytes(callable) + tree_bytes(args),
+        Value::Object { class, args, state } => {
+            tree_bytes(class) + tree_bytes(args) + state.as_deref().map_or(0, tree_bytes)
+        }
+        Value::PersistentId(p) => tree_bytes(p),
+        _ => 0,
+    }
+}
+
+#[test]
+fn real_metadata_stays_far_inside_the_expansion_budget() {
+    // parse() refuses trees over BUDGET_BYTES_PER_INPUT_BYTE (+1 MiB); torch's files need far
+    // less, and must keep needing less than a quarter of it.
+    for rel in [
+        "run-single/step-0000100",
+        "run-fsdp2/step-0000400",
+        "run-resharded/step-0000400",
+        "run-safetensors/step-0000100",
+        "run-megatron/iter_0000400",
+    ] {
+        let b = std::fs::read(fixture(rel).join(".metadata")).unwrap();
+        let v = pma_format::pickle::parse(&b).unwrap();
+        let ratio = tree_bytes(&v) as f64 / b.len() as f64;
+        let limit = pma_format::pickle::BUDGET_BYTES_PER_INPUT_BYTE as f64 / 4.0;
+        assert!(ratio < limit, "{rel}: tree is {ratio:.1}x the pickle");
+    }
+}
