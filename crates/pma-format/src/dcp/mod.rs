@@ -430,6 +430,34 @@ fn item_mismatch(
     }
 }
 
+/// Checks an item holds the dtype and chunk shape `.metadata` gives (`want`).
+fn check_item(
+    file: &MappedFile,
+    fqn: &str,
+    want: (Dtype, &[u64]),
+    found: (Dtype, &[u64]),
+) -> Result<()> {
+    if want.0 != found.0 {
+        return Err(item_mismatch(
+            file,
+            fqn,
+            "dtype",
+            dtype_name(want.0),
+            dtype_name(found.0),
+        ));
+    }
+    if want.1 != found.1 {
+        return Err(item_mismatch(
+            file,
+            fqn,
+            "chunk shape",
+            format!("{:?}", want.1),
+            format!("{:?}", found.1),
+        ));
+    }
+    Ok(())
+}
+
 /// Finds where a chunk's elements are, by the item kind (its first 4 bytes).
 fn locate_chunk(
     file: &Arc<MappedFile>,
@@ -448,24 +476,7 @@ fn locate_chunk(
             key: fqn.into(),
             reason,
         })?;
-        if t.dtype != dtype {
-            return Err(item_mismatch(
-                file,
-                fqn,
-                "dtype",
-                dtype_name(dtype),
-                dtype_name(t.dtype),
-            ));
-        }
-        if t.shape != region.sizes {
-            return Err(item_mismatch(
-                file,
-                fqn,
-                "chunk shape",
-                format!("{:?}", region.sizes),
-                format!("{:?}", t.shape),
-            ));
-        }
+        check_item(file, fqn, (dtype, &region.sizes), (t.dtype, &t.shape))?;
         let mut chunk = locate_view(file, loc.offset, &archive, &t, fqn)?;
         chunk.region = region.clone();
         return Ok(chunk);
@@ -491,24 +502,7 @@ fn locate_chunk(
                 "no such entry".into(),
             )
         })?;
-    if info.dtype != dtype {
-        return Err(item_mismatch(
-            file,
-            fqn,
-            "dtype",
-            dtype_name(dtype),
-            dtype_name(info.dtype),
-        ));
-    }
-    if info.shape != region.sizes {
-        return Err(item_mismatch(
-            file,
-            fqn,
-            "chunk shape",
-            format!("{:?}", region.sizes),
-            format!("{:?}", info.shape),
-        ));
-    }
+    check_item(file, fqn, (dtype, &region.sizes), (info.dtype, &info.shape))?;
     match blob.sharding.get(fqn) {
         Some(o) if *o == region.offsets => {}
         other => {
