@@ -323,15 +323,16 @@ pub struct TorchSaveFile {
 /// Wrapper keys whose value is the model's state dict (DeepSpeed, Megatron legacy, generic).
 const WRAPPERS: [&str; 3] = ["module", "model", "state_dict"];
 
-/// Legacy torch.save: a pickle of the magic number 0x1950a86a20f9469cfc6c (LONG1 of 10 bytes).
-const LEGACY_MAGIC: [u8; 4] = [0x80, 0x02, 0x8a, 0x0a];
+/// Legacy torch.save is a bare pickle stream (PROTO first; with the default protocol 2 it
+/// starts `80 02 8a 0a`, the magic number 0x1950a86a20f9469cfc6c as a LONG1), never a zip.
+const PICKLE_PROTO: u8 = 0x80;
 
 impl TorchSaveFile {
     /// Opens a torch.save file, parses its `data.pkl` and locates every tensor's bytes.
     pub fn open(path: &Path) -> Result<TorchSaveFile> {
         let file = MappedFile::open(path)?;
         let bytes = file.bytes();
-        if bytes.starts_with(&LEGACY_MAGIC) {
+        if bytes.first() == Some(&PICKLE_PROTO) {
             return Err(Error::TorchLegacyFormat { path: path.into() });
         }
         let what = "torch.save archive";

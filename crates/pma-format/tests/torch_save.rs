@@ -107,3 +107,39 @@ fn torch_save_tensors_read_like_torch() {
         other => panic!("legacy format: {other:?}"),
     }
 }
+
+/// Torch-free: every DCP TORCH_SAVE item is a complete torch.save archive of one tensor, so
+/// each item of run-single, copied out to its own file, must read like the DCP tensor itself
+/// (including the column-major `output.weight`).
+#[test]
+fn dcp_items_read_as_torch_save_files() {
+    let dir =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/dcp/run-single/step-0000100");
+    let dcp = pma_format::DcpCheckpoint::open(&dir).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    for t in dcp.tensors() {
+        assert_eq!(t.chunks.len(), 1);
+        let item = dcp.item_bytes(&t.chunks[0].storage).unwrap();
+        let p = tmp.path().join("item.pt");
+        std::fs::write(&p, item).unwrap();
+        let ts = TorchSaveCheckpoint::open(&p).unwrap();
+        let only: Vec<_> = ts.tensors().collect();
+        assert_eq!(only.len(), 1, "{}", t.fqn);
+        assert_eq!(only[0].source.shape(), t.shape.as_slice());
+        assert!(
+            read_whole(only[0].source.as_ref(), 5) == read_whole(t, u64::MAX),
+            "{}",
+            t.fqn
+        );
+    }
+}
+
+#[test]
+fn legacy_format_gets_a_conversion_hint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = tmp.path().join("old.pt");
+    std::fs::write(&p, [0x80, 0x02, 0x8a, 0x0a, 0x6c, 0xfc, 0x9c, 0x46]).unwrap();
+    let e = TorchSaveCheckpoint::open(&p).unwrap_err();
+    assert!(matches!(e, Error::TorchLegacyFormat { .. }));
+    assert!(e.to_string().contains("torch>=1.6"), "{e}");
+}

@@ -566,6 +566,13 @@ mod tests {
     }
 
     #[test]
+    fn empty_files_map_as_empty() {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        let m = MappedFile::open(f.path()).unwrap();
+        assert!(m.is_empty() && m.bytes().is_empty());
+    }
+
+    #[test]
     fn out_of_bounds_requests_are_errors() {
         let (_f, t) = random_tensor(7);
         let shape = t.shape().to_vec();
