@@ -166,6 +166,175 @@ pub enum Error {
         /// Bytes free.
         available: u64,
     },
+    /// A pickle (DCP `.metadata` or a torch.save `data.pkl`) that the safe reader refuses.
+    #[error("{}: {what}: pickle refused {source}", path.display())]
+    Pickle {
+        /// The file holding the pickle.
+        path: PathBuf,
+        /// Which pickle (`.metadata`, or the item / entry it belongs to).
+        what: String,
+        /// Where and why.
+        #[source]
+        source: crate::pickle::PickleError,
+    },
+    /// A torch.save zip archive (a file, or a DCP item) that cannot be read in place.
+    #[error("{}: {what}: {source}", path.display())]
+    Zip {
+        /// The file holding the archive.
+        path: PathBuf,
+        /// Which archive (the DCP entry, or the file itself).
+        what: String,
+        /// What is wrong.
+        #[source]
+        source: crate::torchzip::ZipError,
+    },
+    /// A DCP checkpoint directory without `.metadata` (incomplete, or not DCP).
+    #[error("{}: no .metadata: not a DCP checkpoint, or the save did not finish", path.display())]
+    DcpNoMetadata {
+        /// The directory.
+        path: PathBuf,
+    },
+    /// `.metadata` decodes as a pickle but not into the structure torch writes.
+    #[error("{}: {at}: {reason}", path.display())]
+    DcpMetadata {
+        /// The `.metadata` file.
+        path: PathBuf,
+        /// Where in the structure (`state_dict_metadata['x'].chunks[1]`).
+        at: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// `.metadata` has a class (global) where one of DCP's dataclasses is expected.
+    #[error("{}: {at}: expected {expected}, found {found}", path.display())]
+    DcpUnexpectedClass {
+        /// The `.metadata` file.
+        path: PathBuf,
+        /// Where in the structure.
+        at: String,
+        /// The dataclass expected there.
+        expected: &'static str,
+        /// What the pickle has instead.
+        found: String,
+    },
+    /// `.metadata` names a `.distcp` file that does not exist.
+    #[error("{}: entry '{entry}' is stored in '{file}', which does not exist (incomplete checkpoint?)", path.display())]
+    DcpMissingFile {
+        /// The checkpoint directory.
+        path: PathBuf,
+        /// The relative path `.metadata` names.
+        file: String,
+        /// One entry stored there.
+        entry: String,
+    },
+    /// A byte range `.metadata` names runs past the end of its file.
+    #[error("{}: entry '{entry}': item [{offset}, +{length}) runs past the end of the {file_bytes}-byte file (truncated?)", path.display())]
+    DcpItemPastEnd {
+        /// The `.distcp` file.
+        path: PathBuf,
+        /// The entry.
+        entry: String,
+        /// Item offset.
+        offset: u64,
+        /// Item length.
+        length: u64,
+        /// File length.
+        file_bytes: u64,
+    },
+    /// A chunk lies (partly) outside its tensor's global shape.
+    #[error("{}: tensor '{tensor}': chunk at {offsets:?} of size {sizes:?} lies outside the shape {shape:?}", path.display())]
+    ChunkOutOfBounds {
+        /// The `.metadata` file.
+        path: PathBuf,
+        /// The tensor.
+        tensor: String,
+        /// Chunk offsets.
+        offsets: Vec<u64>,
+        /// Chunk sizes.
+        sizes: Vec<u64>,
+        /// The global shape.
+        shape: Vec<u64>,
+    },
+    /// Two chunks of a tensor overlap.
+    #[error("{}: tensor '{tensor}': chunks at {first:?} and {second:?} overlap", path.display())]
+    ChunkOverlap {
+        /// The `.metadata` file.
+        path: PathBuf,
+        /// The tensor.
+        tensor: String,
+        /// Offsets of one chunk.
+        first: Vec<u64>,
+        /// Offsets of the other.
+        second: Vec<u64>,
+    },
+    /// The chunks of a tensor leave part of it uncovered.
+    #[error("{}: tensor '{tensor}': chunks cover {covered} of its {numel} elements (a hole)", path.display())]
+    ChunkHole {
+        /// The `.metadata` file.
+        path: PathBuf,
+        /// The tensor.
+        tensor: String,
+        /// Elements covered.
+        covered: u64,
+        /// Elements in the tensor.
+        numel: u64,
+    },
+    /// A stored item disagrees with what `.metadata` says about it (dtype, shape, offsets).
+    #[error("{}: tensor '{tensor}': {what}: expected {expected}, found {found}", path.display())]
+    DcpItemMismatch {
+        /// The `.distcp` file.
+        path: PathBuf,
+        /// The tensor.
+        tensor: String,
+        /// What was compared.
+        what: &'static str,
+        /// What `.metadata` says.
+        expected: String,
+        /// What the item holds.
+        found: String,
+    },
+    /// A torch.save pickle with a structure pma does not read (not a tensor where one must be,
+    /// an unknown storage class, ...).
+    #[error("{}: '{key}': {reason}", path.display())]
+    TorchSave {
+        /// The file.
+        path: PathBuf,
+        /// The key (or DCP entry) concerned.
+        key: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A torch.save file in the legacy (pre-1.6, non-zip) format.
+    #[error("{}: legacy torch.save format: re-save it with torch>=1.6 (torch.save(obj, f)) or convert to safetensors", path.display())]
+    TorchLegacyFormat {
+        /// The file.
+        path: PathBuf,
+    },
+    /// A tensor view reaches past the end of its storage.
+    #[error("{}: tensor '{tensor}': view needs {needed} bytes of storage but the storage has {found}", path.display())]
+    StorageTooSmall {
+        /// The file.
+        path: PathBuf,
+        /// The tensor.
+        tensor: String,
+        /// Bytes the view reaches.
+        needed: u64,
+        /// Bytes the storage has.
+        found: u64,
+    },
+    /// A read asked for a region or element range outside the tensor (a caller bug).
+    #[error("tensor '{tensor}' of shape {shape:?}: region at {offsets:?} of size {sizes:?}, elements {elems:?}, is out of bounds")]
+    RegionOutOfBounds {
+        /// The tensor.
+        tensor: String,
+        /// Its shape.
+        shape: Vec<u64>,
+        /// Region offsets.
+        offsets: Vec<u64>,
+        /// Region sizes.
+        sizes: Vec<u64>,
+        /// The element range asked for.
+        elems: std::ops::Range<u64>,
+    },
 }
 
 /// `Result` with this crate's [`Error`].

@@ -7,6 +7,15 @@
 //! ([`plan_shards`]), and stages outputs beside their target so they appear atomically
 //! ([`StagedOutput`]). [`dtype`] holds the exact f64 codecs every merge uses.
 //!
+//! Checkpoints written by training frameworks are read too, in place and without executing
+//! anything: [`dcp`] opens torch.distributed.checkpoint directories ([`DcpCheckpoint`]: the
+//! `.metadata` pickle through the safe [`pickle`] reader, items as torch.save zips via
+//! [`torchzip`] or as a safetensors blob), and [`torch_save`] opens torch.save files
+//! ([`TorchSaveCheckpoint`]: `pytorch_model.bin`, sharded `.bin` with its index, DeepSpeed and
+//! Megatron-legacy `.pt`). Every tensor of either is a [`TensorSource`] over global
+//! coordinates ([`ChunkedTensor`]), so members with different chunk layouts merge exactly, and
+//! each entry carries an [`EntryRole`] (model weight or training state).
+//!
 //! ```no_run
 //! use pma_format::Checkpoint;
 //! let ckpt = Checkpoint::open(std::path::Path::new("run/step-0001000"))?;
@@ -18,15 +27,23 @@
 #![deny(missing_docs)]
 
 pub mod checkpoint;
+pub mod dcp;
 pub mod dtype;
 mod error;
 pub mod file;
 pub mod header;
+pub mod pickle;
 pub mod region;
+pub mod torch_save;
+pub mod torchzip;
 pub mod writer;
 
 pub use checkpoint::{
     Checkpoint, Layout, ShardIndex, TensorRef, INDEX_FILE_NAME, SIDECAR_FILES, SINGLE_FILE_NAME,
+};
+pub use dcp::{
+    classify_key, find_dcp_dir, ChunkedTensor, DcpBytes, DcpCheckpoint, DcpChunk, DcpEntry,
+    DcpTensor, EntryRole, StorageLocation,
 };
 pub use dtype::{DtypeClass, FloatDtype};
 pub use error::{Error, Result};
@@ -34,6 +51,7 @@ pub use file::SafetensorsFile;
 pub use header::{Header, TensorInfo, MAX_HEADER_BYTES};
 pub use region::{Region, TensorSource};
 pub use safetensors::Dtype;
+pub use torch_save::{TorchSaveCheckpoint, TorchSaveFile, TorchSaveTensor};
 pub use writer::{
     available_bytes, copy_file_synced, encode_header, plan_shards, shard_file_name,
     write_file_synced, write_index, write_safetensors, StagedOutput, StreamWriter, TensorSpec,

@@ -1,0 +1,593 @@
+//! Reading any box of a logical tensor out of the chunks that store it.
+//!
+//! A [`ChunkedTensor`] is one member's view of one tensor: a set of chunks, each a box of the
+//! global tensor whose elements sit in a memory-mapped file with their own element strides. DCP
+//! tensors have one chunk per shard; a torch.save tensor is one chunk that covers the whole
+//! tensor, possibly strided (column-major, a view into a larger storage). Chunks are validated
+//! when built (in bounds of the file, tiling the tensor exactly), so a read never fails on
+//! stored data, only on a caller asking for elements that do not exist.
+//!
+//! A read asks for the row-major elements `elems` of a [`Region`]. When one row-major chunk
+//! holds them all contiguously (the common case: the merge cuts its jobs along the newest
+//! member's chunks, or reads a Shard(0) tensor row-block by row-block), the read returns a
+//! borrow of the mapping: no copy. Otherwise it gathers into the caller's scratch buffer, one
+//! innermost-dimension run at a time (a `memcpy` when the chunk's last stride is 1, an element
+//! gather otherwise), visiting only the chunks that intersect the bounding box of the asked
+//! elements. Memory is therefore bounded by the element range the caller asks for, however
+//! large a chunk is: a chunk bigger than any buffer streams through successive ranges.
+//!
+//! Data may start at any byte (DCP items are packed back to back), so everything is handled as
+//! byte slices; no pointer is ever cast to a wider type.
+
+use std::fs::File;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use memmap2::{Advice, Mmap, UncheckedAdvice};
+
+use super::chunks::{contains, intersect};
+use crate::dtype::dtype_bits;
+use crate::error::{Error, Result};
+use crate::region::{Region, TensorSource};
+use crate::Dtype;
+
+/// A file mapped read-only, shared by every chunk stored in it.
+#[derive(Debug)]
+pub struct MappedFile {
+    path: PathBuf,
+    mmap: Mmap,
+}
+
+impl MappedFile {
+    /// Opens and maps `path` read-only.
+    pub fn open(path: &Path) -> Result<Arc<MappedFile>> {
+        let file = File::open(path).map_err(|e| Error::io(path, "opening", e))?;
+        let len = file
+            .metadata()
+            .map_err(|e| Error::io(path, "reading metadata of", e))?
+            .len();
+        let mmap = if len == 0 {
+            // Mapping an empty file fails on some systems; an empty map reads the same.
+            memmap2::MmapOptions::new()
+                .len(0)
+                .map_anon()
+                .map_err(|e| Error::io(path, "mapping", e))?
+                .make_read_only()
+                .map_err(|e| Error::io(path, "mapping", e))?
+        } else {
+            // SAFETY: read-only mapping of an input; as for `SafetensorsFile`, pma never writes
+            // its inputs and trainers do not truncate a finished checkpoint in place.
+            unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, "mapping", e))?
+        };
+        Ok(Arc::new(MappedFile {
+            path: path.into(),
+            mmap,
+        }))
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The file's length in bytes.
+    pub fn len(&self) -> u64 {
+        self.mmap.len() as u64
+    }
+
+    /// Whether the file is empty.
+    pub fn is_empty(&self) -> bool {
+        self.mmap.is_empty()
+    }
+
+    /// The whole mapping.
+    pub fn bytes(&self) -> &[u8] {
+        &self.mmap
+    }
+
+    fn prefetch(&self, r: Range<u64>) {
+        if r.start < r.end {
+            // Advice is a hint: failure changes speed, never results.
+            let _ = self.mmap.advise_range(
+                Advice::WillNeed,
+                r.start as usize,
+                (r.end - r.start) as usize,
+            );
+        }
+    }
+
+    fn release(&self, r: Range<u64>) {
+        let page = page_size();
+        let start = r.start.div_ceil(page) * page;
+        let end = r.end / page * page;
+        if end > start {
+            // SAFETY: MADV_DONTNEED on a read-only shared file mapping only drops our page
+            // table entries; the next access re-reads the same bytes from the page cache, so no
+            // slice handed out can observe different contents.
+            let _ = unsafe {
+                self.mmap.unchecked_advise_range(
+                    UncheckedAdvice::DontNeed,
+                    start as usize,
+                    (end - start) as usize,
+                )
+            };
+        }
+    }
+}
+
+fn page_size() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if n > 0 {
+        n as u64
+    } else {
+        4096
+    }
+}
+
+/// One stored box of a tensor: where its element `[0, .., 0]` is and how it is strided.
+#[derive(Debug, Clone)]
+pub(crate) struct StoredChunk {
+    /// The box in global coordinates.
+    pub region: Region,
+    /// The file holding the bytes.
+    pub file: Arc<MappedFile>,
+    /// Absolute byte offset in `file` of the chunk's first element.
+    pub base: u64,
+    /// Element strides of the stored layout, per dimension.
+    pub strides: Vec<u64>,
+}
+
+impl StoredChunk {
+    /// Byte extent `[base, base + span)` the chunk's elements reach, or `None` on overflow.
+    /// Empty chunks reach nothing.
+    pub(crate) fn span_bytes(&self, item_bytes: u64) -> Option<u64> {
+        if self.region.sizes.contains(&0) {
+            return Some(0);
+        }
+        let last = self
+            .region
+            .sizes
+            .iter()
+            .zip(&self.strides)
+            .try_fold(0u64, |a, (&n, &s)| a.checked_add((n - 1).checked_mul(s)?))?;
+        last.checked_add(1)?.checked_mul(item_bytes)
+    }
+
+    /// Whether the stored order is row-major over the chunk's own sizes (dims of size 1 may
+    /// carry any stride).
+    fn is_row_major(&self) -> bool {
+        let mut expect = 1u64;
+        for d in (0..self.strides.len()).rev() {
+            let n = self.region.sizes[d];
+            if n != 1 && self.strides[d] != expect {
+                return false;
+            }
+            expect = expect.saturating_mul(n);
+        }
+        true
+    }
+}
+
+/// A logical tensor stored as validated chunks; the [`TensorSource`] of DCP and torch.save
+/// tensors. Cloning shares the mappings.
+#[derive(Debug, Clone)]
+pub struct ChunkedTensor {
+    name: String,
+    dtype: Dtype,
+    shape: Vec<u64>,
+    item_bytes: u64,
+    chunks: Vec<StoredChunk>,
+    row_major: Vec<bool>,
+}
+
+impl ChunkedTensor {
+    /// Builds a tensor from chunks the caller has validated: they tile `shape` exactly and each
+    /// chunk's [`StoredChunk::span_bytes`] lies inside its file.
+    pub(crate) fn new(
+        name: String,
+        dtype: Dtype,
+        shape: Vec<u64>,
+        chunks: Vec<StoredChunk>,
+    ) -> Self {
+        let row_major = chunks.iter().map(StoredChunk::is_row_major).collect();
+        ChunkedTensor {
+            name,
+            dtype,
+            shape,
+            item_bytes: dtype_bits(dtype) / 8,
+            chunks,
+            row_major,
+        }
+    }
+
+    /// The tensor's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The boxes the tensor is stored in (one per chunk), in stored order.
+    pub fn chunk_regions(&self) -> impl Iterator<Item = &Region> {
+        self.chunks.iter().map(|c| &c.region)
+    }
+
+    fn out_of_bounds(&self, region: &Region, elems: &Range<u64>) -> Error {
+        Error::RegionOutOfBounds {
+            tensor: self.name.clone(),
+            shape: self.shape.clone(),
+            offsets: region.offsets.clone(),
+            sizes: region.sizes.clone(),
+            elems: elems.clone(),
+        }
+    }
+
+    /// Checks the request and returns the global multi-indices of its first and last elements
+    /// and its bounding box. `None` for an empty range.
+    fn bounds(&self, region: &Region, elems: &Range<u64>) -> Result<Option<(Vec<u64>, Region)>> {
+        let ndim = self.shape.len();
+        let fits = region.offsets.len() == ndim
+            && region.sizes.len() == ndim
+            && (0..ndim).all(|d| {
+                region.offsets[d]
+                    .checked_add(region.sizes[d])
+                    .is_some_and(|e| e <= self.shape[d])
+            });
+        // In bounds of the validated shape, so the product cannot overflow.
+        if !fits || elems.start > elems.end || elems.end > region.numel() {
+            return Err(self.out_of_bounds(region, elems));
+        }
+        if elems.start == elems.end {
+            return Ok(None);
+        }
+        let first = unravel(elems.start, &region.sizes);
+        let last = unravel(elems.end - 1, &region.sizes);
+        let k = (0..ndim).find(|&d| first[d] != last[d]).unwrap_or(ndim);
+        let mut bbox = Region {
+            offsets: Vec::with_capacity(ndim),
+            sizes: Vec::with_capacity(ndim),
+        };
+        for d in 0..ndim {
+            let (o, n) = match d.cmp(&k) {
+                std::cmp::Ordering::Less => (first[d], 1),
+                std::cmp::Ordering::Equal => (first[d], last[d] - first[d] + 1),
+                std::cmp::Ordering::Greater => (0, region.sizes[d]),
+            };
+            bbox.offsets.push(region.offsets[d] + o);
+            bbox.sizes.push(n);
+        }
+        let first_global = first
+            .iter()
+            .zip(&region.offsets)
+            .map(|(i, o)| i + o)
+            .collect();
+        Ok(Some((first_global, bbox)))
+    }
+
+    /// Element index (within the chunk's storage, from its base) of global index `g`.
+    fn storage_index(chunk: &StoredChunk, g: &[u64]) -> u64 {
+        g.iter()
+            .zip(&chunk.region.offsets)
+            .zip(&chunk.strides)
+            .map(|((gi, o), s)| (gi - o) * s)
+            .sum()
+    }
+
+    /// Absolute byte ranges of each intersecting chunk's data that a read of `bbox` touches.
+    fn touched(&self, region: &Region, elems: Range<u64>) -> Vec<(&StoredChunk, Range<u64>)> {
+        let Ok(Some((_, bbox))) = self.bounds(region, &elems) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for (c, &rm) in self.chunks.iter().zip(&self.row_major) {
+            let Some(i) = intersect(&c.region, &bbox) else {
+                continue;
+            };
+            let range = if rm {
+                let lo: Vec<u64> = i.offsets.clone();
+                let hi: Vec<u64> = i
+                    .offsets
+                    .iter()
+                    .zip(&i.sizes)
+                    .map(|(o, n)| o + n - 1)
+                    .collect();
+                let a = Self::storage_index(c, &lo) * self.item_bytes;
+                let b = (Self::storage_index(c, &hi) + 1) * self.item_bytes;
+                c.base + a..c.base + b
+            } else {
+                let span = c.span_bytes(self.item_bytes).unwrap_or(0);
+                c.base..c.base + span
+            };
+            out.push((c, range));
+        }
+        out
+    }
+}
+
+/// Row-major multi-index of linear index `i` in a box of `sizes`.
+fn unravel(mut i: u64, sizes: &[u64]) -> Vec<u64> {
+    let mut idx = vec![0; sizes.len()];
+    for d in (0..sizes.len()).rev() {
+        idx[d] = i % sizes[d];
+        i /= sizes[d];
+    }
+    idx
+}
+
+impl TensorSource for ChunkedTensor {
+    fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+
+    fn shape(&self) -> &[u64] {
+        &self.shape
+    }
+
+    fn read<'a>(
+        &'a self,
+        region: &Region,
+        elems: Range<u64>,
+        scratch: &'a mut Vec<u8>,
+    ) -> Result<&'a [u8]> {
+        let Some((first, bbox)) = self.bounds(region, &elems)? else {
+            scratch.clear();
+            return Ok(&scratch[..]);
+        };
+        let isz = self.item_bytes;
+        let n = elems.end - elems.start;
+        let ndim = self.shape.len();
+        // Zero copy: one row-major chunk holds the whole run contiguously. Chunks do not
+        // overlap, so at most one chunk contains the bounding box.
+        if let Some(ci) = self.chunks.iter().position(|c| contains(&c.region, &bbox)) {
+            let c = &self.chunks[ci];
+            if self.row_major[ci] {
+                let last_local = unravel(elems.end - 1, &region.sizes);
+                let last: Vec<u64> = last_local
+                    .iter()
+                    .zip(&region.offsets)
+                    .map(|(i, o)| i + o)
+                    .collect();
+                let s = Self::storage_index(c, &first);
+                let e = Self::storage_index(c, &last);
+                if e - s == n - 1 {
+                    let start = (c.base + s * isz) as usize;
+                    let end = (c.base + (e + 1) * isz) as usize;
+                    return Ok(&c.file.bytes()[start..end]);
+                }
+            }
+        }
+        scratch.clear();
+        scratch.resize((n * isz) as usize, 0);
+        if ndim == 0 {
+            // Not reached (a 0-dim chunk is row-major and contains the scalar), kept total.
+            let c = &self.chunks[0];
+            let b = c.base as usize;
+            scratch.copy_from_slice(&c.file.bytes()[b..b + isz as usize]);
+            return Ok(&scratch[..]);
+        }
+        // Row-major strides of the asked region, to place each run in the output.
+        let mut rstride = vec![1u64; ndim];
+        for d in (0..ndim - 1).rev() {
+            rstride[d] = rstride[d + 1] * region.sizes[d + 1];
+        }
+        let inner = ndim - 1;
+        for c in &self.chunks {
+            let Some(i) = intersect(&c.region, &bbox) else {
+                continue;
+            };
+            let bytes = c.file.bytes();
+            let run = i.sizes[inner];
+            let last_stride = c.strides[inner];
+            // Odometer over the outer dimensions of the intersection, one innermost run each.
+            let mut g = i.offsets.clone();
+            'rows: loop {
+                let lin0: u64 = (0..ndim)
+                    .map(|d| (g[d] - region.offsets[d]) * rstride[d])
+                    .sum();
+                let s = lin0.max(elems.start);
+                let e = (lin0 + run).min(elems.end);
+                if s < e {
+                    let src0 = Self::storage_index(c, &g) + (s - lin0) * last_stride;
+                    let dst = ((s - elems.start) * isz) as usize;
+                    let count = e - s;
+                    if last_stride == 1 || count == 1 {
+                        let from = (c.base + src0 * isz) as usize;
+                        let len = (count * isz) as usize;
+                        scratch[dst..dst + len].copy_from_slice(&bytes[from..from + len]);
+                    } else {
+                        let w = isz as usize;
+                        for j in 0..count {
+                            let from = (c.base + (src0 + j * last_stride) * isz) as usize;
+                            let at = dst + j as usize * w;
+                            scratch[at..at + w].copy_from_slice(&bytes[from..from + w]);
+                        }
+                    }
+                }
+                let mut d = inner;
+                loop {
+                    if d == 0 {
+                        break 'rows;
+                    }
+                    d -= 1;
+                    g[d] += 1;
+                    if g[d] < i.offsets[d] + i.sizes[d] {
+                        break;
+                    }
+                    g[d] = i.offsets[d];
+                }
+            }
+        }
+        Ok(&scratch[..])
+    }
+
+    fn prefetch(&self, region: &Region, elems: Range<u64>) {
+        for (c, r) in self.touched(region, elems) {
+            c.file.prefetch(r);
+        }
+    }
+
+    fn release(&self, region: &Region, elems: Range<u64>) {
+        for (c, r) in self.touched(region, elems) {
+            c.file.release(r);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::io::Write;
+
+    /// xorshift64*: a tiny deterministic generator, so one proptest seed drives a whole layout.
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        }
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n
+        }
+    }
+
+    /// A random tensor of I32 elements whose value is their global row-major index, stored as
+    /// a grid of chunks, each with its own random dimension order (row-major, column-major,
+    /// anything between), packed into one file at odd (unaligned) offsets.
+    fn random_tensor(seed: u64) -> (tempfile::NamedTempFile, ChunkedTensor) {
+        let mut rng = Rng(seed | 1);
+        let ndim = rng.below(4) as usize;
+        let shape: Vec<u64> = (0..ndim).map(|_| 1 + rng.below(6)).collect();
+        // Cut points per dim -> grid boxes.
+        let cuts: Vec<Vec<u64>> = shape
+            .iter()
+            .map(|&n| {
+                let mut c: Vec<u64> = (1..n).filter(|_| rng.below(3) == 0).collect();
+                c.insert(0, 0);
+                c.push(n);
+                c
+            })
+            .collect();
+        let mut boxes = vec![Region {
+            offsets: vec![],
+            sizes: vec![],
+        }];
+        for c in &cuts {
+            let mut next = Vec::new();
+            for b in &boxes {
+                for w in c.windows(2) {
+                    let mut nb = b.clone();
+                    nb.offsets.push(w[0]);
+                    nb.sizes.push(w[1] - w[0]);
+                    next.push(nb);
+                }
+            }
+            boxes = next;
+        }
+        let mut bytes = Vec::new();
+        let mut placed = Vec::new();
+        for b in boxes {
+            bytes.push(0xAA); // misalign every chunk
+            let base = bytes.len() as u64;
+            // A random storage order of the dims: strides follow it.
+            let mut order: Vec<usize> = (0..ndim).collect();
+            for i in (1..ndim).rev() {
+                order.swap(i, rng.below(i as u64 + 1) as usize);
+            }
+            let mut strides = vec![0u64; ndim];
+            let mut acc = 1;
+            for &d in order.iter().rev() {
+                strides[d] = acc;
+                acc *= b.sizes[d];
+            }
+            let numel = b.numel();
+            let mut data = vec![0u8; numel as usize * 4];
+            for lin in 0..numel {
+                let local = unravel(lin, &b.sizes);
+                let s: u64 = local.iter().zip(&strides).map(|(i, s)| i * s).sum();
+                let mut g = 0u64;
+                for d in 0..ndim {
+                    g = g * shape[d] + b.offsets[d] + local[d];
+                }
+                data[s as usize * 4..s as usize * 4 + 4].copy_from_slice(&(g as u32).to_le_bytes());
+            }
+            bytes.extend_from_slice(&data);
+            placed.push((b, base, strides));
+        }
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(&bytes).unwrap();
+        f.flush().unwrap();
+        let file = MappedFile::open(f.path()).unwrap();
+        let chunks = placed
+            .into_iter()
+            .map(|(region, base, strides)| StoredChunk {
+                region,
+                file: file.clone(),
+                base,
+                strides,
+            })
+            .collect();
+        (f, ChunkedTensor::new("t".into(), Dtype::I32, shape, chunks))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(400))]
+        #[test]
+        fn any_region_and_range_reads_the_right_elements(seed in any::<u64>(), pick in any::<u64>()) {
+            let (_f, t) = random_tensor(seed);
+            let shape = t.shape().to_vec();
+            let mut rng = Rng(pick | 1);
+            let mut region = Region { offsets: vec![], sizes: vec![] };
+            for &n in &shape {
+                let o = rng.below(n);
+                region.offsets.push(o);
+                region.sizes.push(1 + rng.below(n - o));
+            }
+            let n = region.numel();
+            let a = rng.below(n + 1);
+            let b = a + rng.below(n - a + 1);
+            let mut scratch = Vec::new();
+            let got = t.read(&region, a..b, &mut scratch).unwrap().to_vec();
+            let mut want = Vec::new();
+            for lin in a..b {
+                let local = unravel(lin, &region.sizes);
+                let mut g = 0u64;
+                for d in 0..shape.len() {
+                    g = g * shape[d] + region.offsets[d] + local[d];
+                }
+                want.extend_from_slice(&(g as u32).to_le_bytes());
+            }
+            prop_assert_eq!(got, want);
+            t.prefetch(&region, a..b);
+            t.release(&region, a..b);
+        }
+    }
+
+    #[test]
+    fn empty_files_map_as_empty() {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        let m = MappedFile::open(f.path()).unwrap();
+        assert!(m.is_empty() && m.bytes().is_empty());
+    }
+
+    #[test]
+    fn out_of_bounds_requests_are_errors() {
+        let (_f, t) = random_tensor(7);
+        let shape = t.shape().to_vec();
+        let mut scratch = Vec::new();
+        let full = Region::full(&shape);
+        let n = full.numel();
+        assert!(matches!(
+            t.read(&full, 0..n + 1, &mut scratch),
+            Err(Error::RegionOutOfBounds { .. })
+        ));
+        let wrong_rank = Region {
+            offsets: vec![0; shape.len() + 1],
+            sizes: vec![1; shape.len() + 1],
+        };
+        assert!(t.read(&wrong_rank, 0..1, &mut scratch).is_err());
+        assert!(t.read(&full, n..n, &mut scratch).unwrap().is_empty());
+    }
+}
