@@ -18,6 +18,7 @@
 #![deny(missing_docs)]
 
 pub mod checkpoint;
+pub mod dcp_out;
 pub mod dtype;
 mod error;
 pub mod file;
