@@ -15,7 +15,7 @@ usage:
       dcp.load both checkpoints in full (tensors and bytes objects); every entry must be equal.
 Exit 0 = OK; anything else prints what differs. Needs only torch (no numpy, no safetensors).
 """
-import json, os, struct, sys, tempfile, warnings
+import io, json, os, struct, sys, tempfile, warnings, zipfile
 
 warnings.filterwarnings("ignore")
 import torch  # noqa: E402
@@ -80,6 +80,16 @@ def load_one(out, src, ranks):
     for k in sorted(set(md.state_dict_metadata) - set(ref)):
         print(f"EXTRA   {k}")
         bad += 1
+    # Every item is a valid zip on its own: Python's zipfile re-reads each entry and checks its
+    # CRC-32 (the one the writer patches into the local header after streaming).
+    for idx, si in md.storage_data.items():
+        with open(os.path.join(out, si.relative_path), "rb") as f:
+            f.seek(si.offset)
+            item = f.read(si.length)
+        broken = zipfile.ZipFile(io.BytesIO(item)).testzip()
+        if broken is not None:
+            print(f"BADZIP  {idx.fqn}: entry {broken}")
+            bad += 1
     sd = {k: torch.empty(shape, dtype=ST2TORCH[dt]) for k, (dt, shape, _) in ref.items()}
     dcp.load(sd, checkpoint_id=out, no_dist=True)
     for k, (dt, shape, r) in ref.items():

@@ -1111,6 +1111,63 @@ mod tests {
         assert!(!dir.path().join(METADATA_FILE_NAME).exists());
     }
 
+    /// ZIP64 fields on every entry (threshold 0) of a real checkpoint: torch's miniz reader and
+    /// Python's zipfile must both accept them, as they will on multi-GiB chunks. Needs torch
+    /// (`PMA_PYTHON`); SKIPPED without it unless `PMA_REQUIRE_TORCH=1`.
+    #[test]
+    fn torch_loads_items_with_forced_zip64() {
+        let py = std::env::var("PMA_PYTHON").unwrap_or_else(|_| "python3".into());
+        let has_torch = std::process::Command::new(&py)
+            .args(["-c", "import torch.distributed.checkpoint"])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !has_torch {
+            assert!(
+                std::env::var("PMA_REQUIRE_TORCH").map_or(true, |v| v != "1"),
+                "PMA_REQUIRE_TORCH=1 but '{py}' cannot import torch"
+            );
+            eprintln!("SKIPPED torch_loads_items_with_forced_zip64: '{py}' has no torch");
+            return;
+        }
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let src_path = root.join("tests/fixtures/dcp_out/run-single-sma-n4.safetensors");
+        let src = crate::SafetensorsFile::open(&src_path).unwrap();
+        let tensors = src
+            .tensors()
+            .iter()
+            .map(|t| DcpTensor {
+                fqn: t.name.clone(),
+                dtype: t.dtype,
+                shape: t.shape.clone(),
+                chunks: vec![DcpChunk {
+                    region: Region::full(&t.shape),
+                    file: "__0_0.distcp".into(),
+                }],
+            })
+            .collect();
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = DcpWriter::create_with_threshold(dir.path(), layout(tensors), 0).unwrap();
+        for t in src.tensors() {
+            w.begin_chunk(&t.name, &Region::full(&t.shape)).unwrap();
+            w.write(src.tensor_bytes(t)).unwrap();
+            w.end_chunk().unwrap();
+        }
+        w.finish().unwrap();
+        let out = std::process::Command::new(&py)
+            .arg(root.join("tests/dcp_out_check.py"))
+            .arg("load")
+            .arg(dir.path())
+            .arg(&src_path)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     #[test]
     fn writer_plans_lengths_and_writes_metadata_last() {
         let dir = tempfile::tempdir().unwrap();
