@@ -414,3 +414,41 @@ fn keep_state_copies_items_verbatim() {
 fn model_dtype(name: &str) -> Dtype {
     pma_format::dtype::parse_dtype(name).expect("a safetensors dtype name")
 }
+
+/// Streaming speed of the writer (CRC + zip framing + buffered writes + fsync), for the closing
+/// note: `cargo test --release -p pma-format --test dcp_out -- --ignored --nocapture`.
+#[test]
+#[ignore = "a measurement, not a check"]
+fn write_throughput() {
+    let rows = 16384u64;
+    let cols = 8192u64; // bf16: 256 MiB
+    let layout = DcpLayout {
+        tensors: vec![DcpTensor {
+            fqn: "w".into(),
+            dtype: Dtype::BF16,
+            shape: vec![rows, cols],
+            chunks: chunks_for(&[rows, cols], Sharding::Shard { dim: 1, ranks: 4 }),
+        }],
+        ..DcpLayout::default()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let piece = vec![0x3fu8; (cols / 4 * 2) as usize]; // one row of a column block
+    let start = std::time::Instant::now();
+    let mut w = DcpWriter::create(dir.path(), layout).unwrap();
+    while let Some((t, c)) = w.next_chunk() {
+        let region = w.layout().tensors[t].chunks[c].region.clone();
+        w.begin_chunk("w", &region).unwrap();
+        for _ in 0..rows {
+            w.write(&piece).unwrap();
+        }
+        w.end_chunk().unwrap();
+    }
+    let summary = w.finish().unwrap();
+    let secs = start.elapsed().as_secs_f64();
+    eprintln!(
+        "wrote {} MiB in {:.3} s: {:.0} MiB/s (4 files, fsync'd)",
+        summary.n_bytes >> 20,
+        secs,
+        (summary.n_bytes as f64 / (1 << 20) as f64) / secs
+    );
+}

@@ -80,6 +80,9 @@ const METADATA_TMP_NAME: &str = ".metadata.tmp";
 const FILE_BUF_BYTES: usize = 4 << 20;
 /// Buffer for copying verbatim items.
 const COPY_BUF_BYTES: usize = 1 << 20;
+/// Bytes after which the writer asks the kernel to start write-back of what it has written, so
+/// the disk works while the merge computes and the final fsync has little left (as `writer.rs`).
+const WRITEBACK_WINDOW_BYTES: u64 = 32 << 20;
 
 /// One chunk of an output tensor: its box in the global tensor and the file its item goes in.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -406,6 +409,33 @@ struct OpenFile {
     out: BufWriter<File>,
     /// Bytes handed to `out` so far (the file offset of the next byte).
     pos: u64,
+    /// File offset up to which write-back has been started.
+    writeback_from: u64,
+}
+
+impl OpenFile {
+    /// Starts write-back of the bytes that have reached the kernel, once a window has built up.
+    fn start_writeback_if_due(&mut self) {
+        let in_kernel = self.pos - self.out.buffer().len() as u64;
+        if in_kernel - self.writeback_from < WRITEBACK_WINDOW_BYTES {
+            return;
+        }
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::unix::io::AsRawFd;
+            // SAFETY: a plain syscall on an fd we own. It is a hint: a failure only loses the
+            // overlap, and the final fdatasync still makes everything durable.
+            unsafe {
+                libc::sync_file_range(
+                    self.out.get_ref().as_raw_fd(),
+                    self.writeback_from as libc::off64_t,
+                    (in_kernel - self.writeback_from) as libc::off64_t,
+                    libc::SYNC_FILE_RANGE_WRITE,
+                );
+            }
+        }
+        self.writeback_from = in_kernel;
+    }
 }
 
 /// The tensor chunk between `begin_chunk` and `end_chunk`.
@@ -425,7 +455,11 @@ struct ActiveChunk {
 /// that order, [`DcpWriter::begin_chunk`], any number of [`DcpWriter::write`], and
 /// [`DcpWriter::end_chunk`]; then [`DcpWriter::finish`]. Verbatim items are copied by the writer
 /// itself as their files come up. Dropping the writer before `finish` leaves a directory without
-/// `.metadata`, which is not a checkpoint.
+/// `.metadata`, which is not a checkpoint. After any error the writer's state is unspecified:
+/// drop it and discard the staging directory.
+///
+/// Memory is bounded whatever the chunk size: one 4 MiB file buffer, one 1 MiB copy buffer, and
+/// the plan (a few words per item). A chunk's bytes stream through; only their CRC is kept.
 #[derive(Debug)]
 pub struct DcpWriter {
     dir: PathBuf,
@@ -637,6 +671,7 @@ impl DcpWriter {
             path,
             out: BufWriter::with_capacity(FILE_BUF_BYTES, f),
             pos: 0,
+            writeback_from: 0,
         });
         Ok(())
     }
@@ -678,8 +713,9 @@ impl DcpWriter {
                     .write_all(&buf[..n])
                     .map_err(|e| Error::io(&cur.path, "writing", e))?;
                 done += n as u64;
+                cur.pos += n as u64;
+                cur.start_writeback_if_due();
             }
-            cur.pos += item.length;
             self.next += 1;
         }
         Ok(())
@@ -746,6 +782,7 @@ impl DcpWriter {
             .write_all(bytes)
             .map_err(|e| Error::io(&cur.path, "writing", e))?;
         cur.pos += bytes.len() as u64;
+        cur.start_writeback_if_due();
         active.written = total;
         Ok(())
     }
