@@ -184,6 +184,27 @@ def load_all(path):
     return sd
 
 
+def nested_keys(path):
+    """Paths of the leaves of the nested dict dcp_to_torch_save rebuilds from planner_data."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    with tempfile.TemporaryDirectory(prefix="dcp-out-check-") as tmp:
+        dcp_to_torch_save(path, os.path.join(tmp, "full.pt"))
+        obj = torch.load(os.path.join(tmp, "full.pt"), weights_only=False)
+    leaves = set()
+
+    def walk(x, prefix):
+        if isinstance(x, dict):
+            for k, v in x.items():
+                walk(v, prefix + (k,))
+        elif isinstance(x, list) and prefix[-1:] == ("param_groups",):
+            for i, v in enumerate(x):
+                walk(v, prefix + (i,))
+        else:
+            leaves.add(prefix)
+    walk(obj, ())
+    return leaves
+
+
 def cmd_same(out, ckpt):
     a, b = load_all(out), load_all(ckpt)
     bad = 0
@@ -205,8 +226,13 @@ def cmd_same(out, ckpt):
         if not same:
             print(f"DIFFER  {k}: {x!r:.80} vs {y!r:.80}")
             bad += 1
+    # planner_data: torch's own converter must rebuild the same nested state dict from both.
+    nested = [nested_keys(p) for p in (out, ckpt)]
+    if nested[0] != nested[1]:
+        print(f"NESTING differs (dcp_to_torch_save): {sorted(nested[0] ^ nested[1])[:5]}")
+        bad += 1
     print(f"{'OK' if not bad else 'FAIL'}: {len(b)} entries ({n_bytes} bytes objects), "
-          f"{bad} problems")
+          f"{len(nested[1])} nested paths, {bad} problems")
     return 1 if bad else 0
 
 
