@@ -311,9 +311,53 @@ fn keep_state_copies_items_verbatim() {
             model_st.as_os_str(),
         ],
     );
+    let (layout, model) = keep_state_layout(&member, &items_json, &model_st);
+    assert!(
+        layout.verbatim.len() > 40,
+        "optimizer and train state are copied"
+    );
+    let verbatim = layout.verbatim.clone();
+    let out = tempfile::tempdir().unwrap();
+    let summary = write_chunks(DcpWriter::create(out.path(), layout).unwrap(), &model);
+    assert_eq!(summary.files.len(), 2);
+
+    // Byte for byte: each copied item appears whole in its output file (torch then checks that
+    // the new .metadata points at it).
+    for v in &verbatim {
+        let src = std::fs::read(&v.source).unwrap();
+        let item = &src[v.offset as usize..(v.offset + v.length) as usize];
+        let dst = std::fs::read(out.path().join(&v.file)).unwrap();
+        assert!(
+            dst.windows(item.len()).any(|w| w == item),
+            "{} is not copied verbatim",
+            v.fqn
+        );
+    }
+    let text = check(
+        &py,
+        &[
+            OsStr::new("same"),
+            out.path().as_os_str(),
+            member.as_os_str(),
+        ],
+    );
+    assert!(
+        text.contains("OK: 62 entries (11 bytes objects), 62 nested paths"),
+        "{text}"
+    );
+}
+
+/// The layout that keeps `member`'s state: its model tensors (from `items`' JSON and model
+/// safetensors) streamed in the member's chunk layout, every other item copied verbatim into a
+/// file of the same name, and the member's planner paths.
+fn keep_state_layout(
+    member: &Path,
+    items_json: &Path,
+    model_st: &Path,
+) -> (DcpLayout, SafetensorsFile) {
     let entries: Vec<serde_json::Value> =
-        serde_json::from_slice(&std::fs::read(&items_json).unwrap()).unwrap();
-    let model = SafetensorsFile::open(&model_st).unwrap();
+        serde_json::from_slice(&std::fs::read(items_json).unwrap()).unwrap();
+    let model = SafetensorsFile::open(model_st).unwrap();
 
     let u64s = |v: &serde_json::Value| -> Vec<u64> {
         v.as_array()
@@ -379,39 +423,7 @@ fn keep_state_copies_items_verbatim() {
             }
         }
     }
-    assert!(
-        layout.verbatim.len() > 40,
-        "optimizer and train state are copied"
-    );
-    let verbatim = layout.verbatim.clone();
-    let out = tempfile::tempdir().unwrap();
-    let summary = write_chunks(DcpWriter::create(out.path(), layout).unwrap(), &model);
-    assert_eq!(summary.files.len(), 2);
-
-    // Byte for byte: each copied item appears whole in its output file (torch then checks that
-    // the new .metadata points at it).
-    for v in &verbatim {
-        let src = std::fs::read(&v.source).unwrap();
-        let item = &src[v.offset as usize..(v.offset + v.length) as usize];
-        let dst = std::fs::read(out.path().join(&v.file)).unwrap();
-        assert!(
-            dst.windows(item.len()).any(|w| w == item),
-            "{} is not copied verbatim",
-            v.fqn
-        );
-    }
-    let text = check(
-        &py,
-        &[
-            OsStr::new("same"),
-            out.path().as_os_str(),
-            member.as_os_str(),
-        ],
-    );
-    assert!(
-        text.contains("OK: 62 entries (11 bytes objects), 62 nested paths"),
-        "{text}"
-    );
+    (layout, model)
 }
 
 fn model_dtype(name: &str) -> Dtype {
@@ -454,4 +466,49 @@ fn write_throughput() {
         secs,
         (summary.n_bytes as f64 / (1 << 20) as f64) / secs
     );
+}
+
+/// Megatron writes some bytes items raw (`_extra_state` ShardedObjects), not as torch.save
+/// payloads: stock `dcp.load` cannot read them, Megatron's own loader can. They are kept byte for
+/// byte all the same, in a layout with two files per rank.
+#[test]
+fn keep_state_keeps_megatron_raw_bytes_items() {
+    let Some(py) = torch_python("keep_state_keeps_megatron_raw_bytes_items") else {
+        return;
+    };
+    // A copy of shared/fixtures/dcp/run-megatron/iter_0000400 (the DCP part).
+    let member = fixture("run-megatron-iter_0000400");
+    let scratch = tempfile::tempdir().unwrap();
+    let items_json = scratch.path().join("items.json");
+    let model_st = scratch.path().join("model.safetensors");
+    check(
+        &py,
+        &[
+            OsStr::new("items"),
+            member.as_os_str(),
+            items_json.as_os_str(),
+            model_st.as_os_str(),
+        ],
+    );
+    let (layout, model) = keep_state_layout(&member, &items_json, &model_st);
+    assert!(layout
+        .verbatim
+        .iter()
+        .any(|v| v.fqn.contains("_extra_state")));
+    let out = tempfile::tempdir().unwrap();
+    let summary = write_chunks(DcpWriter::create(out.path(), layout).unwrap(), &model);
+    assert_eq!(
+        summary.files.len(),
+        4,
+        "two files per rank, as in the member"
+    );
+    let text = check(
+        &py,
+        &[
+            OsStr::new("raw-same"),
+            out.path().as_os_str(),
+            member.as_os_str(),
+        ],
+    );
+    assert!(text.contains("OK:"), "{text}");
 }

@@ -13,6 +13,9 @@ usage:
       loaded with dcp.load, to a safetensors file.
   dcp_out_check.py same OUT CKPT
       dcp.load both checkpoints in full (tensors and bytes objects); every entry must be equal.
+  dcp_out_check.py raw-same OUT CKPT
+      like `same`, but bytes items are compared as raw bytes, not loaded: Megatron writes some
+      raw (not torch.save payloads), which dcp.load cannot read but Megatron's loader can.
 Exit 0 = OK; anything else prints what differs. Needs only torch (no numpy, no safetensors).
 """
 import io, json, os, struct, sys, tempfile, warnings, zipfile
@@ -236,6 +239,42 @@ def cmd_same(out, ckpt):
     return 1 if bad else 0
 
 
+def item_bytes(path, md):
+    out = {}
+    for idx, si in md.storage_data.items():
+        if idx.offset is None:
+            with open(os.path.join(path, si.relative_path), "rb") as f:
+                f.seek(si.offset)
+                out[idx.fqn] = f.read(si.length)
+    return out
+
+
+def cmd_raw_same(out, ckpt):
+    mds = [FileSystemReader(p).read_metadata() for p in (out, ckpt)]
+    bad = 0
+    if set(mds[0].state_dict_metadata) != set(mds[1].state_dict_metadata):
+        print("KEYS differ")
+        bad += 1
+    sds = []
+    for p, md in zip((out, ckpt), mds):
+        sd = {k: torch.empty(tuple(m.size), dtype=m.properties.dtype)
+              for k, m in md.state_dict_metadata.items() if isinstance(m, TensorStorageMetadata)}
+        dcp.load(sd, checkpoint_id=p, no_dist=True)
+        sds.append(sd)
+    for k, t in sds[1].items():
+        if k not in sds[0] or raw(sds[0][k]) != raw(t):
+            print(f"DIFFER  {k}")
+            bad += 1
+    items = [item_bytes(p, md) for p, md in zip((out, ckpt), mds)]
+    for k, b in items[1].items():
+        if items[0].get(k) != b:
+            print(f"DIFFER  bytes item {k}")
+            bad += 1
+    print(f"{'OK' if not bad else 'FAIL'}: {len(sds[1])} tensors, {len(items[1])} raw bytes items, "
+          f"{bad} problems")
+    return 1 if bad else 0
+
+
 def main(argv):
     ranks = 0
     if "--ranks" in argv:
@@ -251,6 +290,8 @@ def main(argv):
         return cmd_items(*args)
     if cmd == "same":
         return cmd_same(*args)
+    if cmd == "raw-same":
+        return cmd_raw_same(*args)
     raise SystemExit(__doc__)
 
 
