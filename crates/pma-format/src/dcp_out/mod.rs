@@ -274,7 +274,8 @@ fn check_tiling(fqn: &str, shape: &[u64], regions: &[&Region]) -> Result<()> {
     let mut order: Vec<&Region> = nonempty;
     order.sort_by(|a, b| a.offsets.cmp(&b.offsets));
     for (i, a) in order.iter().enumerate() {
-        let Some(&a_end0) = a.offsets.first().map(|o| o + a.sizes[0]).as_ref() else {
+        // 0-dim boxes have no dim 0; more than one of them was rejected above.
+        let Some(a_end0) = a.offsets.first().map(|o| o + a.sizes[0]) else {
             break;
         };
         for b in &order[i + 1..] {
@@ -309,7 +310,7 @@ fn check_tiling(fqn: &str, shape: &[u64], regions: &[&Region]) -> Result<()> {
 }
 
 impl DcpLayout {
-    /// Checks the layout without touching the disk (apart from nothing): unique keys, dtypes
+    /// Checks the layout without touching the disk: unique keys, dtypes
     /// torch can name, plain file names, and chunks that tile every tensor exactly.
     pub fn validate(&self) -> Result<()> {
         let mut seen: HashMap<&str, ()> = HashMap::new();

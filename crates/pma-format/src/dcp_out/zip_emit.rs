@@ -41,6 +41,8 @@ const DOS_DATE: u16 = (1 << 5) | 1;
 pub(crate) const ZIP64_THRESHOLD: u64 = 0x7fff_ffff;
 /// Alignment of the storage entry's data within the item.
 const DATA_ALIGN: u64 = 64;
+/// The `version` record torch.load requires (serialization format 3).
+const VERSION_PAYLOAD: &[u8] = b"3\n";
 /// torch.save's archive directory; any prefix loads, this is the one torch writes to a stream.
 const PREFIX: &str = "archive/";
 
@@ -83,8 +85,6 @@ pub(crate) struct TensorItemZip {
     data_entry: usize,
     /// Bytes from the item start up to the storage data (local headers and small entries).
     prefix: Vec<u8>,
-    /// Bytes after the storage data, except that the central directory needs the CRC.
-    version_payload: &'static [u8],
     total_len: u64,
 }
 
@@ -98,7 +98,6 @@ impl TensorItemZip {
             entries: Vec::with_capacity(4),
             data_entry: 2,
             prefix: Vec::new(),
-            version_payload: b"3\n",
             total_len: 0,
         };
         let mut pos = 0u64;
@@ -116,7 +115,13 @@ impl TensorItemZip {
             .extend_from_slice(&local_header(&data, threshold));
         pos = data.data_offset() + data_len;
         item.entries.push(data);
-        let version = item.plan_entry("version", pos, 2, crc32(b"3\n"), false);
+        let version = item.plan_entry(
+            "version",
+            pos,
+            VERSION_PAYLOAD.len() as u64,
+            crc32(VERSION_PAYLOAD),
+            false,
+        );
         pos = version.data_offset() + version.size;
         item.entries.push(version);
         let cd_len = central_directory(&item.entries, pos, threshold).len() as u64;
@@ -184,7 +189,7 @@ impl TensorItemZip {
         entries[self.data_entry].crc = data_crc;
         let version = &entries[self.data_entry + 1];
         let mut out = local_header(version, self.threshold);
-        out.extend_from_slice(self.version_payload);
+        out.extend_from_slice(VERSION_PAYLOAD);
         let cd_offset = version.data_offset() + version.size;
         out.extend_from_slice(&central_directory(&entries, cd_offset, self.threshold));
         debug_assert_eq!(
