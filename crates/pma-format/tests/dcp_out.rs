@@ -300,18 +300,7 @@ fn keep_state_copies_items_verbatim() {
     // A copy of shared/fixtures/dcp/run-fsdp2/step-0000400, written by torch on 2 gloo ranks.
     let member = fixture("run-fsdp2-step-0000400");
     let scratch = tempfile::tempdir().unwrap();
-    let items_json = scratch.path().join("items.json");
-    let model_st = scratch.path().join("model.safetensors");
-    check(
-        &py,
-        &[
-            OsStr::new("items"),
-            member.as_os_str(),
-            items_json.as_os_str(),
-            model_st.as_os_str(),
-        ],
-    );
-    let (layout, model) = keep_state_layout(&member, &items_json, &model_st);
+    let (layout, model) = keep_state_layout(&py, &member, scratch.path());
     assert!(
         layout.verbatim.len() > 40,
         "optimizer and train state are copied"
@@ -350,14 +339,22 @@ fn keep_state_copies_items_verbatim() {
 /// The layout that keeps `member`'s state: its model tensors (from `items`' JSON and model
 /// safetensors) streamed in the member's chunk layout, every other item copied verbatim into a
 /// file of the same name, and the member's planner paths.
-fn keep_state_layout(
-    member: &Path,
-    items_json: &Path,
-    model_st: &Path,
-) -> (DcpLayout, SafetensorsFile) {
+/// torch describes the member (JSON and model tensors, written into `scratch`).
+fn keep_state_layout(py: &str, member: &Path, scratch: &Path) -> (DcpLayout, SafetensorsFile) {
+    let items_json = scratch.join("items.json");
+    let model_st = scratch.join("model.safetensors");
+    check(
+        py,
+        &[
+            OsStr::new("items"),
+            member.as_os_str(),
+            items_json.as_os_str(),
+            model_st.as_os_str(),
+        ],
+    );
     let entries: Vec<serde_json::Value> =
-        serde_json::from_slice(&std::fs::read(items_json).unwrap()).unwrap();
-    let model = SafetensorsFile::open(model_st).unwrap();
+        serde_json::from_slice(&std::fs::read(&items_json).unwrap()).unwrap();
+    let model = SafetensorsFile::open(&model_st).unwrap();
 
     let u64s = |v: &serde_json::Value| -> Vec<u64> {
         v.as_array()
@@ -479,18 +476,7 @@ fn keep_state_keeps_megatron_raw_bytes_items() {
     // A copy of shared/fixtures/dcp/run-megatron/iter_0000400 (the DCP part).
     let member = fixture("run-megatron-iter_0000400");
     let scratch = tempfile::tempdir().unwrap();
-    let items_json = scratch.path().join("items.json");
-    let model_st = scratch.path().join("model.safetensors");
-    check(
-        &py,
-        &[
-            OsStr::new("items"),
-            member.as_os_str(),
-            items_json.as_os_str(),
-            model_st.as_os_str(),
-        ],
-    );
-    let (layout, model) = keep_state_layout(&member, &items_json, &model_st);
+    let (layout, model) = keep_state_layout(&py, &member, scratch.path());
     assert!(layout
         .verbatim
         .iter()
