@@ -335,6 +335,132 @@ pub enum Error {
         /// The element range asked for.
         elems: std::ops::Range<u64>,
     },
+    /// A DCP output chunk's rank differs from its tensor's.
+    #[error("tensor '{fqn}': chunk at {offsets:?} sizes {sizes:?} does not have the rank of shape {shape:?}")]
+    DcpChunkRank {
+        /// The tensor.
+        fqn: String,
+        /// Its global shape.
+        shape: Vec<u64>,
+        /// The chunk's offsets.
+        offsets: Vec<u64>,
+        /// The chunk's sizes.
+        sizes: Vec<u64>,
+    },
+    /// A DCP output chunk reaches past its tensor's shape.
+    #[error("tensor '{fqn}': chunk at {offsets:?} sizes {sizes:?} lies outside shape {shape:?}")]
+    DcpChunkOutOfBounds {
+        /// The tensor.
+        fqn: String,
+        /// Its global shape.
+        shape: Vec<u64>,
+        /// The chunk's offsets.
+        offsets: Vec<u64>,
+        /// The chunk's sizes.
+        sizes: Vec<u64>,
+    },
+    /// Two DCP output chunks of one tensor overlap.
+    #[error("tensor '{fqn}': chunks at {first:?} and {second:?} overlap")]
+    DcpChunkOverlap {
+        /// The tensor.
+        fqn: String,
+        /// Offsets of one chunk.
+        first: Vec<u64>,
+        /// Offsets of the other.
+        second: Vec<u64>,
+    },
+    /// DCP output chunks leave holes in their tensor.
+    #[error("tensor '{fqn}' of shape {shape:?}: its {n_chunks} chunks cover {covered} of {numel} elements (holes)")]
+    DcpChunkCoverage {
+        /// The tensor.
+        fqn: String,
+        /// Its global shape.
+        shape: Vec<u64>,
+        /// How many chunks it has.
+        n_chunks: usize,
+        /// Elements covered.
+        covered: u64,
+        /// Elements in the tensor.
+        numel: u64,
+    },
+    /// A tensor's element or byte count overflows u64.
+    #[error("tensor '{fqn}': shape {shape:?} is too large to address")]
+    DcpTensorTooLarge {
+        /// The tensor.
+        fqn: String,
+        /// Its shape.
+        shape: Vec<u64>,
+    },
+    /// A dtype that a torch.save pickle cannot name (no typed storage class).
+    #[error("tensor '{fqn}': dtype {dtype:?} cannot be written as a torch.save tensor")]
+    DcpUnsupportedDtype {
+        /// The tensor.
+        fqn: String,
+        /// Its dtype.
+        dtype: safetensors::Dtype,
+    },
+    /// A DCP output file name that is not a plain file name in the output directory.
+    #[error("entry '{fqn}': output file name '{file}' is not a plain file name")]
+    DcpBadFileName {
+        /// The entry.
+        fqn: String,
+        /// The file name given.
+        file: String,
+    },
+    /// The same key is given twice in a DCP output layout.
+    #[error("entry '{fqn}' appears more than once in the DCP output layout")]
+    DcpDuplicateEntry {
+        /// The key.
+        fqn: String,
+    },
+    /// Verbatim chunks of one tensor disagree on its dtype or shape.
+    #[error("entry '{fqn}': verbatim chunks disagree: {expected} vs {found}")]
+    DcpVerbatimMismatch {
+        /// The key.
+        fqn: String,
+        /// dtype and shape of the first chunk.
+        expected: String,
+        /// dtype and shape of a later chunk.
+        found: String,
+    },
+    /// A verbatim item's byte range lies past the end of its source file.
+    #[error("{}: entry '{fqn}': item [{offset}, +{length}) runs past the end of the {file_bytes}-byte file", path.display())]
+    DcpVerbatimRange {
+        /// The source file.
+        path: PathBuf,
+        /// The key.
+        fqn: String,
+        /// Item offset.
+        offset: u64,
+        /// Item length.
+        length: u64,
+        /// Source file length.
+        file_bytes: u64,
+    },
+    /// The DCP writer was driven out of layout order.
+    #[error("{}: DCP writer expected {expected}, got {found}", path.display())]
+    DcpChunkOrder {
+        /// The output directory.
+        path: PathBuf,
+        /// What the layout says comes next.
+        expected: String,
+        /// What the caller did.
+        found: String,
+    },
+    /// A DCP output chunk got more or fewer bytes than its region holds.
+    #[error("{}: tensor '{fqn}': chunk at {offsets:?} holds {expected} bytes, got {found}", path.display())]
+    DcpChunkLength {
+        /// The output file.
+        path: PathBuf,
+        /// The tensor.
+        fqn: String,
+        /// The chunk's offsets.
+        offsets: Vec<u64>,
+        /// Bytes the region holds.
+        expected: u64,
+        /// Bytes given (so far, when too many).
+        found: u64,
+    },
 }
 
 /// `Result` with this crate's [`Error`].

@@ -28,6 +28,7 @@
 
 pub mod checkpoint;
 pub mod dcp;
+pub mod dcp_out;
 pub mod dtype;
 mod error;
 pub mod file;

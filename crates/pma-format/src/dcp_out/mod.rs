@@ -1,0 +1,1240 @@
+//! Writing torch Distributed Checkpoint (DCP) directories that stock `dcp.load` reads.
+//!
+//! A DCP checkpoint is a directory of `.distcp` files, each a run of self-contained *items*,
+//! and one `.metadata` pickle that says which item holds which chunk of which tensor (see
+//! `shared/fixtures/dcp/FORMAT.md`). This module writes one from a [`DcpLayout`] decided up front
+//! (for a merge: the newest member's chunk layout, so the trainer reloads with the same
+//! parallelism), streaming each chunk's bytes through bounded buffers.
+//!
+//! **Why `TORCH_SAVE` items.** torch's default serialization makes every item a complete
+//! `torch.save` zip. It is the only one torch's own `FileSystemReader` loads back (torch 2.15
+//! cannot read its own `SAFETENSORS` serialization), and because the zip entries are *stored*,
+//! an item's length is known before its data exists: [`DcpWriter::create`] lays out every file
+//! and offset first, and then the data streams straight through, with only a CRC-32 computed on
+//! the way and patched into one local header afterwards (`zip_emit`).
+//!
+//! **Why protocol 2.** The pickles (`.metadata` and each item's `data.pkl`) are emitted by a
+//! minimal writer (`pickle_emit`) that needs no memo and no framing; protocol 2 is what torch
+//! itself uses for `data.pkl`, and every Python 3 reads it. The object graph mirrors torch's own
+//! (`metadata_emit`), with classes named by their torch module paths.
+//!
+//! **Why `.metadata` last.** `.metadata` is DCP's only index, and a checkpoint is complete when it
+//! exists and every range it names exists. Like torch, [`DcpWriter::finish`] writes
+//! `.metadata.tmp` after every data file is written and fsync'd, then renames it. A crash leaves
+//! a directory without `.metadata`, which no loader mistakes for a checkpoint. The writer never
+//! renames its directory: the caller stages it and publishes it after `finish`.
+//!
+//! **Verbatim items.** `--keep-state newest` copies optimizer, scheduler and dataloader entries
+//! byte for byte from the newest member ([`VerbatimItem`]): each item is a self-contained
+//! `torch.save` archive, so only its `_StorageInfo` changes. Megatron writes some bytes items raw
+//! (not torch.save payloads); they are copied the same way, and Megatron's own loader reads them,
+//! but stock `dcp.load` cannot (FORMAT.md §3).
+//!
+//! ```no_run
+//! use pma_format::dcp_out::{DcpChunk, DcpLayout, DcpTensor, DcpWriter};
+//! use pma_format::{Dtype, Region};
+//! let layout = DcpLayout {
+//!     tensors: vec![DcpTensor {
+//!         fqn: "w".into(),
+//!         dtype: Dtype::F32,
+//!         shape: vec![2, 2],
+//!         chunks: vec![DcpChunk { region: Region::full(&[2, 2]), file: "__0_0.distcp".into() }],
+//!     }],
+//!     ..DcpLayout::default()
+//! };
+//! let mut w = DcpWriter::create(std::path::Path::new("staging"), layout)?;
+//! while let Some((t, c)) = w.next_chunk() {
+//!     let (fqn, region) = (w.layout().tensors[t].fqn.clone(), w.layout().tensors[t].chunks[c].region.clone());
+//!     w.begin_chunk(&fqn, &region)?;
+//!     w.write(&[0u8; 16])?; // row-major bytes of the region, in any number of calls
+//!     w.end_chunk()?;
+//! }
+//! let summary = w.finish()?;
+//! # Ok::<(), pma_format::Error>(())
+//! ```
+
+mod metadata_emit;
+mod pickle_emit;
+mod zip_emit;
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use crate::dtype::dtype_bits;
+use crate::error::{Error, Result};
+use crate::{Dtype, Region};
+
+pub use metadata_emit::PlannerKey;
+use metadata_emit::StorageLoc;
+use metadata_emit::{emit_metadata, emit_tensor_pickle, torch_names, ChunkMeta, EntryMeta};
+use zip_emit::{TensorItemZip, ZIP64_THRESHOLD};
+
+/// The index file DCP loaders look for.
+pub const METADATA_FILE_NAME: &str = ".metadata";
+/// Where `.metadata` is written before its rename, as torch does.
+const METADATA_TMP_NAME: &str = ".metadata.tmp";
+/// Buffer between the chunk stream and each output file.
+const FILE_BUF_BYTES: usize = 4 << 20;
+/// Buffer for copying verbatim items.
+const COPY_BUF_BYTES: usize = 1 << 20;
+/// Bytes after which the writer asks the kernel to start write-back of what it has written, so
+/// the disk works while the merge computes and the final fsync has little left (as `writer.rs`).
+const WRITEBACK_WINDOW_BYTES: u64 = 32 << 20;
+
+/// One chunk of an output tensor: its box in the global tensor and the file its item goes in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DcpChunk {
+    /// The box, in global coordinates.
+    pub region: Region,
+    /// The `.distcp` file name (a plain name inside the output directory, e.g. `__0_0.distcp`).
+    pub file: String,
+}
+
+/// One tensor the caller streams: name, dtype, global shape and its chunks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DcpTensor {
+    /// The DCP key (flattened state-dict name).
+    pub fqn: String,
+    /// Element dtype (must have a torch storage class: floats, ints, `BOOL`).
+    pub dtype: Dtype,
+    /// Global shape.
+    pub shape: Vec<u64>,
+    /// Chunks that tile the tensor exactly (no overlaps, no holes), in write order.
+    pub chunks: Vec<DcpChunk>,
+}
+
+/// What a verbatim item holds, for its `.metadata` entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VerbatimKind {
+    /// A bytes item (`BytesStorageMetadata`).
+    Bytes,
+    /// One chunk of a tensor (every chunk of the tensor is its own item, with the same fqn).
+    Tensor {
+        /// Element dtype.
+        dtype: Dtype,
+        /// Global shape of the tensor.
+        shape: Vec<u64>,
+        /// This chunk's box.
+        region: Region,
+    },
+}
+
+/// An item copied byte for byte from an input checkpoint (optimizer or scheduler state,
+/// dataloader bytes); only its location in `.metadata` is new.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerbatimItem {
+    /// The DCP key.
+    pub fqn: String,
+    /// Bytes or tensor chunk.
+    pub kind: VerbatimKind,
+    /// The input `.distcp` file.
+    pub source: PathBuf,
+    /// The item's offset in `source`.
+    pub offset: u64,
+    /// The item's length.
+    pub length: u64,
+    /// The output file it goes in.
+    pub file: String,
+}
+
+/// Everything a DCP output will hold, decided before the first byte is written.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DcpLayout {
+    /// Tensors whose bytes the caller streams (in `.metadata` order).
+    pub tensors: Vec<DcpTensor>,
+    /// Items copied from inputs (after the tensors in `.metadata`).
+    pub verbatim: Vec<VerbatimItem>,
+    /// `planner_data` paths of nested keys (`optimizer.state.w.exp_avg` →
+    /// `("optimizer", "state", "w", "exp_avg")`), as the input's `.metadata` has them. Keys not
+    /// listed get the flat path `(fqn,)`. Only loaders that rebuild a nested dict from the
+    /// checkpoint alone (`dcp_to_torch_save`) use them; `dcp.load` into a state dict does not.
+    pub planner_paths: HashMap<String, Vec<PlannerKey>>,
+}
+
+/// What [`DcpWriter::finish`] wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DcpWriteSummary {
+    /// Data files with their lengths, in write order (`.metadata` not included).
+    pub files: Vec<(String, u64)>,
+    /// Items written (tensor chunks and verbatim items).
+    pub n_items: usize,
+    /// Bytes of all data files plus `.metadata`.
+    pub n_bytes: u64,
+}
+
+/// One item's place in the output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum ItemRef {
+    Chunk { tensor: usize, chunk: usize },
+    Verbatim(usize),
+}
+
+#[derive(Debug, Clone)]
+struct PlannedItem {
+    item: ItemRef,
+    file: usize,
+    offset: u64,
+    length: u64,
+}
+
+/// A tensor's element count and byte count, checked for overflow.
+fn tensor_bytes(fqn: &str, dtype: Dtype, shape: &[u64]) -> Result<u64> {
+    let too_large = || Error::DcpTensorTooLarge {
+        fqn: fqn.into(),
+        shape: shape.to_vec(),
+    };
+    let numel = shape
+        .iter()
+        .try_fold(1u64, |acc, &d| acc.checked_mul(d))
+        .ok_or_else(too_large)?;
+    numel
+        .checked_mul(dtype_bits(dtype) / 8)
+        .ok_or_else(too_large)
+}
+
+fn check_dtype(fqn: &str, dtype: Dtype) -> Result<()> {
+    if torch_names(dtype).is_none() {
+        return Err(Error::DcpUnsupportedDtype {
+            fqn: fqn.into(),
+            dtype,
+        });
+    }
+    Ok(())
+}
+
+fn check_file_name(fqn: &str, file: &str) -> Result<()> {
+    let plain = !file.is_empty()
+        && file != "."
+        && file != ".."
+        && !file.contains(['/', '\\', '\0'])
+        && file != METADATA_FILE_NAME
+        && file != METADATA_TMP_NAME;
+    if plain {
+        Ok(())
+    } else {
+        Err(Error::DcpBadFileName {
+            fqn: fqn.into(),
+            file: file.into(),
+        })
+    }
+}
+
+/// Checks that `regions` tile a tensor of `shape` exactly: every box inside the shape, no two
+/// boxes sharing an element, and their volumes summing to the tensor's element count (which,
+/// with no overlaps, means no holes).
+fn check_tiling(fqn: &str, shape: &[u64], regions: &[&Region]) -> Result<()> {
+    let numel = shape
+        .iter()
+        .try_fold(1u64, |acc, &d| acc.checked_mul(d))
+        .ok_or_else(|| Error::DcpTensorTooLarge {
+            fqn: fqn.into(),
+            shape: shape.to_vec(),
+        })?;
+    let mut covered = 0u64;
+    for r in regions {
+        if r.offsets.len() != shape.len() || r.sizes.len() != shape.len() {
+            return Err(Error::DcpChunkRank {
+                fqn: fqn.into(),
+                shape: shape.to_vec(),
+                offsets: r.offsets.clone(),
+                sizes: r.sizes.clone(),
+            });
+        }
+        let inside = r
+            .offsets
+            .iter()
+            .zip(&r.sizes)
+            .zip(shape)
+            .all(|((&o, &s), &d)| o.checked_add(s).is_some_and(|end| end <= d));
+        if !inside {
+            return Err(Error::DcpChunkOutOfBounds {
+                fqn: fqn.into(),
+                shape: shape.to_vec(),
+                offsets: r.offsets.clone(),
+                sizes: r.sizes.clone(),
+            });
+        }
+        // Inside the shape, so each volume is at most numel, but their sum can still overflow
+        // when boxes overlap many times.
+        covered = covered.saturating_add(r.numel());
+    }
+    // Sweep along dim 0: after sorting by offsets, box j can only meet box i while it starts
+    // before i ends in dim 0, so each box is compared with its dim-0 neighbours only.
+    let nonempty: Vec<&Region> = regions.iter().copied().filter(|r| r.numel() > 0).collect();
+    if shape.is_empty() && nonempty.len() > 1 {
+        return Err(Error::DcpChunkOverlap {
+            fqn: fqn.into(),
+            first: Vec::new(),
+            second: Vec::new(),
+        });
+    }
+    let mut order: Vec<&Region> = nonempty;
+    order.sort_by(|a, b| a.offsets.cmp(&b.offsets));
+    for (i, a) in order.iter().enumerate() {
+        // 0-dim boxes have no dim 0; more than one of them was rejected above.
+        let Some(a_end0) = a.offsets.first().map(|o| o + a.sizes[0]) else {
+            break;
+        };
+        for b in &order[i + 1..] {
+            if b.offsets[0] >= a_end0 {
+                break;
+            }
+            let meet = a
+                .offsets
+                .iter()
+                .zip(&a.sizes)
+                .zip(b.offsets.iter().zip(&b.sizes))
+                .all(|((&ao, &asz), (&bo, &bsz))| ao < bo + bsz && bo < ao + asz);
+            if meet {
+                return Err(Error::DcpChunkOverlap {
+                    fqn: fqn.into(),
+                    first: a.offsets.clone(),
+                    second: b.offsets.clone(),
+                });
+            }
+        }
+    }
+    if covered != numel || regions.is_empty() {
+        return Err(Error::DcpChunkCoverage {
+            fqn: fqn.into(),
+            shape: shape.to_vec(),
+            n_chunks: regions.len(),
+            covered,
+            numel,
+        });
+    }
+    Ok(())
+}
+
+impl DcpLayout {
+    /// Checks the layout without touching the disk: unique keys, dtypes
+    /// torch can name, plain file names, and chunks that tile every tensor exactly.
+    pub fn validate(&self) -> Result<()> {
+        let mut seen: HashMap<&str, ()> = HashMap::new();
+        for t in &self.tensors {
+            if seen.insert(&t.fqn, ()).is_some() {
+                return Err(Error::DcpDuplicateEntry { fqn: t.fqn.clone() });
+            }
+            check_dtype(&t.fqn, t.dtype)?;
+            tensor_bytes(&t.fqn, t.dtype, &t.shape)?;
+            for c in &t.chunks {
+                check_file_name(&t.fqn, &c.file)?;
+            }
+            let regions: Vec<&Region> = t.chunks.iter().map(|c| &c.region).collect();
+            check_tiling(&t.fqn, &t.shape, &regions)?;
+        }
+        for group in self.verbatim_groups()? {
+            let first = &self.verbatim[group[0]];
+            if seen.insert(&first.fqn, ()).is_some() {
+                return Err(Error::DcpDuplicateEntry {
+                    fqn: first.fqn.clone(),
+                });
+            }
+            for &i in &group {
+                check_file_name(&first.fqn, &self.verbatim[i].file)?;
+            }
+            if let VerbatimKind::Tensor { dtype, shape, .. } = &first.kind {
+                check_dtype(&first.fqn, *dtype)?;
+                tensor_bytes(&first.fqn, *dtype, shape)?;
+                let regions: Vec<&Region> = group
+                    .iter()
+                    .map(|&i| match &self.verbatim[i].kind {
+                        VerbatimKind::Tensor { region, .. } => region,
+                        VerbatimKind::Bytes => unreachable!("groups hold one kind"),
+                    })
+                    .collect();
+                check_tiling(&first.fqn, shape, &regions)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Verbatim item indices grouped by fqn, groups in order of first appearance. A bytes key
+    /// has exactly one item; a tensor key has one per chunk, all of the same dtype and shape.
+    fn verbatim_groups(&self) -> Result<Vec<Vec<usize>>> {
+        let mut index: HashMap<&str, usize> = HashMap::new();
+        let mut groups: Vec<Vec<usize>> = Vec::new();
+        let describe = |k: &VerbatimKind| match k {
+            VerbatimKind::Bytes => "bytes".to_string(),
+            VerbatimKind::Tensor { dtype, shape, .. } => format!("{dtype:?}{shape:?}"),
+        };
+        for (i, v) in self.verbatim.iter().enumerate() {
+            match index.get(v.fqn.as_str()) {
+                None => {
+                    index.insert(&v.fqn, groups.len());
+                    groups.push(vec![i]);
+                }
+                Some(&g) => {
+                    let first = &self.verbatim[groups[g][0]];
+                    let same = match (&first.kind, &v.kind) {
+                        (
+                            VerbatimKind::Tensor {
+                                dtype: d1,
+                                shape: s1,
+                                ..
+                            },
+                            VerbatimKind::Tensor {
+                                dtype: d2,
+                                shape: s2,
+                                ..
+                            },
+                        ) => d1 == d2 && s1 == s2,
+                        (VerbatimKind::Bytes, VerbatimKind::Bytes) => {
+                            return Err(Error::DcpDuplicateEntry { fqn: v.fqn.clone() })
+                        }
+                        _ => false,
+                    };
+                    if !same {
+                        return Err(Error::DcpVerbatimMismatch {
+                            fqn: v.fqn.clone(),
+                            expected: describe(&first.kind),
+                            found: describe(&v.kind),
+                        });
+                    }
+                    groups[g].push(i);
+                }
+            }
+        }
+        Ok(groups)
+    }
+}
+
+/// The file currently being written.
+#[derive(Debug)]
+struct OpenFile {
+    index: usize,
+    path: PathBuf,
+    out: BufWriter<File>,
+    /// Bytes handed to `out` so far (the file offset of the next byte).
+    pos: u64,
+    /// File offset up to which write-back has been started.
+    writeback_from: u64,
+}
+
+impl OpenFile {
+    /// Starts write-back of the bytes that have reached the kernel, once a window has built up.
+    fn start_writeback_if_due(&mut self) {
+        let in_kernel = self.pos - self.out.buffer().len() as u64;
+        if in_kernel - self.writeback_from < WRITEBACK_WINDOW_BYTES {
+            return;
+        }
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::unix::io::AsRawFd;
+            // SAFETY: a plain syscall on an fd we own. It is a hint: a failure only loses the
+            // overlap, and the final fdatasync still makes everything durable.
+            unsafe {
+                libc::sync_file_range(
+                    self.out.get_ref().as_raw_fd(),
+                    self.writeback_from as libc::off64_t,
+                    (in_kernel - self.writeback_from) as libc::off64_t,
+                    libc::SYNC_FILE_RANGE_WRITE,
+                );
+            }
+        }
+        self.writeback_from = in_kernel;
+    }
+}
+
+/// The tensor chunk between `begin_chunk` and `end_chunk`.
+#[derive(Debug)]
+struct ActiveChunk {
+    zip: TensorItemZip,
+    /// Absolute file offset of the item.
+    item_start: u64,
+    expected: u64,
+    written: u64,
+    crc: crc32fast::Hasher,
+}
+
+/// Streams a DCP checkpoint into an existing (staging) directory, in the order of its layout.
+///
+/// Call order: [`DcpWriter::create`]; then for every chunk [`DcpWriter::next_chunk`] names, in
+/// that order, [`DcpWriter::begin_chunk`], any number of [`DcpWriter::write`], and
+/// [`DcpWriter::end_chunk`]; then [`DcpWriter::finish`]. Verbatim items are copied by the writer
+/// itself as their files come up. Dropping the writer before `finish` leaves a directory without
+/// `.metadata`, which is not a checkpoint. After any error the writer's state is unspecified:
+/// drop it and discard the staging directory.
+///
+/// Memory is bounded whatever the chunk size: one 4 MiB file buffer, one 1 MiB copy buffer, and
+/// the plan (a few words per item). A chunk's bytes stream through; only their CRC is kept.
+#[derive(Debug)]
+pub struct DcpWriter {
+    dir: PathBuf,
+    layout: DcpLayout,
+    files: Vec<String>,
+    file_bytes: Vec<u64>,
+    plan: Vec<PlannedItem>,
+    /// Index into `plan` of the next item to write.
+    next: usize,
+    current: Option<OpenFile>,
+    active: Option<ActiveChunk>,
+    threshold: u64,
+}
+
+impl DcpWriter {
+    /// Validates `layout`, plans every file and item offset, and prepares to write into `dir`
+    /// (which must exist; files are created as they come up and must not exist yet).
+    pub fn create(dir: &Path, layout: DcpLayout) -> Result<DcpWriter> {
+        DcpWriter::create_with_threshold(dir, layout, ZIP64_THRESHOLD)
+    }
+
+    /// [`DcpWriter::create`] with a ZIP64 threshold (tests force ZIP64 on small items).
+    fn create_with_threshold(dir: &Path, layout: DcpLayout, threshold: u64) -> Result<DcpWriter> {
+        layout.validate()?;
+        let meta = std::fs::metadata(dir).map_err(|e| Error::io(dir, "opening", e))?;
+        if !meta.is_dir() {
+            return Err(Error::io(
+                dir,
+                "opening",
+                std::io::ErrorKind::NotADirectory.into(),
+            ));
+        }
+        // Every verbatim source range must exist before we write anything.
+        for v in &layout.verbatim {
+            let file_bytes = std::fs::metadata(&v.source)
+                .map_err(|e| Error::io(&v.source, "opening", e))?
+                .len();
+            if v.offset
+                .checked_add(v.length)
+                .is_none_or(|end| end > file_bytes)
+            {
+                return Err(Error::DcpVerbatimRange {
+                    path: v.source.clone(),
+                    fqn: v.fqn.clone(),
+                    offset: v.offset,
+                    length: v.length,
+                    file_bytes,
+                });
+            }
+        }
+
+        // Files in order of first appearance: tensor chunks, then verbatim items.
+        let mut files: Vec<String> = Vec::new();
+        let mut file_index: HashMap<String, usize> = HashMap::new();
+        let mut per_file: Vec<Vec<ItemRef>> = Vec::new();
+        let mut add = |name: &str, item: ItemRef, files: &mut Vec<String>| {
+            let i = *file_index.entry(name.to_string()).or_insert_with(|| {
+                files.push(name.to_string());
+                per_file.push(Vec::new());
+                files.len() - 1
+            });
+            per_file[i].push(item);
+        };
+        for (t, tensor) in layout.tensors.iter().enumerate() {
+            for (c, chunk) in tensor.chunks.iter().enumerate() {
+                add(
+                    &chunk.file,
+                    ItemRef::Chunk {
+                        tensor: t,
+                        chunk: c,
+                    },
+                    &mut files,
+                );
+            }
+        }
+        for (v, item) in layout.verbatim.iter().enumerate() {
+            add(&item.file, ItemRef::Verbatim(v), &mut files);
+        }
+        let mut plan = Vec::new();
+        let mut file_bytes = vec![0u64; files.len()];
+        for (f, items) in per_file.iter().enumerate() {
+            let mut pos = 0u64;
+            // Verbatim items of a file go first, like torch's BYTE_IO items: the writer copies
+            // them when the file opens, before the caller's first chunk there.
+            let verbatim_first = items
+                .iter()
+                .filter(|i| matches!(i, ItemRef::Verbatim(_)))
+                .chain(items.iter().filter(|i| matches!(i, ItemRef::Chunk { .. })));
+            for &item in verbatim_first {
+                let length = match item {
+                    ItemRef::Verbatim(v) => layout.verbatim[v].length,
+                    ItemRef::Chunk { tensor, chunk } => {
+                        let t = &layout.tensors[tensor];
+                        chunk_zip(t, &t.chunks[chunk].region, threshold)
+                            .0
+                            .total_len()
+                    }
+                };
+                plan.push(PlannedItem {
+                    item,
+                    file: f,
+                    offset: pos,
+                    length,
+                });
+                pos = pos
+                    .checked_add(length)
+                    .ok_or_else(|| Error::DcpTensorTooLarge {
+                        fqn: files[f].clone(),
+                        shape: Vec::new(),
+                    })?;
+            }
+            file_bytes[f] = pos;
+        }
+        Ok(DcpWriter {
+            dir: dir.to_path_buf(),
+            layout,
+            files,
+            file_bytes,
+            plan,
+            next: 0,
+            current: None,
+            active: None,
+            threshold,
+        })
+    }
+
+    /// The layout being written.
+    pub fn layout(&self) -> &DcpLayout {
+        &self.layout
+    }
+
+    /// Every tensor chunk as `(tensor index, chunk index)` into [`DcpLayout::tensors`], in the
+    /// order the writer expects them (file by file).
+    pub fn chunk_order(&self) -> Vec<(usize, usize)> {
+        self.plan
+            .iter()
+            .filter_map(|p| match p.item {
+                ItemRef::Chunk { tensor, chunk } => Some((tensor, chunk)),
+                ItemRef::Verbatim(_) => None,
+            })
+            .collect()
+    }
+
+    /// The next chunk the writer expects, as `(tensor index, chunk index)`; `None` when every
+    /// chunk has been written and only `finish` remains.
+    pub fn next_chunk(&self) -> Option<(usize, usize)> {
+        self.plan[self.next..].iter().find_map(|p| match p.item {
+            ItemRef::Chunk { tensor, chunk } => Some((tensor, chunk)),
+            ItemRef::Verbatim(_) => None,
+        })
+    }
+
+    /// Planned length of every data file, in write order (known before any byte is written).
+    pub fn planned_files(&self) -> Vec<(String, u64)> {
+        self.files
+            .iter()
+            .cloned()
+            .zip(self.file_bytes.iter().copied())
+            .collect()
+    }
+
+    fn order_error(&self, found: String) -> Error {
+        let expected = match self.next_chunk() {
+            Some((t, c)) => {
+                let (t, c) = (&self.layout.tensors[t], &self.layout.tensors[t].chunks[c]);
+                format!(
+                    "chunk of '{}' at {:?} sizes {:?}",
+                    t.fqn, c.region.offsets, c.region.sizes
+                )
+            }
+            None => "finish (every chunk is written)".to_string(),
+        };
+        Error::DcpChunkOrder {
+            path: self.dir.clone(),
+            expected,
+            found,
+        }
+    }
+
+    /// The chunk being written got `found` bytes where its region holds `expected`.
+    fn length_error(&self, expected: u64, found: u64) -> Error {
+        let (t, c) = self
+            .next_chunk()
+            .expect("only called while a chunk is active");
+        let tensor = &self.layout.tensors[t];
+        Error::DcpChunkLength {
+            path: self.dir.join(&tensor.chunks[c].file),
+            fqn: tensor.fqn.clone(),
+            offsets: tensor.chunks[c].region.offsets.clone(),
+            expected,
+            found,
+        }
+    }
+
+    /// Makes `file` the open output file, closing (and fsyncing) the previous one.
+    fn open_file(&mut self, file: usize) -> Result<()> {
+        if self.current.as_ref().is_some_and(|c| c.index == file) {
+            return Ok(());
+        }
+        self.close_file()?;
+        let path = self.dir.join(&self.files[file]);
+        let f = File::options()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(|e| Error::io(&path, "creating", e))?;
+        self.current = Some(OpenFile {
+            index: file,
+            path,
+            out: BufWriter::with_capacity(FILE_BUF_BYTES, f),
+            pos: 0,
+            writeback_from: 0,
+        });
+        Ok(())
+    }
+
+    fn close_file(&mut self) -> Result<()> {
+        if let Some(mut f) = self.current.take() {
+            f.out
+                .flush()
+                .map_err(|e| Error::io(&f.path, "writing", e))?;
+            debug_assert_eq!(f.pos, self.file_bytes[f.index]);
+            f.out
+                .get_ref()
+                .sync_data()
+                .map_err(|e| Error::io(&f.path, "syncing", e))?;
+        }
+        Ok(())
+    }
+
+    /// Copies verbatim items until the next planned item is a chunk (or the plan ends).
+    fn copy_verbatim_items(&mut self) -> Result<()> {
+        let mut buf = Vec::new();
+        while let Some(p) = self.plan.get(self.next).cloned() {
+            let ItemRef::Verbatim(v) = p.item else {
+                break;
+            };
+            self.open_file(p.file)?;
+            let item = &self.layout.verbatim[v];
+            let src =
+                File::open(&item.source).map_err(|e| Error::io(&item.source, "opening", e))?;
+            buf.resize(COPY_BUF_BYTES.min(item.length as usize), 0);
+            let cur = self.current.as_mut().expect("opened above");
+            debug_assert_eq!(cur.pos, p.offset);
+            let mut done = 0u64;
+            while done < item.length {
+                let n = (item.length - done).min(buf.len() as u64) as usize;
+                src.read_exact_at(&mut buf[..n], item.offset + done)
+                    .map_err(|e| Error::io(&item.source, "reading", e))?;
+                cur.out
+                    .write_all(&buf[..n])
+                    .map_err(|e| Error::io(&cur.path, "writing", e))?;
+                done += n as u64;
+                cur.pos += n as u64;
+                cur.start_writeback_if_due();
+            }
+            self.next += 1;
+        }
+        Ok(())
+    }
+
+    /// Starts the chunk of `fqn` at `region`, which must be [`DcpWriter::next_chunk`].
+    pub fn begin_chunk(&mut self, fqn: &str, region: &Region) -> Result<()> {
+        let found = || {
+            format!(
+                "begin_chunk('{fqn}', {:?} sizes {:?})",
+                region.offsets, region.sizes
+            )
+        };
+        if self.active.is_some() {
+            return Err(self.order_error(format!("{} before end_chunk", found())));
+        }
+        self.copy_verbatim_items()?;
+        let Some(p) = self.plan.get(self.next).cloned() else {
+            return Err(self.order_error(found()));
+        };
+        let ItemRef::Chunk { tensor, chunk } = p.item else {
+            unreachable!("copy_verbatim_items stops at a chunk");
+        };
+        let t = &self.layout.tensors[tensor];
+        if t.fqn != fqn || &t.chunks[chunk].region != region {
+            return Err(self.order_error(found()));
+        }
+        let (zip, expected) = chunk_zip(t, region, self.threshold);
+        debug_assert_eq!(zip.total_len(), p.length);
+        self.open_file(p.file)?;
+        let cur = self.current.as_mut().expect("opened above");
+        debug_assert_eq!(cur.pos, p.offset);
+        cur.out
+            .write_all(zip.prefix())
+            .map_err(|e| Error::io(&cur.path, "writing", e))?;
+        cur.pos += zip.prefix().len() as u64;
+        self.active = Some(ActiveChunk {
+            zip,
+            item_start: p.offset,
+            expected,
+            written: 0,
+            crc: crc32fast::Hasher::new(),
+        });
+        Ok(())
+    }
+
+    /// Appends bytes of the current chunk: its region's elements in row-major order, in
+    /// little-endian byte order, split into calls any way the caller likes.
+    pub fn write(&mut self, bytes: &[u8]) -> Result<()> {
+        let Some(active) = self.active.as_ref() else {
+            return Err(self.order_error(format!("write of {} bytes outside a chunk", bytes.len())));
+        };
+        let total = active.written + bytes.len() as u64;
+        if total > active.expected {
+            return Err(self.length_error(active.expected, total));
+        }
+        let active = self.active.as_mut().expect("checked above");
+        let cur = self
+            .current
+            .as_mut()
+            .expect("a chunk is active only in an open file");
+        active.crc.update(bytes);
+        cur.out
+            .write_all(bytes)
+            .map_err(|e| Error::io(&cur.path, "writing", e))?;
+        cur.pos += bytes.len() as u64;
+        cur.start_writeback_if_due();
+        active.written = total;
+        Ok(())
+    }
+
+    /// Ends the current chunk: checks its length, writes the rest of its zip, and patches the
+    /// storage entry's CRC into the local header.
+    pub fn end_chunk(&mut self) -> Result<()> {
+        let Some(active) = self.active.take() else {
+            return Err(self.order_error("end_chunk without begin_chunk".into()));
+        };
+        if active.written != active.expected {
+            return Err(self.length_error(active.expected, active.written));
+        }
+        let cur = self
+            .current
+            .as_mut()
+            .expect("a chunk is active only in an open file");
+        let crc = active.crc.finalize();
+        let suffix = active.zip.suffix(crc);
+        cur.out
+            .write_all(&suffix)
+            .map_err(|e| Error::io(&cur.path, "writing", e))?;
+        cur.pos += suffix.len() as u64;
+        // The local header is already in the buffer or the file: flush, then patch in place.
+        cur.out
+            .flush()
+            .map_err(|e| Error::io(&cur.path, "writing", e))?;
+        cur.out
+            .get_ref()
+            .write_all_at(
+                &crc.to_le_bytes(),
+                active.item_start + active.zip.crc_field_offset(),
+            )
+            .map_err(|e| Error::io(&cur.path, "writing", e))?;
+        self.next += 1;
+        Ok(())
+    }
+
+    /// Copies the remaining verbatim items, fsyncs every data file, writes `.metadata` (via
+    /// `.metadata.tmp`, fsync'd, renamed) and fsyncs the directory. Fails if a chunk is missing.
+    pub fn finish(mut self) -> Result<DcpWriteSummary> {
+        if self.active.is_some() {
+            return Err(self.order_error("finish inside a chunk".into()));
+        }
+        self.copy_verbatim_items()?;
+        if self.next < self.plan.len() {
+            return Err(self.order_error("finish".into()));
+        }
+        // Files that hold nothing at all cannot occur: every file comes from an item.
+        self.close_file()?;
+        let metadata = self.metadata_bytes()?;
+        let tmp = self.dir.join(METADATA_TMP_NAME);
+        crate::writer::write_file_synced(&tmp, &metadata)?;
+        let target = self.dir.join(METADATA_FILE_NAME);
+        std::fs::rename(&tmp, &target).map_err(|e| Error::io(&target, "renaming into", e))?;
+        File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| Error::io(&self.dir, "syncing directory", e))?;
+        let data_bytes: u64 = self.file_bytes.iter().sum();
+        Ok(DcpWriteSummary {
+            files: self.planned_files(),
+            n_items: self.plan.len(),
+            n_bytes: data_bytes + metadata.len() as u64,
+        })
+    }
+
+    fn metadata_bytes(&self) -> Result<Vec<u8>> {
+        let mut locs: HashMap<ItemRef, StorageLoc> = HashMap::new();
+        for p in &self.plan {
+            locs.insert(
+                p.item,
+                StorageLoc {
+                    file: self.files[p.file].clone(),
+                    offset: p.offset,
+                    length: p.length,
+                },
+            );
+        }
+        let mut entries = Vec::new();
+        for (t, tensor) in self.layout.tensors.iter().enumerate() {
+            entries.push(EntryMeta::Tensor {
+                fqn: &tensor.fqn,
+                dtype: tensor.dtype,
+                shape: &tensor.shape,
+                chunks: tensor
+                    .chunks
+                    .iter()
+                    .enumerate()
+                    .map(|(c, chunk)| ChunkMeta {
+                        offsets: &chunk.region.offsets,
+                        sizes: &chunk.region.sizes,
+                        loc: locs[&ItemRef::Chunk {
+                            tensor: t,
+                            chunk: c,
+                        }]
+                            .clone(),
+                    })
+                    .collect(),
+            });
+        }
+        for group in self.layout.verbatim_groups()? {
+            let first = &self.layout.verbatim[group[0]];
+            entries.push(match &first.kind {
+                VerbatimKind::Bytes => EntryMeta::Bytes {
+                    fqn: &first.fqn,
+                    loc: locs[&ItemRef::Verbatim(group[0])].clone(),
+                },
+                VerbatimKind::Tensor { dtype, shape, .. } => EntryMeta::Tensor {
+                    fqn: &first.fqn,
+                    dtype: *dtype,
+                    shape,
+                    chunks: group
+                        .iter()
+                        .map(|&i| {
+                            let VerbatimKind::Tensor { region, .. } = &self.layout.verbatim[i].kind
+                            else {
+                                unreachable!("groups hold one kind");
+                            };
+                            ChunkMeta {
+                                offsets: &region.offsets,
+                                sizes: &region.sizes,
+                                loc: locs[&ItemRef::Verbatim(i)].clone(),
+                            }
+                        })
+                        .collect(),
+                },
+            });
+        }
+        Ok(emit_metadata(&entries, |fqn| {
+            self.layout.planner_paths.get(fqn).map(Vec::as_slice)
+        }))
+    }
+}
+
+/// The zip plan of one tensor chunk's item, and the chunk's data bytes.
+fn chunk_zip(tensor: &DcpTensor, region: &Region, threshold: u64) -> (TensorItemZip, u64) {
+    let (_, storage) = torch_names(tensor.dtype).expect("layout validated the dtype");
+    let pickle = emit_tensor_pickle(storage, &region.sizes);
+    // Validation bounds the region's bytes by the tensor's, which did not overflow.
+    let n_bytes = region.numel() * (dtype_bits(tensor.dtype) / 8);
+    (TensorItemZip::new(&pickle, n_bytes, threshold), n_bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn region(offsets: &[u64], sizes: &[u64]) -> Region {
+        Region {
+            offsets: offsets.to_vec(),
+            sizes: sizes.to_vec(),
+        }
+    }
+
+    fn tensor(fqn: &str, shape: &[u64], regions: &[Region]) -> DcpTensor {
+        DcpTensor {
+            fqn: fqn.into(),
+            dtype: Dtype::F32,
+            shape: shape.to_vec(),
+            chunks: regions
+                .iter()
+                .enumerate()
+                .map(|(i, r)| DcpChunk {
+                    region: r.clone(),
+                    file: format!("__{i}_0.distcp"),
+                })
+                .collect(),
+        }
+    }
+
+    fn layout(tensors: Vec<DcpTensor>) -> DcpLayout {
+        DcpLayout {
+            tensors,
+            ..DcpLayout::default()
+        }
+    }
+
+    #[test]
+    fn column_blocks_and_grids_tile() {
+        let cols: Vec<Region> = (0..4).map(|k| region(&[0, 4 * k], &[16, 4])).collect();
+        layout(vec![tensor("wo", &[16, 16], &cols)])
+            .validate()
+            .unwrap();
+        let grid = [
+            region(&[0, 0], &[2, 3]),
+            region(&[0, 3], &[2, 2]),
+            region(&[2, 0], &[3, 3]),
+            region(&[2, 3], &[3, 2]),
+        ];
+        layout(vec![tensor("g", &[5, 5], &grid)])
+            .validate()
+            .unwrap();
+        layout(vec![tensor("s", &[], &[region(&[], &[])])])
+            .validate()
+            .unwrap();
+    }
+
+    #[test]
+    fn overlapping_chunks_are_rejected() {
+        let l = layout(vec![tensor(
+            "w",
+            &[4, 4],
+            &[region(&[0, 0], &[3, 4]), region(&[2, 0], &[2, 4])],
+        )]);
+        assert!(matches!(
+            l.validate(),
+            Err(Error::DcpChunkOverlap { fqn, first, second })
+                if fqn == "w" && first == [0, 0] && second == [2, 0]
+        ));
+        // Overlap only in a later dim, with a disjoint box sorted between them.
+        let l = layout(vec![tensor(
+            "w",
+            &[4, 4],
+            &[
+                region(&[0, 0], &[4, 2]),
+                region(&[0, 2], &[1, 2]),
+                region(&[1, 1], &[3, 3]),
+            ],
+        )]);
+        assert!(matches!(l.validate(), Err(Error::DcpChunkOverlap { .. })));
+    }
+
+    #[test]
+    fn holes_out_of_bounds_and_rank_are_rejected() {
+        let l = layout(vec![tensor("w", &[4, 4], &[region(&[0, 0], &[2, 4])])]);
+        assert!(matches!(
+            l.validate(),
+            Err(Error::DcpChunkCoverage {
+                covered: 8,
+                numel: 16,
+                ..
+            })
+        ));
+        let l = layout(vec![tensor("w", &[4, 4], &[region(&[0, 2], &[4, 4])])]);
+        assert!(matches!(
+            l.validate(),
+            Err(Error::DcpChunkOutOfBounds { .. })
+        ));
+        let l = layout(vec![tensor(
+            "w",
+            &[4, 4],
+            &[region(&[u64::MAX, 0], &[2, 4])],
+        )]);
+        assert!(matches!(
+            l.validate(),
+            Err(Error::DcpChunkOutOfBounds { .. })
+        ));
+        let l = layout(vec![tensor("w", &[4, 4], &[region(&[0], &[4])])]);
+        assert!(matches!(l.validate(), Err(Error::DcpChunkRank { .. })));
+        let l = layout(vec![tensor("w", &[4], &[])]);
+        assert!(matches!(
+            l.validate(),
+            Err(Error::DcpChunkCoverage { n_chunks: 0, .. })
+        ));
+        let l = layout(vec![tensor(
+            "w",
+            &[u64::MAX, 4],
+            &[region(&[0, 0], &[1, 4])],
+        )]);
+        assert!(matches!(l.validate(), Err(Error::DcpTensorTooLarge { .. })));
+    }
+
+    #[test]
+    fn dtype_names_and_keys_are_checked() {
+        let mut t = tensor("f8", &[2], &[region(&[0], &[2])]);
+        t.dtype = Dtype::F8_E4M3;
+        assert!(matches!(
+            layout(vec![t]).validate(),
+            Err(Error::DcpUnsupportedDtype { fqn, .. }) if fqn == "f8"
+        ));
+        for bad in ["", "..", "a/b", ".metadata", ".metadata.tmp"] {
+            let mut t = tensor("w", &[2], &[region(&[0], &[2])]);
+            t.chunks[0].file = bad.into();
+            assert!(matches!(
+                layout(vec![t]).validate(),
+                Err(Error::DcpBadFileName { file, .. }) if file == bad
+            ));
+        }
+        let t = tensor("w", &[2], &[region(&[0], &[2])]);
+        assert!(matches!(
+            layout(vec![t.clone(), t]).validate(),
+            Err(Error::DcpDuplicateEntry { fqn }) if fqn == "w"
+        ));
+    }
+
+    #[test]
+    fn verbatim_keys_are_checked() {
+        let item = |fqn: &str, kind: VerbatimKind| VerbatimItem {
+            fqn: fqn.into(),
+            kind,
+            source: "src".into(),
+            offset: 0,
+            length: 1,
+            file: "__0_0.distcp".into(),
+        };
+        let mut l = layout(vec![tensor("w", &[2], &[region(&[0], &[2])])]);
+        l.verbatim = vec![item("w", VerbatimKind::Bytes)];
+        assert!(matches!(l.validate(), Err(Error::DcpDuplicateEntry { .. })));
+        let t = |shape: &[u64], r: Region| VerbatimKind::Tensor {
+            dtype: Dtype::F32,
+            shape: shape.to_vec(),
+            region: r,
+        };
+        l.verbatim = vec![
+            item("m", t(&[4], region(&[0], &[2]))),
+            item("m", t(&[5], region(&[2], &[2]))),
+        ];
+        assert!(matches!(
+            l.validate(),
+            Err(Error::DcpVerbatimMismatch { .. })
+        ));
+        l.verbatim = vec![
+            item("m", t(&[4], region(&[0], &[2]))),
+            item("m", t(&[4], region(&[2], &[2]))),
+            item("b", VerbatimKind::Bytes),
+        ];
+        l.validate().unwrap();
+        l.verbatim[1] = item("m", t(&[4], region(&[1], &[2])));
+        assert!(matches!(l.validate(), Err(Error::DcpChunkOverlap { .. })));
+    }
+
+    #[test]
+    fn writer_enforces_order_and_lengths() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = layout(vec![tensor(
+            "w",
+            &[4, 2],
+            &[region(&[0, 0], &[2, 2]), region(&[2, 0], &[2, 2])],
+        )]);
+        let mut w = DcpWriter::create(dir.path(), l.clone()).unwrap();
+        assert_eq!(w.chunk_order(), [(0, 0), (0, 1)]);
+        assert!(matches!(
+            w.begin_chunk("w", &region(&[2, 0], &[2, 2])),
+            Err(Error::DcpChunkOrder { .. })
+        ));
+        assert!(matches!(w.write(&[0; 4]), Err(Error::DcpChunkOrder { .. })));
+        w.begin_chunk("w", &region(&[0, 0], &[2, 2])).unwrap();
+        w.write(&[0; 10]).unwrap();
+        assert!(matches!(
+            w.write(&[0; 7]),
+            Err(Error::DcpChunkLength {
+                expected: 16,
+                found: 17,
+                ..
+            })
+        ));
+        assert!(matches!(
+            w.end_chunk(),
+            Err(Error::DcpChunkLength {
+                expected: 16,
+                found: 10,
+                ..
+            })
+        ));
+
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = DcpWriter::create(dir.path(), l).unwrap();
+        w.begin_chunk("w", &region(&[0, 0], &[2, 2])).unwrap();
+        w.write(&[1; 16]).unwrap();
+        w.end_chunk().unwrap();
+        assert_eq!(w.next_chunk(), Some((0, 1)));
+        assert!(matches!(w.finish(), Err(Error::DcpChunkOrder { .. })));
+        assert!(!dir.path().join(METADATA_FILE_NAME).exists());
+    }
+
+    /// ZIP64 fields on every entry (threshold 0) of a real checkpoint: torch's miniz reader and
+    /// Python's zipfile must both accept them, as they will on multi-GiB chunks. Needs torch
+    /// (`PMA_PYTHON`); SKIPPED without it unless `PMA_REQUIRE_TORCH=1`.
+    #[test]
+    fn torch_loads_items_with_forced_zip64() {
+        let py = std::env::var("PMA_PYTHON").unwrap_or_else(|_| "python3".into());
+        let has_torch = std::process::Command::new(&py)
+            .args(["-c", "import torch.distributed.checkpoint"])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !has_torch {
+            assert!(
+                std::env::var("PMA_REQUIRE_TORCH").map_or(true, |v| v != "1"),
+                "PMA_REQUIRE_TORCH=1 but '{py}' cannot import torch"
+            );
+            eprintln!("SKIPPED torch_loads_items_with_forced_zip64: '{py}' has no torch");
+            return;
+        }
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let src_path = root.join("tests/fixtures/dcp_out/run-single-sma-n4.safetensors");
+        let src = crate::SafetensorsFile::open(&src_path).unwrap();
+        let tensors = src
+            .tensors()
+            .iter()
+            .map(|t| DcpTensor {
+                fqn: t.name.clone(),
+                dtype: t.dtype,
+                shape: t.shape.clone(),
+                chunks: vec![DcpChunk {
+                    region: Region::full(&t.shape),
+                    file: "__0_0.distcp".into(),
+                }],
+            })
+            .collect();
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = DcpWriter::create_with_threshold(dir.path(), layout(tensors), 0).unwrap();
+        for t in src.tensors() {
+            w.begin_chunk(&t.name, &Region::full(&t.shape)).unwrap();
+            w.write(src.tensor_bytes(t)).unwrap();
+            w.end_chunk().unwrap();
+        }
+        w.finish().unwrap();
+        let out = std::process::Command::new(&py)
+            .arg(root.join("tests/dcp_out_check.py"))
+            .arg("load")
+            .arg(dir.path())
+            .arg(&src_path)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    #[test]
+    fn writer_plans_lengths_and_writes_metadata_last() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = layout(vec![tensor(
+            "w",
+            &[4, 2],
+            &[region(&[0, 0], &[2, 2]), region(&[2, 0], &[2, 2])],
+        )]);
+        let mut w = DcpWriter::create(dir.path(), l).unwrap();
+        let planned = w.planned_files();
+        while let Some((t, c)) = w.next_chunk() {
+            let r = w.layout().tensors[t].chunks[c].region.clone();
+            w.begin_chunk("w", &r).unwrap();
+            for _ in 0..16 {
+                w.write(&[c as u8]).unwrap();
+            }
+            w.end_chunk().unwrap();
+        }
+        let summary = w.finish().unwrap();
+        assert_eq!(summary.files, planned);
+        assert_eq!(summary.n_items, 2);
+        for (name, len) in &planned {
+            let on_disk = std::fs::metadata(dir.path().join(name)).unwrap().len();
+            assert_eq!(on_disk, *len, "{name}");
+        }
+        let meta = std::fs::read(dir.path().join(METADATA_FILE_NAME)).unwrap();
+        assert!(meta.starts_with(b"\x80\x02"));
+        assert!(!dir.path().join(METADATA_TMP_NAME).exists());
+        let total: u64 = planned.iter().map(|f| f.1).sum::<u64>() + meta.len() as u64;
+        assert_eq!(summary.n_bytes, total);
+    }
+}
