@@ -90,6 +90,24 @@ impl WeightSpec {
         }
     }
 
+    /// The method's name without parameters: `sma`, `ema`, `wma`, `explicit`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            WeightSpec::Sma => "sma",
+            WeightSpec::Ema { .. } => "ema",
+            WeightSpec::Wma => "wma",
+            WeightSpec::Explicit { .. } => "explicit",
+        }
+    }
+
+    /// The EMA smoothing, for `ema` only.
+    pub fn alpha(&self) -> Option<f64> {
+        match self {
+            WeightSpec::Ema { alpha } => Some(*alpha),
+            _ => None,
+        }
+    }
+
     /// A short label: `sma`, `ema0.2`, `wma`, `weights`.
     pub fn label(&self) -> String {
         match self {
@@ -267,7 +285,15 @@ mod tests {
         assert!(spec.weights(3).is_err(), "count must match the window");
         assert_eq!(spec.fixed_len(), Some(2));
         assert!(WeightSpec::Ema { alpha: 0.0 }.validate().is_err());
-        assert_eq!(WeightSpec::from_name("ema", 0.3).unwrap().label(), "ema0.3");
+        let ema = WeightSpec::from_name("ema", 0.3).unwrap();
+        assert_eq!(
+            (ema.label(), ema.name(), ema.alpha()),
+            ("ema0.3".into(), "ema", Some(0.3))
+        );
+        assert_eq!(
+            (WeightSpec::Wma.name(), WeightSpec::Wma.alpha()),
+            ("wma", None)
+        );
         assert!(WeightSpec::from_name("ema-stream", 0.3).is_err());
     }
 
