@@ -1,19 +1,26 @@
-//! Terminal progress: an `indicatif` bar behind the libraries' `Progress` trait.
+//! Terminal progress: the one `indicatif` bar behind the libraries' `Progress` trait, and the
+//! one rule for when a bar is drawn.
 
 use std::io::IsTerminal;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-/// A byte-count progress bar on stderr; hidden when stderr is not a TTY or when `quiet`.
+/// Whether a progress bar is drawn: only on a terminal, never under `--quiet`, never when the
+/// output is for machines (`--json`), where a bar would only be noise in a log.
+pub fn shown(quiet: bool, machine_output: bool) -> bool {
+    !quiet && !machine_output && std::io::stderr().is_terminal()
+}
+
+/// A byte-count progress bar on stderr, drawn only when [`shown`] says so.
 pub struct ByteBar {
     bar: ProgressBar,
 }
 
 impl ByteBar {
-    /// Creates a bar with `label` in front.
-    pub fn new(label: &str, quiet: bool) -> ByteBar {
+    /// Creates a bar with `label` in front; hidden unless `visible`.
+    pub fn new(label: &str, visible: bool) -> ByteBar {
         let bar = ProgressBar::hidden();
-        if !quiet && std::io::stderr().is_terminal() {
+        if visible {
             bar.set_draw_target(ProgressDrawTarget::stderr());
         }
         bar.set_style(

@@ -296,7 +296,9 @@ fn settle_waits_for_recently_changed_files() {
     let out = d.path().join("out");
     let mut cmd = pma();
     cmd.arg("watch").arg(&run).arg("--out").arg(&out);
-    cmd.args(["--method", "sma", "--once", "--quiet", "--settle", "60"]);
+    cmd.args([
+        "--method", "sma", "--last", "2", "--once", "--quiet", "--settle", "60",
+    ]);
     cmd.assert().success();
     assert_eq!(state(&out)["processed"], serde_json::json!([100]));
     let waiting = events_of(&out, "waiting");
@@ -328,6 +330,8 @@ fn settle_waits_for_recently_changed_files() {
         .args([
             "--method",
             "sma",
+            "--last",
+            "2",
             "--quiet",
             "--settle",
             "1",
@@ -360,6 +364,8 @@ fn ready_file_gates_checkpoints() {
     let args = [
         "--method",
         "sma",
+        "--last",
+        "3",
         "--once",
         "--ready-file",
         "trainer_state.json",
@@ -384,6 +390,8 @@ fn ready_file_gates_checkpoints() {
         .args([
             "--method",
             "sma",
+            "--last",
+            "3",
             "--once",
             "--ready-file",
             "latest_checkpointed_iteration.txt",
@@ -685,6 +693,8 @@ fn sigterm_during_a_daemon_run_exits_zero_with_committed_state() {
         .args([
             "--method",
             "sma",
+            "--last",
+            "3",
             "--settle",
             "0",
             "--interval",

@@ -16,7 +16,7 @@ pub enum Error {
         path: PathBuf,
     },
     /// Fewer checkpoints qualify than were asked for.
-    #[error("asked for {wanted} checkpoints but only {found} qualify{detail} (use --min to accept fewer)")]
+    #[error("asked for {wanted} checkpoints but only {found} qualify{detail} (a lower minimum count accepts fewer)")]
     NotEnoughCheckpoints {
         /// How many were asked for.
         wanted: usize,
@@ -26,7 +26,7 @@ pub enum Error {
         detail: String,
     },
     /// A selection rule needs steps but a checkpoint's name carries none.
-    #[error("{}: cannot tell the step from this name, but --every/--at need steps", path.display())]
+    #[error("{}: cannot tell the step from this name, but selecting by step interval or end step needs steps", path.display())]
     NoStep {
         /// The checkpoint.
         path: PathBuf,
@@ -96,7 +96,7 @@ pub enum Error {
         reference: PathBuf,
     },
     /// NaN or Inf values in an input.
-    #[error("{}: tensor '{tensor}' has {count} non-finite (NaN/Inf) values (use --allow-nonfinite to merge anyway)", path.display())]
+    #[error("{}: tensor '{tensor}' has {count} non-finite (NaN/Inf) values (merging anyway must be allowed explicitly)", path.display())]
     NonFinite {
         /// The checkpoint.
         path: PathBuf,
@@ -117,7 +117,7 @@ pub enum Error {
         reason: String,
     },
     /// The watcher's state dir holds state made with different settings.
-    #[error("{}: watch state was made with {found} but this run asks for {expected}; use another --out or delete the state dir to start over", path.display())]
+    #[error("{}: watch state was made with {found} but this run asks for {expected}; use another output dir, or delete the state dir to start over", path.display())]
     WatchStateMismatch {
         /// The state file.
         path: PathBuf,
@@ -142,6 +142,34 @@ pub enum Error {
     WatchLocked {
         /// The lock file.
         path: PathBuf,
+    },
+    /// More worker threads were asked for than pma accepts.
+    #[error(
+        "{requested} worker threads asked for; at most {max} are accepted (0 means all cores)"
+    )]
+    TooManyThreads {
+        /// The requested count.
+        requested: usize,
+        /// [`crate::threads::MAX_THREADS`].
+        max: usize,
+    },
+    /// The output would be written over, inside, or around a run directory or an input.
+    #[error("{}: the output would be {relation} {}; pma never writes inside a run directory or an input, so choose an output outside both", out.display(), input.display())]
+    OutputOverlapsInput {
+        /// The output, as given.
+        out: PathBuf,
+        /// The run directory or input it collides with.
+        input: PathBuf,
+        /// How: "the same path as", "inside", "a directory containing".
+        relation: &'static str,
+    },
+    /// The state dir's lock could not be taken for a reason other than another watcher.
+    #[error("{}: cannot lock the watch state: {source}", path.display())]
+    WatchLockFailed {
+        /// The lock file.
+        path: PathBuf,
+        /// The `flock` error.
+        source: std::io::Error,
     },
 }
 

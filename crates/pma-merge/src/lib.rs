@@ -4,8 +4,8 @@
 //! 1. [`CheckpointSeries`] finds a run's checkpoints and their steps; a [`Selection`] (last N,
 //!    every V steps, window ending at a step) picks and opens the members, skipping incomplete
 //!    ones.
-//! 2. [`Weights`] (SMA, EMA, WMA or explicit) and a [`MergeConfig`] turn them into a
-//!    [`MergePlan`], which validates names, shapes and dtypes from headers alone and fixes the
+//! 2. A [`WeightSpec`] (SMA, EMA, WMA or explicit) gives the [`Weights`]; they and a
+//!    [`MergeConfig`] turn the inputs into a [`MergePlan`], which validates names, shapes and dtypes from headers alone and fixes the
 //!    output layout. This is what `--dry-run` shows.
 //! 3. [`execute`] streams the plan to disk with bounded memory and returns a [`MergeReport`].
 //!
@@ -13,12 +13,11 @@
 //! ([`diff`]).
 //!
 //! ```no_run
-//! use pma_merge::{execute, CheckpointSeries, ExecOptions, MergeConfig, MergeInput, MergePlan, NoProgress, Selection, Weights};
+//! use pma_merge::{execute, CheckpointSeries, ExecOptions, MergeConfig, MergePlan, NoProgress, Selection, WeightSpec};
 //! let series = CheckpointSeries::discover("run".as_ref())?;
 //! let selected = Selection { last: Some(10), ..Default::default() }.select(&series, true)?;
-//! let inputs: Vec<MergeInput> = selected.checkpoints.into_iter()
-//!     .map(|(step, checkpoint)| MergeInput { step, checkpoint }).collect();
-//! let weights = Weights::ema(inputs.len(), 0.2)?;
+//! let (inputs, _skipped) = selected.into_inputs();
+//! let weights = WeightSpec::Ema { alpha: 0.2 }.weights(inputs.len())?;
 //! let plan = MergePlan::build(inputs, weights, MergeConfig::default())?;
 //! execute(&plan, "merged".as_ref(), &ExecOptions::default(), &NoProgress)?;
 //! # Ok::<(), pma_merge::Error>(())
@@ -29,18 +28,22 @@ pub mod diff;
 mod error;
 pub mod executor;
 pub mod inspect;
+pub mod placement;
 pub mod plan;
 pub mod progress;
 pub mod series;
+pub mod threads;
 pub mod watch;
 pub mod weights;
 
 pub use error::{Error, Result};
 pub use executor::{execute, ExecOptions, MergeReport, NonFiniteWarning};
+pub use placement::{check_output_placement, check_plan_output};
 pub use plan::{MergeConfig, MergeInput, MergePlan, PlanSummary, DEFAULT_MAX_SHARD_BYTES};
 pub use progress::{NoProgress, Progress};
 pub use series::{
     parse_byte_size, parse_step, parse_token_count, CheckpointEntry, CheckpointSeries, Selected,
     Selection, Skipped,
 };
-pub use weights::{Method, Weights};
+pub use threads::{resolve_threads, MAX_THREADS};
+pub use weights::{WeightSpec, Weights, DEFAULT_EMA_ALPHA};

@@ -120,7 +120,7 @@ pub struct InputSummary {
 #[derive(Debug, Clone, Serialize)]
 pub struct PlanSummary {
     /// Method and its parameters.
-    pub method: crate::weights::Method,
+    pub method: crate::weights::WeightSpec,
     /// Inputs oldest first, with weights.
     pub inputs: Vec<InputSummary>,
     /// Output dtypes and how many tensors get each (`"bf16": 291`, `"copy": 1`).
@@ -274,7 +274,7 @@ impl MergePlan {
             *output_dtypes.entry(key).or_insert(0) += 1;
         }
         PlanSummary {
-            method: self.weights.method,
+            method: self.weights.method.clone(),
             inputs: self
                 .inputs
                 .iter()

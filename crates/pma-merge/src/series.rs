@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use pma_format::Checkpoint;
 
 use crate::error::{Error, Result};
+use crate::plan::MergeInput;
 
 /// A checkpoint found in a run directory, not yet opened.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -128,16 +129,34 @@ pub struct Selected {
     pub skipped: Vec<Skipped>,
 }
 
+impl Selected {
+    /// The chosen checkpoints as merge inputs, oldest first: what [`MergePlan::build`] takes.
+    ///
+    /// [`MergePlan::build`]: crate::MergePlan::build
+    pub fn into_inputs(self) -> (Vec<MergeInput>, Vec<Skipped>) {
+        let inputs = self
+            .checkpoints
+            .into_iter()
+            .map(|(step, checkpoint)| MergeInput { step, checkpoint })
+            .collect();
+        (inputs, self.skipped)
+    }
+}
+
 impl Selection {
     /// Chooses and opens checkpoints from `series`. With `skip_invalid`, checkpoints that fail
     /// to open are skipped (run discovery); otherwise the first failure is an error (explicit
     /// paths, where the user named exactly what to merge).
     pub fn select(&self, series: &CheckpointSeries, skip_invalid: bool) -> Result<Selected> {
         if self.every == Some(0) {
-            return Err(Error::InvalidSelection("--every must be positive".into()));
+            return Err(Error::InvalidSelection(
+                "the step interval (every) must be positive".into(),
+            ));
         }
         if self.last == Some(0) {
-            return Err(Error::InvalidSelection("--last must be positive".into()));
+            return Err(Error::InvalidSelection(
+                "the window size (last) must be positive".into(),
+            ));
         }
         let needs_steps = self.every.is_some() || self.at.is_some();
         if needs_steps {

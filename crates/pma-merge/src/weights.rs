@@ -7,43 +7,123 @@ use serde::Serialize;
 
 use crate::error::{Error, Result};
 
-/// The averaging method, for plans and provenance.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+/// Default EMA smoothing: the newest checkpoint's weight.
+pub const DEFAULT_EMA_ALPHA: f64 = 0.2;
+
+/// How to weight N checkpoints: the one description of an averaging method, used by plans,
+/// provenance, `pma merge`, the windowed modes of `pma watch` and (later) the demo.
+///
+/// It serializes as `{"name": "sma"}`, `{"name": "ema", "alpha": 0.2}`, `{"name": "wma"}` or
+/// `{"name": "explicit", "values": [...], "normalize": true}`. `pma watch` records that form in
+/// its state as the settings fingerprint, so it must not change.
+#[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(rename_all = "lowercase", tag = "name")]
-pub enum Method {
-    /// Simple moving average.
+pub enum WeightSpec {
+    /// Simple moving average: w_i = 1/N.
     Sma,
     /// Exponential moving average with smoothing `alpha`.
     Ema {
-        /// Weight of the newest checkpoint.
+        /// Weight of the newest checkpoint, in (0, 1].
         alpha: f64,
     },
-    /// Linearly weighted moving average.
+    /// Linearly weighted moving average: w_i ∝ i, newest heaviest.
     Wma,
-    /// User-given weights.
+    /// User-given weights, oldest first; N must equal their count.
     Explicit {
-        /// Whether they were rescaled to sum to 1.
-        normalized: bool,
+        /// The weights as given.
+        values: Vec<f64>,
+        /// Rescale them to sum to 1.
+        normalize: bool,
     },
 }
 
-impl Method {
+impl WeightSpec {
+    /// The method names [`WeightSpec::from_name`] accepts.
+    pub const NAMES: [&'static str; 3] = ["sma", "ema", "wma"];
+
+    /// The spec called `name` (`sma`, `ema`, `wma`); `alpha` is used by `ema` only.
+    pub fn from_name(name: &str, alpha: f64) -> Result<WeightSpec> {
+        match name {
+            "sma" => Ok(WeightSpec::Sma),
+            "ema" => Ok(WeightSpec::Ema { alpha }),
+            "wma" => Ok(WeightSpec::Wma),
+            other => Err(Error::InvalidWeights(format!(
+                "unknown method '{other}' (expected one of {})",
+                WeightSpec::NAMES.join(", ")
+            ))),
+        }
+    }
+
+    /// The weights for `n` checkpoints, oldest first.
+    pub fn weights(&self, n: usize) -> Result<Weights> {
+        match self {
+            WeightSpec::Sma => Weights::sma(n),
+            WeightSpec::Ema { alpha } => Weights::ema(n, *alpha),
+            WeightSpec::Wma => Weights::wma(n),
+            WeightSpec::Explicit { values, normalize } => {
+                if values.len() != n {
+                    return Err(Error::InvalidWeights(format!(
+                        "{} weights given for {n} checkpoints",
+                        values.len()
+                    )));
+                }
+                Weights::explicit(values.clone(), *normalize)
+            }
+        }
+    }
+
+    /// Checks the parameters without a window size: alpha in (0, 1], explicit weights finite
+    /// and, with `normalize`, not summing to 0.
+    pub fn validate(&self) -> Result<()> {
+        let n = match self {
+            WeightSpec::Explicit { values, .. } => values.len(),
+            _ => 1,
+        };
+        self.weights(n).map(|_| ())
+    }
+
+    /// The window size the spec fixes: the count of explicit weights.
+    pub fn fixed_len(&self) -> Option<usize> {
+        match self {
+            WeightSpec::Explicit { values, .. } => Some(values.len()),
+            _ => None,
+        }
+    }
+
+    /// The method's name without parameters: `sma`, `ema`, `wma`, `explicit`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            WeightSpec::Sma => "sma",
+            WeightSpec::Ema { .. } => "ema",
+            WeightSpec::Wma => "wma",
+            WeightSpec::Explicit { .. } => "explicit",
+        }
+    }
+
+    /// The EMA smoothing, for `ema` only.
+    pub fn alpha(&self) -> Option<f64> {
+        match self {
+            WeightSpec::Ema { alpha } => Some(*alpha),
+            _ => None,
+        }
+    }
+
     /// A short label: `sma`, `ema0.2`, `wma`, `weights`.
     pub fn label(&self) -> String {
         match self {
-            Method::Sma => "sma".into(),
-            Method::Ema { alpha } => format!("ema{alpha}"),
-            Method::Wma => "wma".into(),
-            Method::Explicit { .. } => "weights".into(),
+            WeightSpec::Sma => "sma".into(),
+            WeightSpec::Ema { alpha } => format!("ema{alpha}"),
+            WeightSpec::Wma => "wma".into(),
+            WeightSpec::Explicit { .. } => "weights".into(),
         }
     }
 }
 
-/// Per-checkpoint weights, oldest first, with the method that produced them.
+/// Per-checkpoint weights, oldest first, with the spec that produced them.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Weights {
     /// How they were made.
-    pub method: Method,
+    pub method: WeightSpec,
     /// w_1..w_N, oldest first.
     pub values: Vec<f64>,
 }
@@ -53,7 +133,7 @@ impl Weights {
     pub fn sma(n: usize) -> Result<Weights> {
         check_n(n)?;
         Ok(Weights {
-            method: Method::Sma,
+            method: WeightSpec::Sma,
             values: vec![1.0 / n as f64; n],
         })
     }
@@ -64,7 +144,7 @@ impl Weights {
         check_n(n)?;
         if !(alpha > 0.0 && alpha <= 1.0) {
             return Err(Error::InvalidWeights(format!(
-                "--alpha must be in (0, 1], got {alpha}"
+                "EMA alpha must be in (0, 1], got {alpha}"
             )));
         }
         let decay = 1.0 - alpha;
@@ -80,7 +160,7 @@ impl Weights {
             })
             .collect();
         Ok(Weights {
-            method: Method::Ema { alpha },
+            method: WeightSpec::Ema { alpha },
             values,
         })
     }
@@ -91,7 +171,7 @@ impl Weights {
         let total = (n * (n + 1)) as f64 / 2.0;
         let values = (1..=n).map(|i| i as f64 / total).collect();
         Ok(Weights {
-            method: Method::Wma,
+            method: WeightSpec::Wma,
             values,
         })
     }
@@ -102,22 +182,20 @@ impl Weights {
         if let Some(w) = values.iter().find(|w| !w.is_finite()) {
             return Err(Error::InvalidWeights(format!("weight {w} is not finite")));
         }
-        let values = if normalize {
+        let normalized = if normalize {
             let sum: f64 = values.iter().sum();
             if sum == 0.0 {
                 return Err(Error::InvalidWeights(
-                    "weights sum to 0, cannot --normalize".into(),
+                    "weights sum to 0 and cannot be normalized".into(),
                 ));
             }
             values.iter().map(|w| w / sum).collect()
         } else {
-            values
+            values.clone()
         };
         Ok(Weights {
-            method: Method::Explicit {
-                normalized: normalize,
-            },
-            values,
+            method: WeightSpec::Explicit { values, normalize },
+            values: normalized,
         })
     }
 
@@ -183,5 +261,56 @@ mod tests {
         assert_eq!(w.values, vec![0.25, 0.75]);
         assert!(Weights::explicit(vec![1.0, -1.0], true).is_err());
         assert!(Weights::explicit(vec![f64::NAN], false).is_err());
+    }
+
+    #[test]
+    fn spec_gives_the_constructors_bits() {
+        for n in 1..6 {
+            assert_eq!(
+                WeightSpec::Sma.weights(n).unwrap(),
+                Weights::sma(n).unwrap()
+            );
+            assert_eq!(
+                WeightSpec::Wma.weights(n).unwrap(),
+                Weights::wma(n).unwrap()
+            );
+            let ema = WeightSpec::Ema { alpha: 0.1 }.weights(n).unwrap();
+            assert_eq!(ema, Weights::ema(n, 0.1).unwrap());
+        }
+        let spec = WeightSpec::Explicit {
+            values: vec![1.0, 3.0],
+            normalize: true,
+        };
+        assert_eq!(spec.weights(2).unwrap().values, vec![0.25, 0.75]);
+        assert!(spec.weights(3).is_err(), "count must match the window");
+        assert_eq!(spec.fixed_len(), Some(2));
+        assert!(WeightSpec::Ema { alpha: 0.0 }.validate().is_err());
+        let ema = WeightSpec::from_name("ema", 0.3).unwrap();
+        assert_eq!(
+            (ema.label(), ema.name(), ema.alpha()),
+            ("ema0.3".into(), "ema", Some(0.3))
+        );
+        assert_eq!(
+            (WeightSpec::Wma.name(), WeightSpec::Wma.alpha()),
+            ("wma", None)
+        );
+        assert!(WeightSpec::from_name("ema-stream", 0.3).is_err());
+    }
+
+    #[test]
+    fn spec_serializes_as_the_watch_fingerprint_always_has() {
+        let json = |s: &WeightSpec| serde_json::to_string(s).unwrap();
+        assert_eq!(json(&WeightSpec::Sma), r#"{"name":"sma"}"#);
+        assert_eq!(
+            json(&WeightSpec::Ema { alpha: 0.2 }),
+            r#"{"name":"ema","alpha":0.2}"#
+        );
+        assert_eq!(
+            json(&WeightSpec::Explicit {
+                values: vec![1.0],
+                normalize: false
+            }),
+            r#"{"name":"explicit","values":[1.0],"normalize":false}"#
+        );
     }
 }

@@ -5,6 +5,8 @@ use std::process::ExitCode;
 
 use pma_merge::diff::{diff, DiffReport};
 
+use super::render::{print_json, versioned};
+
 /// Arguments of `pma diff`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -21,7 +23,7 @@ pub struct Args {
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let report = diff(&args.a, &args.b)?;
     if args.json {
-        super::print_json(&serde_json::json!({ "schema_version": 1, "diff": report }))?;
+        print_json(&versioned(serde_json::json!({ "diff": report })))?;
     } else {
         render(&report);
     }

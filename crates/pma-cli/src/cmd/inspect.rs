@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use pma_merge::inspect::{inspect, InspectReport};
 
-use super::merge::human;
+use super::render::{human, print_json, versioned};
 
 /// Arguments of `pma inspect`.
 #[derive(Debug, clap::Args)]
@@ -24,8 +24,7 @@ pub struct Args {
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let report = inspect(&args.checkpoint, args.stats)?;
     if args.json {
-        let v = serde_json::json!({ "schema_version": 1, "inspect": report });
-        super::print_json(&v)?;
+        print_json(&versioned(serde_json::json!({ "inspect": report })))?;
     } else {
         render(&report);
     }

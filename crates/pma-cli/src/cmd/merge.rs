@@ -6,12 +6,13 @@ use std::process::ExitCode;
 use anyhow::{bail, Context};
 use pma_format::FloatDtype;
 use pma_merge::{
-    execute, parse_byte_size, parse_token_count, CheckpointSeries, ExecOptions, MergeConfig,
-    MergeInput, MergePlan, MergeReport, PlanSummary, Selection, Weights,
+    check_output_placement, check_plan_output, execute, parse_byte_size, parse_token_count,
+    resolve_threads, CheckpointSeries, ExecOptions, MergeConfig, MergePlan, MergeReport,
+    PlanSummary, Selection, WeightSpec, DEFAULT_EMA_ALPHA,
 };
 
-use super::print_json;
-use crate::progress::ByteBar;
+use super::render::{human, print_json, versioned};
+use crate::progress::{self, ByteBar};
 
 /// Averaging method.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -22,6 +23,8 @@ pub enum MethodArg {
     Ema,
     /// Weighted moving average: w_i ∝ i, newest heaviest.
     Wma,
+    /// pma watch only: EMA over the whole history, updated once per checkpoint: E = (1−α)·E + α·x.
+    EmaStream,
 }
 
 /// How to weight the checkpoints: shared by `pma merge` and `pma watch`.
@@ -35,15 +38,37 @@ pub struct MethodArgs {
         conflicts_with = "weights"
     )]
     pub method: Option<MethodArg>,
-    /// EMA smoothing: the newest checkpoint's weight.
-    #[arg(long, default_value_t = 0.2)]
+    /// EMA smoothing: the newest checkpoint's weight (ema, ema-stream).
+    #[arg(long, default_value_t = DEFAULT_EMA_ALPHA)]
     pub alpha: f64,
-    /// Explicit weights, oldest first (instead of --method).
+    /// Explicit weights, oldest first (instead of --method; pma watch needs --last equal to
+    /// their count).
     #[arg(long, value_delimiter = ',', allow_negative_numbers = true)]
     pub weights: Option<Vec<f64>>,
     /// Rescale --weights to sum to 1.
     #[arg(long, requires = "weights")]
     pub normalize: bool,
+}
+
+impl MethodArgs {
+    /// The weighting the flags describe; `ema-stream` is not one (it is a `pma watch` mode,
+    /// which handles it before asking).
+    pub fn weight_spec(&self) -> anyhow::Result<WeightSpec> {
+        Ok(match (&self.weights, self.method) {
+            (Some(values), _) => WeightSpec::Explicit {
+                values: values.clone(),
+                normalize: self.normalize,
+            },
+            (None, Some(MethodArg::Sma)) => WeightSpec::Sma,
+            (None, Some(MethodArg::Ema)) => WeightSpec::Ema { alpha: self.alpha },
+            (None, Some(MethodArg::Wma)) => WeightSpec::Wma,
+            (None, Some(MethodArg::EmaStream)) => bail!(
+                "--method ema-stream averages a growing run's whole history and exists only in \
+                 pma watch; for a fixed set of checkpoints use --method ema"
+            ),
+            (None, None) => bail!("give --method or --weights"),
+        })
+    }
 }
 
 /// Which checkpoints to take: shared by `pma merge` and `pma watch`.
@@ -169,19 +194,6 @@ impl SelectArgs {
     }
 }
 
-impl MethodArgs {
-    /// Weights for `n` checkpoints.
-    pub fn weights(&self, n: usize) -> anyhow::Result<Weights> {
-        Ok(match (&self.weights, self.method) {
-            (Some(w), _) => Weights::explicit(w.clone(), self.normalize)?,
-            (None, Some(MethodArg::Sma)) => Weights::sma(n)?,
-            (None, Some(MethodArg::Ema)) => Weights::ema(n, self.alpha)?,
-            (None, Some(MethodArg::Wma)) => Weights::wma(n)?,
-            (None, None) => bail!("give --method or --weights"),
-        })
-    }
-}
-
 impl OutputArgs {
     /// The library merge config for an output at `out`.
     pub fn config(&self, out: &std::path::Path) -> MergeConfig {
@@ -193,13 +205,9 @@ impl OutputArgs {
         }
     }
 
-    /// Worker threads, 0 resolved to all cores.
-    pub fn threads(&self) -> usize {
-        if self.threads == 0 {
-            std::thread::available_parallelism().map_or(1, |n| n.get())
-        } else {
-            self.threads
-        }
+    /// Worker threads, 0 resolved to all cores; an absurd count is an error.
+    pub fn threads(&self) -> anyhow::Result<usize> {
+        Ok(resolve_threads(self.threads)?)
     }
 }
 
@@ -212,15 +220,15 @@ pub fn plan_from_args(args: &Args) -> anyhow::Result<(MergePlan, Vec<pma_merge::
         (Some(_), false) => bail!("give either checkpoints or --run, not both"),
         (None, true) => bail!("nothing to merge: give checkpoints (oldest first) or --run RUN_DIR"),
     };
-    let selected = selection.select(&series, from_run)?;
-    let weights = args.method.weights(selected.checkpoints.len())?;
-    let config = args.output.config(&args.out);
-    let inputs = selected
-        .checkpoints
-        .into_iter()
-        .map(|(step, checkpoint)| MergeInput { step, checkpoint })
-        .collect();
-    Ok((MergePlan::build(inputs, weights, config)?, selected.skipped))
+    let spec = args.method.weight_spec()?;
+    if let Some(run) = &args.run {
+        check_output_placement(&args.out, &[run.as_path()])?;
+    }
+    let (inputs, skipped) = selection.select(&series, from_run)?.into_inputs();
+    let weights = spec.weights(inputs.len())?;
+    let plan = MergePlan::build(inputs, weights, args.output.config(&args.out))?;
+    check_plan_output(&plan, &args.out)?;
+    Ok((plan, skipped))
 }
 
 /// Runs `pma merge`.
@@ -235,20 +243,20 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             );
         }
     }
-    let threads = args.output.threads();
+    let threads = args.output.threads()?;
     if args.dry_run {
         let summary = plan.summary(threads);
         if args.json {
-            print_json(
-                &serde_json::json!({ "schema_version": 1, "dry_run": true, "plan": summary }),
-            )?;
+            print_json(&versioned(
+                serde_json::json!({ "dry_run": true, "plan": summary }),
+            ))?;
         } else {
             print_plan(&summary, &args.out);
         }
         return Ok(ExitCode::SUCCESS);
     }
     let interrupted = crate::cmd::interrupt_flag();
-    let bar = ByteBar::new("merging", args.quiet || args.json);
+    let bar = ByteBar::new("merging", progress::shown(args.quiet, args.json));
     let opts = ExecOptions {
         threads,
         overwrite: args.overwrite,
@@ -266,9 +274,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         }
     }
     if args.json {
-        print_json(
-            &serde_json::json!({ "schema_version": 1, "dry_run": false, "report": report }),
-        )?;
+        print_json(&versioned(
+            serde_json::json!({ "dry_run": false, "report": report }),
+        ))?;
     } else if !args.quiet {
         print_report(&report);
     }
@@ -331,20 +339,4 @@ fn print_report(r: &MergeReport) {
         human(r.read_bytes_per_sec as u64),
         human(r.plan.bytes_written),
     );
-}
-
-/// Bytes in human units (decimal, like `ls -h --si`).
-pub fn human(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "kB", "MB", "GB", "TB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1000.0 && u < UNITS.len() - 1 {
-        v /= 1000.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.2} {}", UNITS[u])
-    }
 }

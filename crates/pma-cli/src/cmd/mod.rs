@@ -12,6 +12,7 @@ pub mod diff;
 pub mod eval;
 pub mod inspect;
 pub mod merge;
+pub mod render;
 #[cfg(feature = "lab")]
 pub mod train;
 pub mod watch;
@@ -54,13 +55,4 @@ pub fn interrupt_flag() -> &'static std::sync::atomic::AtomicBool {
         }
     });
     &INTERRUPTED
-}
-
-/// Pretty JSON on stdout, followed by a newline.
-pub fn print_json(v: &serde_json::Value) -> anyhow::Result<()> {
-    use std::io::Write;
-    let mut out = std::io::stdout().lock();
-    serde_json::to_writer_pretty(&mut out, v)?;
-    writeln!(out)?;
-    Ok(())
 }

@@ -1,63 +1,21 @@
 //! `pma watch`: keep the merge of a running job's newest checkpoints up to date, crash-safely.
 //!
 //! The library does the watching and reports events; this module turns flags into a
-//! [`WatchConfig`], appends every event as one JSON line to the log, and renders it on stderr
-//! (or as JSON lines on stdout with `--json`).
+//! [`WatchConfig`], and its event sink appends every event as one JSON line to the log, renders
+//! it on stderr (or as JSON lines on stdout with `--json`) and runs `--exec` on each new output.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use pma_format::FloatDtype;
-use pma_merge::watch::{
-    Averaging, WatchConfig, WatchEvent, WindowMethod, EVENT_LOG_NAME, EVENT_SCHEMA_VERSION,
-};
+use pma_merge::watch::{Averaging, WatchConfig, WatchEvent, EVENT_LOG_NAME, MAX_WAIT};
+use serde::Serialize;
 
-use super::merge::{human, OutputArgs, SelectArgs};
-
-/// Averaging method of `pma watch`: the windowed methods of `pma merge`, plus `ema-stream`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum WatchMethodArg {
-    /// Simple moving average over the window: w_i = 1/N.
-    Sma,
-    /// Exponential moving average over the window: w_N = α, w_1 = (1−α)^(N−1).
-    Ema,
-    /// Weighted moving average over the window: w_i ∝ i, newest heaviest.
-    Wma,
-    /// EMA over the whole history, updated once per checkpoint: E = (1−α)·E + α·x.
-    EmaStream,
-}
-
-/// How to weight the checkpoints (the flags of `pma merge`, plus ema-stream).
-#[derive(Debug, Clone, clap::Args)]
-pub struct WatchMethodArgs {
-    /// Averaging method.
-    #[arg(
-        long,
-        value_enum,
-        required_unless_present = "weights",
-        conflicts_with = "weights"
-    )]
-    pub method: Option<WatchMethodArg>,
-    /// EMA smoothing: the newest checkpoint's weight (ema and ema-stream).
-    #[arg(long, default_value_t = 0.2)]
-    pub alpha: f64,
-    /// Explicit weights, oldest first (instead of --method; needs --last equal to their count).
-    #[arg(long, value_delimiter = ',', allow_negative_numbers = true)]
-    pub weights: Option<Vec<f64>>,
-    /// Rescale --weights to sum to 1.
-    #[arg(long, requires = "weights")]
-    pub normalize: bool,
-    /// SMA by a running f64 sum: each update reads only the new checkpoint, the one leaving the
-    /// window and the sum (may differ from an exact recompute by 1 ulp in rare elements).
-    #[arg(long)]
-    pub incremental: bool,
-    /// Dtype of the ema-stream state kept between updates.
-    #[arg(long, default_value = "f32", value_parser = parse_state_dtype)]
-    pub state_dtype: FloatDtype,
-}
+use super::merge::{MethodArg, MethodArgs, OutputArgs, SelectArgs};
+use super::render::{human, print_json_line, versioned};
 
 /// Arguments of `pma watch`.
 #[derive(Debug, clap::Args)]
@@ -69,7 +27,14 @@ pub struct Args {
     #[arg(long, value_name = "MERGED_DIR")]
     pub out: PathBuf,
     #[command(flatten)]
-    pub method: WatchMethodArgs,
+    pub method: MethodArgs,
+    /// SMA by a running f64 sum: each update reads only the new checkpoint, the one leaving the
+    /// window and the sum (may differ from an exact recompute by 1 ulp in rare elements).
+    #[arg(long)]
+    pub incremental: bool,
+    /// Dtype of the ema-stream state kept between updates.
+    #[arg(long, default_value = "f32", value_parser = parse_state_dtype)]
+    pub state_dtype: FloatDtype,
     #[command(flatten)]
     pub select: SelectArgs,
     #[command(flatten)]
@@ -112,8 +77,18 @@ fn parse_state_dtype(s: &str) -> Result<FloatDtype, String> {
     }
 }
 
+/// Seconds as a duration of at most [`MAX_WAIT`] (a day): longer waits are a unit mistake, and
+/// far longer ones overflow the clock.
 fn seconds(v: f64, flag: &str) -> anyhow::Result<Duration> {
-    Duration::try_from_secs_f64(v).with_context(|| format!("{flag} {v} is not a valid duration"))
+    let d = Duration::try_from_secs_f64(v)
+        .with_context(|| format!("{flag} {v} is not a valid duration"))?;
+    if d > MAX_WAIT {
+        bail!(
+            "{flag} {v} is longer than a day ({} seconds), the most accepted",
+            MAX_WAIT.as_secs()
+        );
+    }
+    Ok(d)
 }
 
 impl TryFrom<&Args> for WatchConfig {
@@ -124,20 +99,19 @@ impl TryFrom<&Args> for WatchConfig {
         if selection.at.is_some() {
             bail!("--at fixes the window's end; pma watch follows the newest checkpoint");
         }
-        let m = &args.method;
-        let averaging = match (m.method, &m.weights) {
-            (Some(WatchMethodArg::EmaStream), _) => {
-                if selection.last.is_some() || selection.every.is_some() || m.incremental {
+        let averaging = match args.method.method {
+            Some(MethodArg::EmaStream) if args.method.weights.is_none() => {
+                if selection.last.is_some() || selection.every.is_some() || args.incremental {
                     bail!(
                         "ema-stream averages the whole history: drop --last/--every/--incremental"
                     );
                 }
                 Averaging::EmaStream {
-                    alpha: m.alpha,
-                    state_dtype: m.state_dtype,
+                    alpha: args.method.alpha,
+                    state_dtype: args.state_dtype,
                 }
             }
-            (Some(WatchMethodArg::Sma), None) if m.incremental => {
+            Some(MethodArg::Sma) if args.incremental && args.method.weights.is_none() => {
                 if selection.every.is_some() {
                     bail!("--incremental slides over consecutive checkpoints; drop --every");
                 }
@@ -146,31 +120,32 @@ impl TryFrom<&Args> for WatchConfig {
                     min: selection.min,
                 }
             }
-            _ if m.incremental => bail!("--incremental works with --method sma only"),
-            (method, weights) => Averaging::Window {
-                method: match (method, weights) {
-                    (_, Some(w)) => WindowMethod::Explicit {
-                        values: w.clone(),
-                        normalize: m.normalize,
-                    },
-                    (Some(WatchMethodArg::Sma), None) => WindowMethod::Sma,
-                    (Some(WatchMethodArg::Ema), None) => WindowMethod::Ema { alpha: m.alpha },
-                    (Some(WatchMethodArg::Wma), None) => WindowMethod::Wma,
-                    _ => bail!("give --method or --weights"),
-                },
-                last: selection.last,
-                every: selection.every,
-                min: selection.min,
-            },
+            _ if args.incremental => bail!("--incremental works with --method sma only"),
+            _ => {
+                if selection.last.is_none() {
+                    bail!(
+                        "a windowed watch needs --last N: without it every checkpoint stays \
+                         pinned in MERGED_DIR/.pma-watch forever, so the trainer's \
+                         save_total_limit frees no disk and the disk fills under the run. \
+                         Give --last N, or average the whole history with --incremental \
+                         (--method sma) or --method ema-stream, which keep no pins"
+                    );
+                }
+                Averaging::Window {
+                    method: args.method.weight_spec()?,
+                    last: selection.last,
+                    every: selection.every,
+                    min: selection.min,
+                }
+            }
         };
         let config = WatchConfig {
             averaging,
             out_dtype: args.output.dtype,
             max_shard_bytes: args.output.max_shard_size,
             allow_nonfinite: args.output.allow_nonfinite,
-            threads: args.output.threads(),
+            threads: args.output.threads,
             keep: args.keep,
-            exec: args.exec.clone(),
             once: args.once,
             interval: seconds(args.interval, "--interval")?,
             settle: seconds(args.settle, "--settle")?,
@@ -178,6 +153,9 @@ impl TryFrom<&Args> for WatchConfig {
             ..WatchConfig::new(args.run_dir.clone(), args.out.clone())
         };
         config.validate()?;
+        // Checked here as well as in the library: the event log is created inside MERGED_DIR
+        // before the library runs, and must not land in the run dir either.
+        pma_merge::check_output_placement(&config.out_dir, &[config.run_dir.as_path()])?;
         Ok(config)
     }
 }
@@ -199,17 +177,32 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("opening the event log {}", log_path.display()))?;
     let stop = crate::cmd::interrupt_flag();
     let mut log_error: Option<std::io::Error> = None;
-    let mut sink = |event: &WatchEvent| {
-        let line = event_line(event);
+    let mut emit = |record: serde_json::Value, text: String| {
+        let record = stamped(record);
         // One write per line, so concurrent readers (tail -f) never see half a record.
-        if let Err(e) = log.write_all(line.as_bytes()) {
+        if let Err(e) = log.write_all(format!("{record}\n").as_bytes()) {
             log_error.get_or_insert(e);
         }
         if args.json {
-            let mut out = std::io::stdout().lock();
-            let _ = out.write_all(line.as_bytes()).and_then(|()| out.flush());
+            // A closed stdout must not stop the watcher: the log still has every event.
+            let _ = print_json_line(&record);
         } else if !args.quiet {
-            eprintln!("{}", render(event));
+            eprintln!("{text}");
+        }
+    };
+    let mut sink = |event: &WatchEvent| {
+        emit(
+            serde_json::to_value(event).expect("events serialize"),
+            render(event),
+        );
+        if let (WatchEvent::Merged { output, .. }, Some(cmd)) = (event, &args.exec) {
+            // The update is committed before `Merged` is sent, so the hook sees a durable
+            // output; a failing hook is logged and the watcher goes on.
+            let done = run_exec(cmd, output);
+            emit(
+                serde_json::to_value(&done).expect("exec records serialize"),
+                done.render(),
+            );
         }
     };
     let report = pma_merge::watch::run(&config, stop, &mut sink)
@@ -218,8 +211,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         eprintln!("warning: writing the event log {}: {e}", log_path.display());
     }
     if args.json {
-        let v = serde_json::json!({ "schema_version": EVENT_SCHEMA_VERSION, "report": report });
-        println!("{v}");
+        print_json_line(&versioned(serde_json::json!({ "report": report })))?;
     } else if !args.quiet {
         eprintln!(
             "{} checkpoint(s) processed, {} merged output(s) written{}",
@@ -235,17 +227,83 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// One log record: the event plus a schema version and a Unix timestamp.
-fn event_line(event: &WatchEvent) -> String {
-    let mut v = serde_json::to_value(event).expect("events serialize");
+/// A log record: the event plus the schema version and a Unix timestamp.
+fn stamped(record: serde_json::Value) -> serde_json::Value {
+    let time = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64());
+    let mut v = versioned(record);
     if let serde_json::Value::Object(map) = &mut v {
-        let time = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0.0, |d| d.as_secs_f64());
-        map.insert("schema_version".into(), EVENT_SCHEMA_VERSION.into());
         map.insert("time".into(), time.into());
     }
-    format!("{v}\n")
+    v
+}
+
+/// The `--exec` command's run on one output, logged as an `exec` event.
+#[derive(Debug, Serialize)]
+#[serde(tag = "event", rename = "exec")]
+struct ExecDone {
+    /// The command as run.
+    command: String,
+    /// The output it ran on.
+    output: PathBuf,
+    /// Whether it exited 0.
+    success: bool,
+    /// Its exit code (`None` if killed by a signal or not started).
+    code: Option<i32>,
+    /// Why it could not start, if it did not.
+    error: Option<String>,
+    /// How long it ran, in seconds.
+    elapsed_secs: f64,
+}
+
+impl ExecDone {
+    fn render(&self) -> String {
+        match (self.success, &self.error) {
+            (true, _) => format!("exec ok ({:.1}s): {}", self.elapsed_secs, self.command),
+            (false, Some(e)) => format!("exec could not start: {}: {e}", self.command),
+            (false, None) => format!(
+                "exec failed (exit {}): {}",
+                self.code.map_or("signal".into(), |c| c.to_string()),
+                self.command
+            ),
+        }
+    }
+}
+
+/// Runs `--exec` through `sh -c`, `{}` replaced by the quoted output path (appended when the
+/// command has no `{}`). Its stdout goes to our stderr, keeping our stdout for data.
+fn run_exec(cmd: &str, output: &Path) -> ExecDone {
+    let quoted = shell_quote(&output.display().to_string());
+    let command = if cmd.contains("{}") {
+        cmd.replace("{}", &quoted)
+    } else {
+        format!("{cmd} {quoted}")
+    };
+    let started = Instant::now();
+    let status = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(&command)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::io::stderr())
+        .status();
+    let elapsed_secs = started.elapsed().as_secs_f64();
+    let (success, code, error) = match status {
+        Ok(s) => (s.success(), s.code(), None),
+        Err(e) => (false, None, Some(e.to_string())),
+    };
+    ExecDone {
+        command,
+        output: output.into(),
+        success,
+        code,
+        error,
+        elapsed_secs,
+    }
+}
+
+fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
 }
 
 fn render(event: &WatchEvent) -> String {
@@ -285,20 +343,15 @@ fn render(event: &WatchEvent) -> String {
         ),
         WatchEvent::Unpinned { step } => format!("unpinned: step {step}"),
         WatchEvent::Pruned { output } => format!("pruned: {}", output.display()),
-        WatchEvent::Exec {
-            command,
-            success,
-            code,
-            error,
-            elapsed_secs,
-            ..
-        } => match (success, error) {
-            (true, _) => format!("exec ok ({elapsed_secs:.1}s): {command}"),
-            (false, Some(e)) => format!("exec could not start: {command}: {e}"),
-            (false, None) => format!(
-                "exec failed (exit {}): {command}",
-                code.map_or("signal".into(), |c| c.to_string())
-            ),
-        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shell_quoting_survives_quotes() {
+        assert_eq!(shell_quote("a'b"), "'a'\\''b'");
     }
 }

@@ -61,6 +61,10 @@ pub struct WatchState {
     pub tensor_file: Option<String>,
     /// Merged outputs kept in the output dir (names like `step-0001000`), oldest first.
     pub outputs: Vec<String>,
+    /// Outputs this state's update pruned (`keep`): deleted right after the commit, and again
+    /// by [`collect_garbage`] if a kill came first. The only outputs pma ever deletes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pruning: Vec<String>,
 }
 
 impl WatchState {
@@ -74,6 +78,7 @@ impl WatchState {
             members: Vec::new(),
             tensor_file: None,
             outputs: Vec::new(),
+            pruning: Vec::new(),
         }
     }
 
@@ -136,8 +141,9 @@ pub fn step_dir_name(step: u64) -> String {
 
 /// Removes what a killed update left behind: temp files, tensor files and pins the committed
 /// state does not use (pins of steps not yet processed are kept: they are complete, renamed
-/// into place, and may be the only copy left once the trainer rotates), and outputs that were
-/// pruned after a commit but not yet deleted.
+/// into place, and may be the only copy left once the trainer rotates), and outputs that the
+/// state records as pruned but that a kill left in place. In the output dir it deletes nothing
+/// else: a `step-*` it does not find in `pruning` may be anyone's.
 pub fn collect_garbage(state_dir: &Path, out_dir: &Path, state: &WatchState) -> Result<()> {
     let _ = std::fs::remove_file(state_dir.join(format!(".{STATE_FILE_NAME}.tmp")));
     let tensors = state_dir.join(TENSORS_DIR);
@@ -161,15 +167,13 @@ pub fn collect_garbage(state_dir: &Path, out_dir: &Path, state: &WatchState) -> 
         }
     }
     let outputs: BTreeSet<&str> = state.outputs.iter().map(String::as_str).collect();
+    let pruning: BTreeSet<&str> = state.pruning.iter().map(String::as_str).collect();
     for name in list_names(out_dir)? {
         if name.starts_with(".step-") && name.contains(".pma-tmp-") {
             remove_any(&out_dir.join(&name)); // a staged output of a killed update
             continue;
         }
-        let pruned = name.starts_with("step-")
-            && crate::series::parse_step(&name).is_some_and(|s| last.is_some_and(|l| s <= l))
-            && !outputs.contains(name.as_str());
-        if pruned {
+        if pruning.contains(name.as_str()) && !outputs.contains(name.as_str()) {
             remove_any(&out_dir.join(&name));
         }
     }
@@ -279,6 +283,7 @@ mod tests {
         }];
         s.tensor_file = Some(tensor_file_name(1));
         s.outputs = vec!["step-0000200".into()];
+        s.pruning = vec!["step-0000100".into()];
         collect_garbage(&sd, root.path(), &s).unwrap();
         assert_eq!(
             list_names(&sd.join(PINS_DIR)).unwrap(),
@@ -291,6 +296,31 @@ mod tests {
         assert_eq!(
             list_names(root.path()).unwrap(),
             vec![".pma-watch", "step-0000200"]
+        );
+    }
+
+    #[test]
+    fn garbage_collection_never_deletes_a_step_dir_the_state_does_not_record_as_pruned() {
+        // Issue 11: a watcher pointed at a run dir (or any dir with others' step-* entries)
+        // deleted every step-* at or below its last step that was not one of its outputs.
+        let root = tempfile::tempdir().unwrap();
+        let sd = root.path().join(".pma-watch");
+        std::fs::create_dir_all(sd.join(PINS_DIR)).unwrap();
+        std::fs::create_dir_all(sd.join(TENSORS_DIR)).unwrap();
+        for o in ["step-0000050", "step-0000100", "checkpoint-100"] {
+            std::fs::create_dir_all(root.path().join(o)).unwrap();
+        }
+        let mut s = WatchState::new(String::new());
+        s.processed = vec![100, 200];
+        collect_garbage(&sd, root.path(), &s).unwrap();
+        assert_eq!(
+            list_names(root.path()).unwrap(),
+            vec![
+                ".pma-watch",
+                "checkpoint-100",
+                "step-0000050",
+                "step-0000100"
+            ]
         );
     }
 }
