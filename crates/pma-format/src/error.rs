@@ -322,16 +322,14 @@ pub enum Error {
         found: u64,
     },
     /// A read asked for a region or element range outside the tensor (a caller bug).
-    #[error("tensor '{tensor}' of shape {shape:?}: region at {offsets:?} of size {sizes:?}, elements {elems:?}, is out of bounds")]
+    #[error("tensor '{tensor}' of shape {shape:?}: region at {:?} of size {:?}, elements {elems:?}, is out of bounds", region.offsets, region.sizes)]
     RegionOutOfBounds {
         /// The tensor.
         tensor: String,
         /// Its shape.
         shape: Vec<u64>,
-        /// Region offsets.
-        offsets: Vec<u64>,
-        /// Region sizes.
-        sizes: Vec<u64>,
+        /// The region asked for (boxed: it would make every `Result` of this crate larger).
+        region: Box<crate::Region>,
         /// The element range asked for.
         elems: std::ops::Range<u64>,
     },

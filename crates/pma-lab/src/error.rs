@@ -11,8 +11,10 @@ use std::path::PathBuf;
 #[non_exhaustive]
 pub enum Error {
     /// Reading or writing a safetensors file or checkpoint directory failed.
+    /// (Boxed: the format crate's error carries paths, names and shapes, and would make every
+    /// lab `Result` large.)
     #[error(transparent)]
-    Format(#[from] pma_format::Error),
+    Format(Box<pma_format::Error>),
     /// A tensor operation failed (shape mismatch inside the model, allocation, device).
     #[error("tensor op: {0}")]
     Candle(#[from] candle_core::Error),
@@ -145,6 +147,12 @@ pub enum Error {
         /// The global gradient norm.
         grad_norm: f64,
     },
+}
+
+impl From<pma_format::Error> for Error {
+    fn from(e: pma_format::Error) -> Error {
+        Error::Format(Box::new(e))
+    }
 }
 
 /// Result with the lab's [`Error`].

@@ -216,8 +216,7 @@ impl ChunkedTensor {
         Error::RegionOutOfBounds {
             tensor: self.name.clone(),
             shape: self.shape.clone(),
-            offsets: region.offsets.clone(),
-            sizes: region.sizes.clone(),
+            region: Box::new(region.clone()),
             elems: elems.clone(),
         }
     }
