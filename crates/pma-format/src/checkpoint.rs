@@ -57,10 +57,33 @@ impl ShardIndex {
             });
         }
         let text = std::fs::read(path).map_err(|e| Error::io(path, "reading", e))?;
-        serde_json::from_slice(&text).map_err(|e| Error::MalformedHeader {
-            path: path.into(),
-            reason: format!("index: {e}"),
-        })
+        ShardIndex::parse(path, &text)
+    }
+
+    /// Parses an index document (`path` is only used in errors) and checks that every shard
+    /// name is a plain file name: one path component, so it can neither escape the checkpoint
+    /// directory nor collide with another shard once pinned flat.
+    pub fn parse(path: &Path, bytes: &[u8]) -> Result<ShardIndex> {
+        let index: ShardIndex =
+            serde_json::from_slice(bytes).map_err(|e| Error::MalformedHeader {
+                path: path.into(),
+                reason: format!("index: {e}"),
+            })?;
+        for (tensor, shard) in &index.weight_map {
+            let mut parts = Path::new(shard.as_str()).components();
+            let plain = matches!(
+                (parts.next(), parts.next()),
+                (Some(std::path::Component::Normal(n)), None) if n == shard.as_str()
+            );
+            if !plain {
+                return Err(Error::IndexMismatch {
+                    path: path.into(),
+                    tensor: tensor.clone(),
+                    reason: format!("shard name '{shard}' is not a plain file name"),
+                });
+            }
+        }
+        Ok(index)
     }
 }
 
@@ -134,17 +157,7 @@ impl Checkpoint {
                 .find(|(_, f)| f == shard)
                 .map(|(t, _)| t.clone())
                 .unwrap_or_default();
-            // Reject names that would escape the checkpoint directory.
-            let plain = Path::new(shard.as_str())
-                .components()
-                .all(|c| matches!(c, std::path::Component::Normal(_)));
-            if !plain || shard.is_empty() {
-                return Err(Error::IndexMismatch {
-                    path: index_path.into(),
-                    tensor,
-                    reason: format!("shard name '{shard}' is not a plain file name"),
-                });
-            }
+            // ShardIndex::parse checked the name is one plain component.
             let shard_path = dir.join(shard.as_str());
             if !shard_path.is_file() {
                 return Err(Error::MissingShard {
@@ -243,6 +256,14 @@ impl Checkpoint {
     /// The file holding `tensor`.
     pub fn file_of(&self, tensor: &TensorRef) -> &SafetensorsFile {
         &self.files[tensor.file]
+    }
+
+    /// Fails, naming the file, if a read of any of this checkpoint's files hit a truncation
+    /// since it was opened (see [`crate::fault`]).
+    pub fn check_faults(&self) -> Result<()> {
+        self.files
+            .iter()
+            .try_for_each(SafetensorsFile::check_faults)
     }
 
     /// The bytes of `tensor`.
