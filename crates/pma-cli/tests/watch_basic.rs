@@ -464,7 +464,7 @@ fn restart_with_other_settings_is_refused() {
     watch(&run, &out)
         .args(["--method", "sma", "--last", "3", "--once"])
         .assert()
-        .code(2)
+        .code(1)
         .stderr(predicates::str::contains("watch state was made with"));
 }
 

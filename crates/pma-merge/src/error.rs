@@ -143,6 +143,22 @@ pub enum Error {
         /// The lock file.
         path: PathBuf,
     },
+    /// A checkpoint file cannot be pinned safely.
+    #[error("{}: cannot pin: {reason}", path.display())]
+    PinRefused {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// A pinned window member changed while an update read it; the update was not committed.
+    #[error("pinned checkpoint of step {step} changed during the update: {reason}")]
+    PinChanged {
+        /// The member's step.
+        step: u64,
+        /// What changed.
+        reason: String,
+    },
 }
 
 /// `Result` with this crate's [`Error`].

@@ -60,7 +60,21 @@ pub fn interrupt_flag() -> &'static std::sync::atomic::AtomicBool {
 pub fn print_json(v: &serde_json::Value) -> anyhow::Result<()> {
     use std::io::Write;
     let mut out = std::io::stdout().lock();
-    serde_json::to_writer_pretty(&mut out, v)?;
+    // As an io::Error, so a closed pipe is recognised as one (exit 0).
+    serde_json::to_writer_pretty(&mut out, v).map_err(std::io::Error::from)?;
     writeln!(out)?;
     Ok(())
 }
+
+/// An error in the arguments that clap cannot see (two options that exclude each other, a
+/// missing input): exits 2 like clap's own usage errors, not 1 like a data error.
+#[derive(Debug)]
+pub struct UsageError(pub String);
+
+impl std::fmt::Display for UsageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UsageError {}

@@ -219,7 +219,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     }
     if args.json {
         let v = serde_json::json!({ "schema_version": EVENT_SCHEMA_VERSION, "report": report });
-        println!("{v}");
+        outln!("{v}")?;
     } else if !args.quiet {
         eprintln!(
             "{} checkpoint(s) processed, {} merged output(s) written{}",
@@ -283,6 +283,19 @@ fn render(event: &WatchEvent) -> String {
             human(*read_bytes),
             human(*written_bytes),
         ),
+        WatchEvent::PinDamaged {
+            step,
+            reason,
+            repinned,
+        } => format!(
+            "pin damaged: step {step}: {reason}; {}",
+            if *repinned {
+                "pinned again from the trainer's copy"
+            } else {
+                "dropped from the window"
+            }
+        ),
+        WatchEvent::UpdateRetried { reason } => format!("update retried: {reason}"),
         WatchEvent::Unpinned { step } => format!("unpinned: step {step}"),
         WatchEvent::Pruned { output } => format!("pruned: {}", output.display()),
         WatchEvent::Exec {

@@ -327,6 +327,21 @@ pub enum WatchEvent {
         /// Bytes written (output plus tensor state).
         written_bytes: u64,
     },
+    /// A pinned member's files changed (an in-place rewrite by the trainer, a disk fault):
+    /// it was pinned again from the trainer's copy, or dropped from the window.
+    PinDamaged {
+        /// Its step.
+        step: u64,
+        /// What changed.
+        reason: String,
+        /// Pinned again (true) or dropped from the window (false).
+        repinned: bool,
+    },
+    /// An update found an input changed under it and was not committed; it is tried again.
+    UpdateRetried {
+        /// What changed.
+        reason: String,
+    },
     /// A pin was released: the checkpoint left the window.
     Unpinned {
         /// Its step.
@@ -380,13 +395,26 @@ pub fn run(
     let mut watcher = Watcher::open(config, sink)?;
     let mut report = WatchReport::default();
     let mut wakeup = wake::Wakeup::new(&config.run_dir);
+    let mut retries = 0;
     loop {
-        let settling = watcher.poll(stop, &mut report, sink)?;
+        // An input changed under an update (pins.rs): nothing was committed; try again, and the
+        // damaged member is re-pinned or dropped.
+        let settling = match watcher.poll(stop, &mut report, sink) {
+            Err(e) if pins::is_damage(&e) && retries < 3 => {
+                retries += 1;
+                sink(&WatchEvent::UpdateRetried {
+                    reason: e.to_string(),
+                });
+                continue;
+            }
+            r => r?,
+        };
         if stop.load(Ordering::SeqCst) {
             report.interrupted = true;
             break;
         }
-        if config.once {
+        // --once still waits out the settle interval of a checkpoint that is otherwise complete.
+        if config.once && !(settling && watcher.tracker.settling_complete()) {
             break;
         }
         // A settling checkpoint is looked at again once its settle interval can have passed,
@@ -522,7 +550,7 @@ impl<'c> Watcher<'c> {
             // but files can still go missing from it (a disk fault, a hand-run `rm`): it is
             // checked again, and rebuilt from the trainer's copy if it no longer validates.
             let pin = pin.filter(|p| {
-                let valid = Checkpoint::open(p).is_ok();
+                let valid = pins::verify(p).is_ok();
                 if !valid {
                     remove_any(p);
                 }
@@ -616,6 +644,7 @@ impl<'c> Watcher<'c> {
     ) -> Result<Option<PathBuf>> {
         let started = Instant::now();
         let config = self.config;
+        pins::recheck_members(&self.pins_dir(), &mut self.state.members, sink);
         let source = source.map_or_else(|| pin.to_path_buf(), Path::to_path_buf);
         let mut history = self.state.members.clone();
         history.push(Member {
@@ -755,6 +784,7 @@ impl<'c> Watcher<'c> {
         }
         // The commit point. Everything before it is redone after a crash; everything after it
         // only removes what the new state no longer refers to.
+        pins::check_unchanged(&self.pins_dir(), &history)?;
         next.save(&self.state_dir)?;
         let old = std::mem::replace(&mut self.state, next);
         if old.tensor_file != self.state.tensor_file {
