@@ -292,16 +292,21 @@ fn settle_waits_for_recently_changed_files() {
     let d = tempfile::tempdir().unwrap();
     let run = d.path().join("run");
     let ckpts = make_run(&run, 2, 100);
+    // Old mtimes prove nothing (they come from the file server's clock): --once looks twice,
+    // the settle interval apart on our own monotonic clock, and waits for that.
     set_mtime_back(&ckpts[0], 120);
-    let out = d.path().join("out");
+    let first = d.path().join("first");
+    let started = Instant::now();
     let mut cmd = pma();
-    cmd.arg("watch").arg(&run).arg("--out").arg(&out);
-    cmd.args(["--method", "sma", "--once", "--quiet", "--settle", "60"]);
+    cmd.arg("watch").arg(&run).arg("--out").arg(&first);
+    cmd.args(["--method", "sma", "--once", "--quiet", "--settle", "1"]);
     cmd.assert().success();
-    assert_eq!(state(&out)["processed"], serde_json::json!([100]));
-    let waiting = events_of(&out, "waiting");
-    assert_eq!(waiting[0]["step"], 200);
+    assert!(started.elapsed() >= Duration::from_secs(1));
+    assert_eq!(state(&first)["processed"], serde_json::json!([100, 200]));
+    let waiting = events_of(&first, "waiting");
+    assert_eq!(waiting[0]["step"], 100);
     assert!(waiting[0]["reason"].as_str().unwrap().contains("settling"));
+    let out = d.path().join("out");
     // A daemon watcher takes it only once its files have stopped changing for the interval:
     // a stand-in for a trainer still writing (optimizer state, say) appends for 1.5 s.
     let grower = {
@@ -849,23 +854,21 @@ fn a_damaged_pending_pin_is_rebuilt_from_the_trainers_copy() {
     let d = tempfile::tempdir().unwrap();
     let run = d.path().join("run");
     let ckpts = make_run(&run, 2, 100);
-    // Step 100 is still settling, step 200 is not: 200 gets pinned, and waits behind 100.
-    set_mtime_back(&ckpts[1], 120);
     let out = d.path().join("out");
     let once = |out: &Path| {
         let mut c = pma();
         c.arg("watch").arg(&run).arg("--out").arg(out);
         c.args([
-            "--method", "sma", "--last", "2", "--once", "--quiet", "--settle", "60",
+            "--method", "sma", "--last", "2", "--once", "--quiet", "--settle", "0",
         ]);
         c.assert().success();
     };
-    once(&out);
+    // A pin of step 200 left by an earlier run (200 was pinned while 100 still settled), then
+    // damaged: its weights are gone.
     let pin = out.join(".pma-watch/pins/step-0000200");
-    assert!(pin.join("model.safetensors").is_file());
+    std::fs::create_dir_all(&pin).unwrap();
+    std::fs::copy(ckpts[1].join("config.json"), pin.join("config.json")).unwrap();
     assert!(try_state(&out).is_none(), "nothing processed yet");
-    std::fs::remove_file(pin.join("model.safetensors")).unwrap();
-    set_mtime_back(&ckpts[0], 120);
     once(&out);
     assert_eq!(state(&out)["processed"], serde_json::json!([100, 200]));
     let reference = d.path().join("reference");

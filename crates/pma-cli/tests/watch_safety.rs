@@ -89,12 +89,17 @@ fn trainer_rewrite_in_place_changed_pinned_bytes() {
     // A rollback rewrites step 200 in place (open with O_TRUNC, as save_pretrained does),
     // first truncating it to nothing, then writing other weights.
     let file = ck200.join("model.safetensors");
+    let rewrite =
+        std::fs::read(write_step(&d.path().join("rollback"), 200, 5.0).join("model.safetensors"))
+            .unwrap();
     std::fs::OpenOptions::new()
         .write(true)
         .truncate(true)
         .open(&file)
         .unwrap();
-    write_step(&run, 200, 5.0);
+    std::thread::sleep(Duration::from_millis(300));
+    // Same inode, other bytes.
+    std::fs::write(&file, rewrite).unwrap();
     let ck300 = write_step(&run, 300, 2.0);
     let done = wait_for(Duration::from_secs(60), || {
         merged_steps(&out).contains(&300)
