@@ -26,13 +26,15 @@
 //! always copied; a sidecar that links out of the checkpoint is not pinned (see
 //! [`pma_format::sidecar`]). Shard names with a directory part are refused: pins are flat.
 //!
-//! Measured on this machine (ext4 on a virtio disk, 2 shared cores; no reflink on ext4), pinning
-//! one 1 GiB file, median of 3, page cache warm:
-//! - reflink: not supported on ext4 (`EOPNOTSUPP` in 0.02 ms, then the next method);
-//! - copy (`copy_file_range` + fsync): 1.9 s (≈ 550 MB/s), plus 1 GiB of disk;
-//! - hard link: 0.03 ms, no disk.
+//! Measured on the development machine (ext4 on a virtio disk, 2 cores shared with other
+//! builds; ext4 has no reflink), pinning one 1 GiB file, 3 rounds, source in the page cache:
+//! - reflink: not supported on ext4, `EOPNOTSUPP` after 0.07–0.16 ms, then the next method;
+//! - copy (`copy_file_range` + fsync): 5.4, 6.7 and 10.5 s under load (100–200 MB/s); 2.0 s
+//!   (`cp` + `sync`) when the disk was quieter; plus 1 GiB of disk per pinned GiB;
+//! - hard link: 0.08–0.17 ms, no disk.
 //!
-//! (`cargo test -p pma-merge --release --lib pin_cost -- --ignored --nocapture` repeats it.)
+//! (`PMA_PIN_BENCH_DIR=/some/fs cargo test -p pma-merge --lib pin_cost -- --ignored
+//! --nocapture` repeats it on the filesystem to be used.)
 //! On a reflink filesystem a pin costs what a link costs, so that is where a watcher beside a
 //! large run belongs; on ext4 a window of N members costs N checkpoint copies.
 //!
@@ -575,8 +577,9 @@ mod tests {
     #[test]
     #[ignore = "writes 3 GiB; run by hand with --release --nocapture"]
     fn pin_cost() {
-        let dir =
-            tempfile::tempdir_in(std::env::var("PMA_PIN_BENCH_DIR").unwrap_or(".".into())).unwrap();
+        let base =
+            std::env::var_os("PMA_PIN_BENCH_DIR").map_or_else(std::env::temp_dir, Into::into);
+        let dir = tempfile::tempdir_in(base).unwrap();
         let src = dir.path().join("src");
         let chunk = vec![0x5au8; 1 << 20];
         let mut f = std::fs::File::create(&src).unwrap();
