@@ -298,3 +298,30 @@ impl Checkpoint {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shard_names_with_subdirectories_were_accepted() {
+        let p = Path::new("model.safetensors.index.json");
+        let ok = br#"{"weight_map":{"a":"model-00001-of-00002.safetensors"}}"#;
+        assert_eq!(ShardIndex::parse(p, ok).unwrap().weight_map.len(), 1);
+        for shard in [
+            "sub/model.safetensors",
+            "../model.safetensors",
+            "/abs",
+            "",
+            ".",
+            "a/",
+        ] {
+            let doc = serde_json::json!({ "weight_map": { "a": shard } }).to_string();
+            let e = ShardIndex::parse(p, doc.as_bytes()).unwrap_err();
+            assert!(
+                matches!(&e, Error::IndexMismatch { reason, .. } if reason.contains("plain")),
+                "{shard:?}: {e}"
+            );
+        }
+    }
+}
