@@ -6,7 +6,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::{bytes_f32, pma, read_tensors, write_ckpt};
+use common::{bytes_f32, events, pma, read_tensors, wait_for, write_ckpt};
 use pma_format::Dtype;
 
 /// Deterministic pseudo-random f32s (xorshift), spread over several binades like real weights.
@@ -66,17 +66,6 @@ fn watch(run: &Path, out: &Path) -> assert_cmd::Command {
     c.arg("watch").arg(run).arg("--out").arg(out);
     c.args(["--settle", "0", "--quiet"]);
     c
-}
-
-/// The event log. Tests that poll it while the watcher appends may catch a line half-written;
-/// only complete lines (ending in a newline) are parsed.
-fn events(out: &Path) -> Vec<serde_json::Value> {
-    let text = std::fs::read_to_string(out.join(".pma-watch/events.jsonl")).unwrap_or_default();
-    let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
-    complete
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
 }
 
 fn events_of(out: &Path, kind: &str) -> Vec<serde_json::Value> {
@@ -471,17 +460,6 @@ fn restart_with_other_settings_is_refused() {
         .assert()
         .code(1)
         .stderr(predicates::str::contains("watch state was made with"));
-}
-
-fn wait_for(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
-    let started = Instant::now();
-    while started.elapsed() < limit {
-        if done() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    false
 }
 
 fn terminate(child: &mut std::process::Child) -> std::process::ExitStatus {

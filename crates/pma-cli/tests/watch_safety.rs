@@ -6,7 +6,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::{f32_bytes, pma, read_tensors, write_ckpt};
+use common::{events, f32_bytes, pma, read_tensors, wait_for, write_ckpt};
 use pma_format::Dtype;
 
 const ELEMS: usize = 1 << 20;
@@ -23,32 +23,12 @@ fn write_step(run: &Path, step: u64, offset: f32) -> PathBuf {
     dir
 }
 
-fn events(out: &Path) -> Vec<serde_json::Value> {
-    let text = std::fs::read_to_string(out.join(".pma-watch/events.jsonl")).unwrap_or_default();
-    let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
-    complete
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
 fn merged_steps(out: &Path) -> Vec<u64> {
     events(out)
         .iter()
         .filter(|e| e["event"] == "merged")
         .map(|e| e["step"].as_u64().unwrap())
         .collect()
-}
-
-fn wait_for(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
-    let started = Instant::now();
-    while started.elapsed() < limit {
-        if done() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    false
 }
 
 #[test]
@@ -140,17 +120,19 @@ fn once_exited_with_0_processed_while_settling() {
     write_step(&run, 200, 1.0);
     // Just written: both are still inside their settle interval.
     let started = Instant::now();
-    pma()
-        .arg("watch")
-        .arg(&run)
-        .arg("--out")
-        .arg(&out)
-        .args([
-            "--method", "sma", "--last", "2", "--once", "--settle", "1", "--quiet",
-        ])
-        .timeout(Duration::from_secs(60))
-        .assert()
-        .success();
+    let once = |settle: &str| {
+        pma()
+            .arg("watch")
+            .arg(&run)
+            .arg("--out")
+            .arg(&out)
+            .args(["--method", "sma", "--last", "2", "--once", "--quiet"])
+            .args(["--settle", settle])
+            .timeout(Duration::from_secs(60))
+            .assert()
+            .success();
+    };
+    once("1");
     assert!(
         started.elapsed() >= Duration::from_secs(1),
         "waited out the settle time"
@@ -160,16 +142,6 @@ fn once_exited_with_0_processed_while_settling() {
     std::fs::create_dir_all(run.join("checkpoint-300")).unwrap();
     std::fs::write(run.join("checkpoint-300/config.json"), b"{}").unwrap();
     let started = Instant::now();
-    pma()
-        .arg("watch")
-        .arg(&run)
-        .arg("--out")
-        .arg(&out)
-        .args([
-            "--method", "sma", "--last", "2", "--once", "--settle", "30", "--quiet",
-        ])
-        .timeout(Duration::from_secs(60))
-        .assert()
-        .success();
+    once("30");
     assert!(started.elapsed() < Duration::from_secs(20));
 }
