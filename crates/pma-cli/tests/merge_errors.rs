@@ -18,7 +18,7 @@ fn merge_fails(inputs: &[&Path], out: &Path, needles: &[&str]) {
     let mut assert = cmd
         .assert()
         .failure()
-        .code(2)
+        .code(1)
         .stderr(predicate::str::starts_with("error: "));
     for n in needles {
         assert = assert.stderr(predicate::str::contains(*n));

@@ -57,10 +57,33 @@ impl ShardIndex {
             });
         }
         let text = std::fs::read(path).map_err(|e| Error::io(path, "reading", e))?;
-        serde_json::from_slice(&text).map_err(|e| Error::MalformedHeader {
-            path: path.into(),
-            reason: format!("index: {e}"),
-        })
+        ShardIndex::parse(path, &text)
+    }
+
+    /// Parses an index document (`path` is only used in errors) and checks that every shard
+    /// name is a plain file name: one path component, so it can neither escape the checkpoint
+    /// directory nor collide with another shard once pinned flat.
+    pub fn parse(path: &Path, bytes: &[u8]) -> Result<ShardIndex> {
+        let index: ShardIndex =
+            serde_json::from_slice(bytes).map_err(|e| Error::MalformedHeader {
+                path: path.into(),
+                reason: format!("index: {e}"),
+            })?;
+        for (tensor, shard) in &index.weight_map {
+            let mut parts = Path::new(shard.as_str()).components();
+            let plain = matches!(
+                (parts.next(), parts.next()),
+                (Some(std::path::Component::Normal(n)), None) if n == shard.as_str()
+            );
+            if !plain {
+                return Err(Error::IndexMismatch {
+                    path: path.into(),
+                    tensor: tensor.clone(),
+                    reason: format!("shard name '{shard}' is not a plain file name"),
+                });
+            }
+        }
+        Ok(index)
     }
 }
 
@@ -134,17 +157,7 @@ impl Checkpoint {
                 .find(|(_, f)| f == shard)
                 .map(|(t, _)| t.clone())
                 .unwrap_or_default();
-            // Reject names that would escape the checkpoint directory.
-            let plain = Path::new(shard.as_str())
-                .components()
-                .all(|c| matches!(c, std::path::Component::Normal(_)));
-            if !plain || shard.is_empty() {
-                return Err(Error::IndexMismatch {
-                    path: index_path.into(),
-                    tensor,
-                    reason: format!("shard name '{shard}' is not a plain file name"),
-                });
-            }
+            // ShardIndex::parse checked the name is one plain component.
             let shard_path = dir.join(shard.as_str());
             if !shard_path.is_file() {
                 return Err(Error::MissingShard {
@@ -245,6 +258,14 @@ impl Checkpoint {
         &self.files[tensor.file]
     }
 
+    /// Fails, naming the file, if a read of any of this checkpoint's files hit a truncation
+    /// since it was opened (see [`crate::fault`]).
+    pub fn check_faults(&self) -> Result<()> {
+        self.files
+            .iter()
+            .try_for_each(SafetensorsFile::check_faults)
+    }
+
     /// The bytes of `tensor`.
     pub fn bytes(&self, tensor: &TensorRef) -> &[u8] {
         self.files[tensor.file].tensor_bytes(&tensor.info)
@@ -275,5 +296,32 @@ impl Checkpoint {
             .map(|n| self.root.join(n))
             .filter(|p| p.is_file())
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shard_names_with_subdirectories_were_accepted() {
+        let p = Path::new("model.safetensors.index.json");
+        let ok = br#"{"weight_map":{"a":"model-00001-of-00002.safetensors"}}"#;
+        assert_eq!(ShardIndex::parse(p, ok).unwrap().weight_map.len(), 1);
+        for shard in [
+            "sub/model.safetensors",
+            "../model.safetensors",
+            "/abs",
+            "",
+            ".",
+            "a/",
+        ] {
+            let doc = serde_json::json!({ "weight_map": { "a": shard } }).to_string();
+            let e = ShardIndex::parse(p, doc.as_bytes()).unwrap_err();
+            assert!(
+                matches!(&e, Error::IndexMismatch { reason, .. } if reason.contains("plain")),
+                "{shard:?}: {e}"
+            );
+        }
     }
 }

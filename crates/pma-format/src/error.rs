@@ -459,6 +459,22 @@ pub enum Error {
         /// Bytes given (so far, when too many).
         found: u64,
     },
+    /// A sidecar file (`config.json`, `tokenizer.json`, ...) that pma will not copy: a symlink
+    /// leading out of the checkpoint, or not a regular file.
+    #[error("{}: not copied as a sidecar: {reason}", path.display())]
+    UnsafeSidecar {
+        /// The sidecar's path in the checkpoint.
+        path: PathBuf,
+        /// Why (where the link leads).
+        reason: String,
+    },
+    /// A mapped file was truncated or rewritten while it was being read (it raised SIGBUS);
+    /// the bytes read from it cannot be trusted.
+    #[error("{}: the file changed while it was being read (truncated under the mapping); its data cannot be trusted", path.display())]
+    FileChangedWhileMapped {
+        /// The file.
+        path: PathBuf,
+    },
 }
 
 /// `Result` with this crate's [`Error`].

@@ -16,11 +16,44 @@ use memmap2::{Advice, Mmap, UncheckedAdvice};
 use crate::error::{Error, Result};
 use crate::header::{Header, TensorInfo};
 
+/// What a file was when it was opened: which inode, and its size and times, to tell later
+/// whether it is still the file that was validated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileStamp {
+    /// Device of the inode.
+    pub dev: u64,
+    /// Inode number.
+    pub ino: u64,
+    /// Length in bytes.
+    pub n_bytes: u64,
+    /// Modification time, nanoseconds since the epoch.
+    pub mtime_ns: i128,
+    /// Status-change time, nanoseconds since the epoch.
+    pub ctime_ns: i128,
+}
+
+impl FileStamp {
+    /// The stamp of an open file or of a path's metadata.
+    pub fn of(meta: &std::fs::Metadata) -> FileStamp {
+        use std::os::unix::fs::MetadataExt;
+        FileStamp {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            n_bytes: meta.len(),
+            mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
+            ctime_ns: i128::from(meta.ctime()) * 1_000_000_000 + i128::from(meta.ctime_nsec()),
+        }
+    }
+}
+
 /// An open safetensors file whose header has been validated against its length.
 #[derive(Debug)]
 pub struct SafetensorsFile {
     path: PathBuf,
     header: Header,
+    stamp: FileStamp,
+    // Declared before `mmap`: unregistered before the mapping goes (fields drop in order).
+    guard: crate::fault::Registration,
     mmap: Mmap,
 }
 
@@ -28,14 +61,16 @@ impl SafetensorsFile {
     /// Opens `path` read-only, validates its header and length, and maps it.
     pub fn open(path: &Path) -> Result<SafetensorsFile> {
         let mut file = File::open(path).map_err(|e| Error::io(path, "opening", e))?;
-        let file_len = file
+        let meta = file
             .metadata()
-            .map_err(|e| Error::io(path, "reading metadata of", e))?
-            .len();
+            .map_err(|e| Error::io(path, "reading metadata of", e))?;
+        let stamp = FileStamp::of(&meta);
+        let file_len = meta.len();
         let header = Header::read_from(path, &mut file, file_len)?;
-        // SAFETY: the mapping is read-only. pma never writes its inputs, and the contract with
-        // trainers (which write a checkpoint once, then only delete it) is that files are not
-        // truncated in place while a merge reads them; deletion keeps the inode alive.
+        // SAFETY: the mapping is read-only and pma never writes its inputs; deletion keeps the
+        // inode alive. A trainer may still truncate the file in place: a read past the new end
+        // then raises SIGBUS, which `fault` turns into zeros plus a recorded fault that
+        // `check_faults` reports, so no caller trusts bytes read after a truncation.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, "mapping", e))?;
         if mmap.len() as u64 != file_len {
             return Err(Error::FileLength {
@@ -44,11 +79,30 @@ impl SafetensorsFile {
                 found: mmap.len() as u64,
             });
         }
+        let guard = crate::fault::register(mmap.as_ptr(), mmap.len());
         Ok(SafetensorsFile {
             path: path.into(),
             header,
+            stamp,
+            guard,
             mmap,
         })
+    }
+
+    /// The inode, size and times the file had when it was opened and validated.
+    pub fn stamp(&self) -> FileStamp {
+        self.stamp
+    }
+
+    /// Fails if any read of this file's mapping hit a truncation (SIGBUS): every byte read from
+    /// it since it was opened must then be treated as garbage. Call it after reading.
+    pub fn check_faults(&self) -> Result<()> {
+        if self.guard.faulted() {
+            return Err(Error::FileChangedWhileMapped {
+                path: self.path.clone(),
+            });
+        }
+        Ok(())
     }
 
     /// The file's path.
@@ -115,5 +169,57 @@ fn page_size() -> usize {
         n as usize
     } else {
         4096
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Dtype, TensorSpec};
+    use std::collections::BTreeMap;
+
+    #[test]
+    fn truncated_under_the_mapping_died_with_sigbus() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("model.safetensors");
+        let data: Vec<u8> = (0..1u32 << 20)
+            .flat_map(|i| (i as f32).to_le_bytes())
+            .collect();
+        let spec = TensorSpec {
+            name: "w".into(),
+            dtype: Dtype::F32,
+            shape: vec![1 << 20],
+        };
+        crate::write_safetensors(&path, &[(spec, &data[..])], &BTreeMap::new()).unwrap();
+        let f = SafetensorsFile::open(&path).unwrap();
+        let t = f.tensors()[0].clone();
+        assert_eq!(&f.tensor_bytes(&t)[..8], &data[..8]);
+        f.check_faults().unwrap();
+        // A trainer rewriting the file in place: open(O_TRUNC) from another handle.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        f.release(&t, 0..t.n_bytes());
+        // Without the handler this read kills the test process with SIGBUS.
+        let sum: u64 = f.tensor_bytes(&t).iter().map(|&b| u64::from(b)).sum();
+        assert_eq!(sum, 0, "faulted pages read as zeros");
+        let e = f.check_faults().unwrap_err();
+        assert!(matches!(e, Error::FileChangedWhileMapped { .. }), "{e}");
+        assert!(e.to_string().contains("model.safetensors"), "{e}");
+        assert!(crate::fault::fault_count() > 0);
+        // Another mapping of another file is unaffected.
+        let other = d.path().join("other.safetensors");
+        let spec = TensorSpec {
+            name: "v".into(),
+            dtype: Dtype::F32,
+            shape: vec![2],
+        };
+        crate::write_safetensors(&other, &[(spec, &[0u8; 8][..])], &BTreeMap::new()).unwrap();
+        SafetensorsFile::open(&other)
+            .unwrap()
+            .check_faults()
+            .unwrap();
     }
 }

@@ -31,12 +31,14 @@ pub mod dcp;
 pub mod dcp_out;
 pub mod dtype;
 mod error;
+pub mod fault;
 pub mod file;
 pub mod header;
 pub mod pickle;
 pub mod region;
 pub mod torch_save;
 pub mod torchzip;
+pub mod sidecar;
 pub mod writer;
 
 pub use checkpoint::{
@@ -48,11 +50,12 @@ pub use dcp::{
 };
 pub use dtype::{DtypeClass, FloatDtype};
 pub use error::{Error, Result};
-pub use file::SafetensorsFile;
+pub use file::{FileStamp, SafetensorsFile};
 pub use header::{Header, TensorInfo, MAX_HEADER_BYTES};
 pub use region::{Region, TensorSource};
 pub use safetensors::Dtype;
 pub use torch_save::{TorchSaveCheckpoint, TorchSaveFile, TorchSaveTensor};
+pub use sidecar::read_sidecar;
 pub use writer::{
     available_bytes, copy_file_synced, encode_header, plan_shards, shard_file_name,
     write_file_synced, write_index, write_safetensors, StagedOutput, StreamWriter, TensorSpec,

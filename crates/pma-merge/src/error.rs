@@ -171,6 +171,22 @@ pub enum Error {
         /// The `flock` error.
         source: std::io::Error,
     },
+    /// A checkpoint file cannot be pinned safely.
+    #[error("{}: cannot pin: {reason}", path.display())]
+    PinRefused {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// A pinned window member changed while an update read it; the update was not committed.
+    #[error("pinned checkpoint of step {step} changed during the update: {reason}")]
+    PinChanged {
+        /// The member's step.
+        step: u64,
+        /// What changed.
+        reason: String,
+    },
 }
 
 /// `Result` with this crate's [`Error`].

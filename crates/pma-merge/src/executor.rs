@@ -204,12 +204,9 @@ pub(crate) fn copy_sidecars(
             .to_owned();
         let dst = dir.join(&name);
         copied.push(name.to_string_lossy().into_owned());
+        // Never follows a link out of the checkpoint (see pma_format::sidecar).
+        let text = pma_format::read_sidecar(newest.root(), &src)?;
         if let (Some("config.json"), Some(dtype)) = (name.to_str(), out_dtype) {
-            let text = std::fs::read(&src).map_err(|e| pma_format::Error::Io {
-                path: src.clone(),
-                action: "reading",
-                source: e,
-            })?;
             if let Ok(serde_json::Value::Object(mut cfg)) = serde_json::from_slice(&text) {
                 cfg.insert("torch_dtype".into(), dtype.torch_name().into());
                 let bytes = serde_json::to_vec_pretty(&cfg).expect("JSON value serializes");
@@ -217,7 +214,7 @@ pub(crate) fn copy_sidecars(
                 continue;
             }
         }
-        pma_format::copy_file_synced(&src, &dst)?;
+        pma_format::write_file_synced(&dst, &text)?;
     }
     Ok(copied)
 }
@@ -333,6 +330,11 @@ fn run_job(plan: &MergePlan, job: &Job) -> Result<JobOutput> {
         TensorMode::Average(out) => average(plan, t, &srcs, out),
         TensorMode::Copy => (copy_exact(plan, t, &srcs)?, Vec::new()),
     };
+    // A file truncated under us (SIGBUS, turned into zeros): fail naming it, before its bytes
+    // can reach the output.
+    for (input, src) in plan.inputs.iter().zip(&t.sources) {
+        input.checkpoint.file_of(src).check_faults()?;
+    }
     // Done with these input pages: drop them from our RSS (they stay in the page cache).
     for (input, src) in plan.inputs.iter().zip(&t.sources) {
         input

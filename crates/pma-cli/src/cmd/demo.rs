@@ -81,8 +81,8 @@ fn execute(scope: Scope, scale: Scale, common: Common) -> anyhow::Result<ExitCod
     // and merges are written atomically, so what is on disk stays valid.
     let results = run_demo(&config, &progress, None)
         .with_context(|| format!("running pma {} into {}", scope.name(), common.out.display()))?;
-    print!("{}", pma_demo::report::summary_table(&results));
-    println!("\nreport: {}", common.out.join("report.md").display());
+    out!("{}", pma_demo::report::summary_table(&results))?;
+    outln!("\nreport: {}", common.out.join("report.md").display())?;
     Ok(ExitCode::SUCCESS)
 }
 

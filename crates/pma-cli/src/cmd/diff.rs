@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use pma_merge::diff::{diff, DiffReport};
 
 use super::render::{print_json, versioned};
+use crate::text::escape_control;
 
 /// Arguments of `pma diff`.
 #[derive(Debug, clap::Args)]
@@ -25,40 +26,49 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     if args.json {
         print_json(&versioned(serde_json::json!({ "diff": report })))?;
     } else {
-        render(&report);
+        render(&report)?;
     }
     Ok(ExitCode::SUCCESS)
 }
 
-fn render(r: &DiffReport) {
+fn render(r: &DiffReport) -> std::io::Result<()> {
     let w = r
         .tensors
         .iter()
-        .map(|t| t.name.len())
+        .map(|t| escape_control(&t.name).chars().count())
         .max()
         .unwrap_or(5)
         .max(5);
-    println!("{:w$}  {:>12}  {:>12}", "name", "rel_l2", "cosine");
+    outln!("{:w$}  {:>12}  {:>12}", "name", "rel_l2", "cosine")?;
     for t in &r.tensors {
-        println!("{:w$}  {:>12.6e}  {:>12.8}", t.name, t.rel_l2, t.cosine);
+        outln!(
+            "{:w$}  {:>12.6e}  {:>12.8}",
+            escape_control(&t.name),
+            t.rel_l2,
+            t.cosine
+        )?;
     }
-    println!(
+    outln!(
         "{:w$}  {:>12.6e}  {:>12.8}",
-        "TOTAL", r.total.rel_l2, r.total.cosine
-    );
+        "TOTAL",
+        r.total.rel_l2,
+        r.total.cosine
+    )?;
     for n in &r.only_in_a {
-        println!("only in A: {n}");
+        outln!("only in A: {n}", n = escape_control(n))?;
     }
     for n in &r.only_in_b {
-        println!("only in B: {n}");
+        outln!("only in B: {n}", n = escape_control(n))?;
     }
     for n in &r.shape_mismatch {
-        println!("shape differs: {n}");
+        outln!("shape differs: {n}", n = escape_control(n))?;
     }
     for (n, same) in &r.non_float {
-        println!(
-            "non-float {n}: {}",
+        outln!(
+            "non-float {}: {}",
+            escape_control(n),
             if *same { "identical" } else { "differs" }
-        );
+        )?;
     }
+    Ok(())
 }

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use pma_merge::inspect::{inspect, InspectReport};
 
 use super::render::{human, print_json, versioned};
+use crate::text::escape_control;
 
 /// Arguments of `pma inspect`.
 #[derive(Debug, clap::Args)]
@@ -26,64 +27,85 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     if args.json {
         print_json(&versioned(serde_json::json!({ "inspect": report })))?;
     } else {
-        render(&report);
+        render(&report)?;
     }
     Ok(ExitCode::SUCCESS)
 }
 
-fn render(r: &InspectReport) {
-    println!(
+fn render(r: &InspectReport) -> std::io::Result<()> {
+    outln!(
         "{} ({}, {} file{})",
         r.path.display(),
         r.layout,
         r.files.len(),
         if r.files.len() == 1 { "" } else { "s" }
-    );
+    )?;
     let w = r
         .tensors
         .iter()
-        .map(|t| t.name.len())
+        .map(|t| escape_control(&t.name).chars().count())
         .max()
         .unwrap_or(4)
         .max(4);
     if r.tensors.iter().any(|t| t.stats.is_some()) {
-        println!(
+        outln!(
             "{:w$}  {:5}  {:>16}  {:>11}  {:>11}  {:>11}  {:>11}  {:>11}  {:>8}",
-            "name", "dtype", "shape", "norm", "mean", "std", "min", "max", "nonfin"
-        );
+            "name",
+            "dtype",
+            "shape",
+            "norm",
+            "mean",
+            "std",
+            "min",
+            "max",
+            "nonfin"
+        )?;
     } else {
-        println!(
+        outln!(
             "{:w$}  {:5}  {:>20}  {:>12}  {:>10}",
-            "name", "dtype", "shape", "params", "bytes"
-        );
+            "name",
+            "dtype",
+            "shape",
+            "params",
+            "bytes"
+        )?;
     }
     for t in &r.tensors {
         let shape = format!("{:?}", t.shape);
         match &t.stats {
-            Some(s) => println!(
+            Some(s) => outln!(
                 "{:w$}  {:5}  {:>16}  {:>11.4e}  {:>11.4e}  {:>11.4e}  {:>11.4e}  {:>11.4e}  {:>8}",
-                t.name, t.dtype, shape, s.norm, s.mean, s.std, s.min, s.max, s.nonfinite
-            ),
-            None if r.tensors.iter().any(|t| t.stats.is_some()) => {
-                println!(
-                    "{:w$}  {:5}  {:>16}  (not a float tensor)",
-                    t.name, t.dtype, shape
-                )
-            }
-            None => println!(
+                escape_control(&t.name),
+                t.dtype,
+                shape,
+                s.norm,
+                s.mean,
+                s.std,
+                s.min,
+                s.max,
+                s.nonfinite
+            )?,
+            None if r.tensors.iter().any(|t| t.stats.is_some()) => outln!(
+                "{:w$}  {:5}  {:>16}  (not a float tensor)",
+                escape_control(&t.name),
+                t.dtype,
+                shape
+            )?,
+            None => outln!(
                 "{:w$}  {:5}  {:>20}  {:>12}  {:>10}",
-                t.name,
+                escape_control(&t.name),
                 t.dtype,
                 shape,
                 t.n_params,
                 human(t.n_bytes)
-            ),
+            )?,
         }
     }
-    println!(
+    outln!(
         "total: {} tensors, {} parameters, {}",
         r.tensors.len(),
         r.n_params,
         human(r.n_bytes)
-    );
+    )?;
+    Ok(())
 }

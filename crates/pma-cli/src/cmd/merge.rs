@@ -13,6 +13,7 @@ use pma_merge::{
 
 use super::render::{human, print_json, versioned};
 use crate::progress::{self, ByteBar};
+use super::UsageError;
 
 /// Averaging method.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -62,11 +63,12 @@ impl MethodArgs {
             (None, Some(MethodArg::Sma)) => WeightSpec::Sma,
             (None, Some(MethodArg::Ema)) => WeightSpec::Ema { alpha: self.alpha },
             (None, Some(MethodArg::Wma)) => WeightSpec::Wma,
-            (None, Some(MethodArg::EmaStream)) => bail!(
+            (None, Some(MethodArg::EmaStream)) => bail!(UsageError(
                 "--method ema-stream averages a growing run's whole history and exists only in \
                  pma watch; for a fixed set of checkpoints use --method ema"
-            ),
-            (None, None) => bail!("give --method or --weights"),
+                    .into()
+            )),
+            (None, None) => bail!(UsageError("give --method or --weights".into())),
         })
     }
 }
@@ -161,7 +163,9 @@ fn steps(value: &str, tokens_per_step: Option<u64>, flag: &str) -> anyhow::Resul
             let tokens = parse_token_count(value)
                 .with_context(|| format!("{flag} '{value}' is not a token count"))?;
             if tokens % k != 0 {
-                bail!("{flag} {value} = {tokens} tokens is not a whole number of {k}-token steps");
+                bail!(UsageError(format!(
+                    "{flag} {value} = {tokens} tokens is not a whole number of {k}-token steps"
+                )));
             }
             Ok(tokens / k)
         }
@@ -217,8 +221,12 @@ pub fn plan_from_args(args: &Args) -> anyhow::Result<(MergePlan, Vec<pma_merge::
     let (series, from_run) = match (&args.run, args.checkpoints.is_empty()) {
         (Some(run), true) => (CheckpointSeries::discover(run)?, true),
         (None, false) => (CheckpointSeries::from_paths(&args.checkpoints), false),
-        (Some(_), false) => bail!("give either checkpoints or --run, not both"),
-        (None, true) => bail!("nothing to merge: give checkpoints (oldest first) or --run RUN_DIR"),
+        (Some(_), false) => bail!(UsageError(
+            "give either checkpoints or --run, not both".into()
+        )),
+        (None, true) => bail!(UsageError(
+            "nothing to merge: give checkpoints (oldest first) or --run RUN_DIR".into()
+        )),
     };
     let spec = args.method.weight_spec()?;
     if let Some(run) = &args.run {
@@ -251,7 +259,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                 serde_json::json!({ "dry_run": true, "plan": summary }),
             ))?;
         } else {
-            print_plan(&summary, &args.out);
+            print_plan(&summary, &args.out)?;
         }
         return Ok(ExitCode::SUCCESS);
     }
@@ -278,34 +286,37 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             serde_json::json!({ "dry_run": false, "report": report }),
         ))?;
     } else if !args.quiet {
-        print_report(&report);
+        print_report(&report)?;
     }
     Ok(ExitCode::SUCCESS)
 }
 
-fn print_plan(s: &PlanSummary, out: &std::path::Path) {
-    println!("method: {:?}", s.method);
-    println!(
+fn print_plan(s: &PlanSummary, out: &std::path::Path) -> std::io::Result<()> {
+    outln!("method: {:?}", s.method)?;
+    outln!(
         "{:>4}  {:>12}  {:>10}  {:>12}  path",
-        "#", "step", "weight", "bytes"
-    );
+        "#",
+        "step",
+        "weight",
+        "bytes"
+    )?;
     for (i, inp) in s.inputs.iter().enumerate() {
         let step = inp.step.map_or("-".to_string(), |s| s.to_string());
-        println!(
+        outln!(
             "{:>4}  {:>12}  {:>10.6}  {:>12}  {}",
             i + 1,
             step,
             inp.weight,
             human(inp.bytes),
             inp.path.display()
-        );
+        )?;
     }
     let dtypes: Vec<String> = s
         .output_dtypes
         .iter()
         .map(|(d, n)| format!("{d}: {n}"))
         .collect();
-    println!(
+    outln!(
         "output: {} ({})",
         out.display(),
         if s.single_file {
@@ -313,24 +324,25 @@ fn print_plan(s: &PlanSummary, out: &std::path::Path) {
         } else {
             "HF directory"
         }
-    );
-    println!("  files: {}", s.files.join(", "));
-    println!(
+    )?;
+    outln!("  files: {}", s.files.join(", "))?;
+    outln!(
         "  tensors: {} ({} params), dtypes: {}",
         s.n_tensors,
         s.n_params,
         dtypes.join(", ")
-    );
-    println!(
+    )?;
+    outln!(
         "  read: {}  write: {}  memory: {}",
         human(s.bytes_read),
         human(s.bytes_written),
         human(s.memory_bytes)
-    );
+    )?;
+    Ok(())
 }
 
-fn print_report(r: &MergeReport) {
-    println!(
+fn print_report(r: &MergeReport) -> std::io::Result<()> {
+    outln!(
         "merged {} checkpoints ({}) -> {} in {:.2}s, {}/s read, {} written",
         r.plan.inputs.len(),
         r.plan.method_label(),
@@ -338,5 +350,6 @@ fn print_report(r: &MergeReport) {
         r.elapsed_secs,
         human(r.read_bytes_per_sec as u64),
         human(r.plan.bytes_written),
-    );
+    )?;
+    Ok(())
 }

@@ -56,3 +56,16 @@ pub fn interrupt_flag() -> &'static std::sync::atomic::AtomicBool {
     });
     &INTERRUPTED
 }
+
+/// An error in the arguments that clap cannot see (two options that exclude each other, a
+/// missing input): exits 2 like clap's own usage errors, not 1 like a data error.
+#[derive(Debug)]
+pub struct UsageError(pub String);
+
+impl std::fmt::Display for UsageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UsageError {}

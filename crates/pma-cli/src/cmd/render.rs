@@ -21,7 +21,8 @@ pub fn versioned(fields: serde_json::Value) -> serde_json::Value {
 /// Pretty JSON on stdout, followed by a newline.
 pub fn print_json(v: &serde_json::Value) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
-    serde_json::to_writer_pretty(&mut out, v)?;
+    // As an io::Error, so a closed pipe is recognised as one (exit 0).
+    serde_json::to_writer_pretty(&mut out, v).map_err(std::io::Error::from)?;
     writeln!(out)?;
     Ok(())
 }

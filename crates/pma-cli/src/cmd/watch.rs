@@ -341,6 +341,19 @@ fn render(event: &WatchEvent) -> String {
             human(*read_bytes),
             human(*written_bytes),
         ),
+        WatchEvent::PinDamaged {
+            step,
+            reason,
+            repinned,
+        } => format!(
+            "pin damaged: step {step}: {reason}; {}",
+            if *repinned {
+                "pinned again from the trainer's copy"
+            } else {
+                "dropped from the window"
+            }
+        ),
+        WatchEvent::UpdateRetried { reason } => format!("update retried: {reason}"),
         WatchEvent::Unpinned { step } => format!("unpinned: step {step}"),
         WatchEvent::Pruned { output } => format!("pruned: {}", output.display()),
     }

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use assert_cmd::Command;
 use pma_format::{Checkpoint, Dtype, TensorSpec};
@@ -95,4 +96,27 @@ pub fn small_run(root: &Path, n: usize) -> Vec<PathBuf> {
             dir
         })
         .collect()
+}
+
+/// The event log. Tests that poll it while the watcher appends may catch a line half-written;
+/// only complete lines (ending in a newline) are parsed.
+pub fn events(out: &Path) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(out.join(".pma-watch/events.jsonl")).unwrap_or_default();
+    let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
+    complete
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// Polls `done` every 20 ms until it holds or `limit` passes; returns whether it held.
+pub fn wait_for(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let started = Instant::now();
+    while started.elapsed() < limit {
+        if done() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
 }

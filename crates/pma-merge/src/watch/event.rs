@@ -77,6 +77,21 @@ pub enum WatchEvent {
         /// Bytes written (output plus tensor state).
         written_bytes: u64,
     },
+    /// A pinned member's files changed (an in-place rewrite by the trainer, a disk fault):
+    /// it was pinned again from the trainer's copy, or dropped from the window.
+    PinDamaged {
+        /// Its step.
+        step: u64,
+        /// What changed.
+        reason: String,
+        /// Pinned again (true) or dropped from the window (false).
+        repinned: bool,
+    },
+    /// An update found an input changed under it and was not committed; it is tried again.
+    UpdateRetried {
+        /// What changed.
+        reason: String,
+    },
     /// A pin was released: the checkpoint left the window.
     Unpinned {
         /// Its step.

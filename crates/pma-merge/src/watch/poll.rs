@@ -10,7 +10,6 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use pma_format::Checkpoint;
 
 use super::config::WatchConfig;
 use super::event::{WatchEvent, WatchReport};
@@ -39,13 +38,26 @@ pub fn run(
     let mut watcher = Watcher::open(config, sink)?;
     let mut report = WatchReport::default();
     let mut wakeup = Wakeup::new(&config.run_dir);
+    let mut retries = 0;
     loop {
-        let settling = watcher.poll(stop, &mut report, sink)?;
+        // An input changed under an update (pins.rs): nothing was committed; try again, and the
+        // damaged member is re-pinned or dropped.
+        let settling = match watcher.poll(stop, &mut report, sink) {
+            Err(e) if pins::is_damage(&e) && retries < 3 => {
+                retries += 1;
+                sink(&WatchEvent::UpdateRetried {
+                    reason: e.to_string(),
+                });
+                continue;
+            }
+            r => r?,
+        };
         if stop.load(Ordering::SeqCst) {
             report.interrupted = true;
             break;
         }
-        if config.once {
+        // --once still waits out the settle interval of a checkpoint that is otherwise complete.
+        if config.once && !(settling && watcher.tracker.settling_complete()) {
             break;
         }
         // A settling checkpoint is looked at again once its settle interval can have passed,
@@ -248,7 +260,7 @@ impl<'c> Watcher<'c> {
             // but files can still go missing from it (a disk fault, a hand-run `rm`): it is
             // checked again, and rebuilt from the trainer's copy if it no longer validates.
             let pin = pin.filter(|p| {
-                let valid = Checkpoint::open(p).is_ok();
+                let valid = pins::verify(p).is_ok();
                 if !valid {
                     remove_any(p);
                 }

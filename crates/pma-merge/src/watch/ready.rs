@@ -1,10 +1,13 @@
 //! Deciding when a checkpoint the trainer is writing is complete.
 //!
 //! A checkpoint is taken only when all of these hold:
-//! - it has *settled*: its files' sizes and modification times have not changed for the settle
-//!   interval. Either every file was last modified at least that long ago (decided at once,
-//!   which is what `--once` relies on), or this watcher has seen the same sizes and times on
-//!   polls that far apart (which does not trust the file server's clock);
+//! - it has *settled*: this watcher has seen the same file names, sizes, mtimes and ctimes on
+//!   two looks at least the settle interval apart, measured on the local monotonic clock
+//!   ([`Instant`]). The mtimes are compared with each other, never with the local time: on a
+//!   network filesystem they come from the file server's clock, which may be minutes off, and
+//!   a wall clock can jump. A checkpoint that already validates while it settles is reported
+//!   as such ([`ReadinessTracker::settling_complete`]), so `--once` waits out its settle
+//!   interval instead of returning with nothing processed;
 //! - the `--ready-file` marker, if one is asked for, exists: inside the checkpoint
 //!   (`trainer_state.json` for the HF Trainer), or in the run directory holding a step number at
 //!   least the checkpoint's (Megatron's `latest_checkpointed_iteration.txt`);
@@ -13,7 +16,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use pma_format::Checkpoint;
 
@@ -28,8 +31,8 @@ pub enum Readiness {
     Incomplete(String),
 }
 
-/// (name, length, mtime) of every file that makes up a checkpoint.
-type Snapshot = Vec<(String, u64, Option<SystemTime>)>;
+/// (name, length, mtime, ctime) of every file that makes up a checkpoint.
+type Snapshot = Vec<(String, u64, i128, i128)>;
 
 /// Remembers what each pending checkpoint looked like, to tell when it stops changing.
 #[derive(Debug)]
@@ -37,6 +40,7 @@ pub struct ReadinessTracker {
     settle: Duration,
     ready_file: Option<String>,
     seen: HashMap<PathBuf, (Snapshot, Instant)>,
+    settling_complete: bool,
 }
 
 impl ReadinessTracker {
@@ -46,12 +50,20 @@ impl ReadinessTracker {
             settle,
             ready_file,
             seen: HashMap::new(),
+            settling_complete: false,
         }
     }
 
     /// Looks at the checkpoint at `path` (step `step`) in `run_dir`.
     pub fn check(&mut self, run_dir: &Path, path: &Path, step: u64) -> Readiness {
+        self.settling_complete = false;
         if !self.settled(path) {
+            // Worth waiting for (`--once`) only if it would be taken once settled.
+            self.settling_complete = self
+                .ready_file
+                .as_ref()
+                .is_none_or(|m| marker_present(run_dir, path, m, step))
+                && Checkpoint::open(path).is_ok();
             return Readiness::Settling;
         }
         if let Some(marker) = &self.ready_file {
@@ -68,6 +80,12 @@ impl ReadinessTracker {
         }
     }
 
+    /// Whether the last [`Readiness::Settling`] answer was for a checkpoint that already
+    /// validates and has its marker: it only needs its settle interval to pass.
+    pub fn settling_complete(&self) -> bool {
+        self.settling_complete
+    }
+
     /// Forgets a checkpoint (taken or skipped).
     pub fn forget(&mut self, path: &Path) {
         self.seen.remove(path);
@@ -78,18 +96,6 @@ impl ReadinessTracker {
             return true;
         }
         let snap = snapshot(path);
-        let now_wall = SystemTime::now();
-        let old_enough = !snap.is_empty()
-            && snap.iter().all(|(_, _, mtime)| {
-                mtime.is_some_and(|m| {
-                    now_wall
-                        .duration_since(m)
-                        .is_ok_and(|age| age >= self.settle)
-                })
-            });
-        if old_enough {
-            return true;
-        }
         let now = Instant::now();
         match self.seen.get(path) {
             Some((prev, since)) if *prev == snap => now.duration_since(*since) >= self.settle,
@@ -103,10 +109,10 @@ impl ReadinessTracker {
 
 fn snapshot(path: &Path) -> Snapshot {
     let describe = |p: &Path, name: String| {
-        p.metadata()
-            .ok()
-            .filter(|m| m.is_file())
-            .map(|m| (name, m.len(), m.modified().ok()))
+        p.metadata().ok().filter(|m| m.is_file()).map(|m| {
+            let s = pma_format::FileStamp::of(&m);
+            (name, s.n_bytes, s.mtime_ns, s.ctime_ns)
+        })
     };
     if path.is_file() {
         return describe(path, String::new()).into_iter().collect();
@@ -149,6 +155,21 @@ mod tests {
         std::fs::write(ck.join("model.safetensors"), b"xy").unwrap();
         assert!(!t.settled(&ck));
         std::thread::sleep(Duration::from_millis(350));
+        assert!(t.settled(&ck));
+    }
+
+    #[test]
+    fn settle_trusted_the_file_servers_clock() {
+        let dir = tempfile::tempdir().unwrap();
+        let ck = dir.path().join("step-1");
+        std::fs::create_dir(&ck).unwrap();
+        let f = std::fs::File::create(ck.join("model.safetensors")).unwrap();
+        // A file server whose clock runs an hour behind ours: the mtime looks old at once.
+        let old = std::time::SystemTime::now() - Duration::from_secs(3600);
+        f.set_modified(old).unwrap();
+        let mut t = ReadinessTracker::new(Duration::from_millis(200), None);
+        assert!(!t.settled(&ck), "one look is never enough");
+        std::thread::sleep(Duration::from_millis(250));
         assert!(t.settled(&ck));
     }
 

@@ -109,6 +109,15 @@ impl WatchState {
                 ),
             });
         }
+        // Names in the state become paths under the state and output dirs: a hand-edited or
+        // corrupted `../../x` must never make a later cleanup delete outside them.
+        let names = state.tensor_file.iter().chain(&state.outputs);
+        if let Some(bad) = names.into_iter().find(|n| !is_plain_name(n)) {
+            return Err(Error::WatchStateCorrupt {
+                path,
+                reason: format!("'{bad}' is not a plain file name"),
+            });
+        }
         if state.processed.windows(2).any(|w| w[0] >= w[1]) {
             return Err(Error::WatchStateCorrupt {
                 path,
@@ -127,6 +136,15 @@ impl WatchState {
         std::fs::rename(&staging, &path).map_err(|e| io_error(&path, "renaming into", e))?;
         sync_dir(dir)
     }
+}
+
+/// Whether `name` is one normal path component: not empty, no `/`, not `.` or `..`, no NUL.
+fn is_plain_name(name: &str) -> bool {
+    let mut parts = Path::new(name).components();
+    matches!(
+        (parts.next(), parts.next()),
+        (Some(std::path::Component::Normal(n)), None) if n == name
+    ) && !name.contains('\0')
 }
 
 /// Name of the tensor state file of `generation`.
@@ -255,6 +273,27 @@ mod tests {
         std::fs::write(dir.path().join(STATE_FILE_NAME), b"{\"schema_version\":").unwrap();
         let e = WatchState::load(dir.path()).unwrap_err();
         assert!(matches!(e, Error::WatchStateCorrupt { .. }), "{e}");
+    }
+
+    #[test]
+    fn state_entries_were_used_as_paths_unchecked() {
+        for bad in ["../../victim", "/etc", "a/b", "..", ".", ""] {
+            let dir = tempfile::tempdir().unwrap();
+            let mut s = WatchState::new(String::new());
+            s.outputs = vec![bad.into()];
+            s.save(dir.path()).unwrap();
+            let e = WatchState::load(dir.path()).unwrap_err();
+            assert!(
+                matches!(&e, Error::WatchStateCorrupt { reason, .. } if reason.contains("plain")),
+                "{bad}: {e}"
+            );
+            let mut s = WatchState::new(String::new());
+            s.tensor_file = Some(bad.into());
+            s.save(dir.path()).unwrap();
+            assert!(WatchState::load(dir.path()).is_err(), "{bad}");
+        }
+        assert!(is_plain_name("step-0000100"));
+        assert!(is_plain_name("state-0000001.safetensors"));
     }
 
     #[test]

@@ -545,6 +545,14 @@ fn run_job(
             count: nonfinite,
         });
     }
+    // A file truncated under us (SIGBUS, read as zeros) fails the update, naming the file.
+    xfile.check_faults()?;
+    if let Some(file) = u.prev {
+        file.check_faults()?;
+    }
+    if let Some(old) = u.leaving {
+        old.check_faults()?;
+    }
     // Done with these pages: drop them from our RSS (they stay in the page cache).
     let xr = elems.start * x.size_bytes() as u64..elems.end * x.size_bytes() as u64;
     xfile.release(&p.src.info, xr);

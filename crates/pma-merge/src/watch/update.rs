@@ -16,6 +16,7 @@ use pma_format::{Checkpoint, FloatDtype, SafetensorsFile, StagedOutput};
 
 use super::config::Averaging;
 use super::event::WatchEvent;
+use super::pins;
 use super::poll::Watcher;
 use super::provenance::{rewrite_provenance, stream_provenance};
 use super::state::{
@@ -74,6 +75,7 @@ impl Watcher<'_> {
     ) -> Result<Option<PathBuf>> {
         let started = Instant::now();
         let config = self.config;
+        pins::recheck_members(&self.pins_dir(), &mut self.state.members, sink);
         let source = source.map_or_else(|| pin.to_path_buf(), Path::to_path_buf);
         let mut history = self.state.members.clone();
         history.push(Member {
@@ -113,6 +115,7 @@ impl Watcher<'_> {
         // The commit point. Everything before it is redone after a crash; everything after it
         // only removes what the new state no longer refers to (and records in `pruning`, so a
         // restart finishes the job without guessing what is ours).
+        pins::check_unchanged(&self.pins_dir(), &history)?;
         next.save(&self.state_dir)?;
         let old = std::mem::replace(&mut self.state, next);
         if old.tensor_file != self.state.tensor_file {
