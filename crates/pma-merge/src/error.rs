@@ -143,6 +143,24 @@ pub enum Error {
         /// The lock file.
         path: PathBuf,
     },
+    /// A `--include` / `--exclude` glob does not compile.
+    #[error("{flag} '{pattern}': not a valid glob: {reason}")]
+    InvalidGlob {
+        /// The flag (`--include` or `--exclude`).
+        flag: &'static str,
+        /// The pattern as given.
+        pattern: String,
+        /// What the glob parser found wrong.
+        reason: String,
+    },
+    /// A `--include` glob selects no entry, so a typo would silently merge nothing extra.
+    #[error("--include '{pattern}' selects nothing: {detail}")]
+    IncludeSelectsNothing {
+        /// The pattern as given.
+        pattern: String,
+        /// What it matched instead (no key at all, or only keys it cannot select).
+        detail: String,
+    },
 }
 
 /// `Result` with this crate's [`Error`].
