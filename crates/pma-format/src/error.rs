@@ -335,6 +335,22 @@ pub enum Error {
         /// The element range asked for.
         elems: std::ops::Range<u64>,
     },
+    /// A checkpoint directory holds more entries than a sidecar walk visits.
+    #[error("{}: more than {limit} files and folders beside the weights; refusing to copy them all as sidecars", path.display())]
+    TooManySidecars {
+        /// The checkpoint directory.
+        path: PathBuf,
+        /// The most entries the walk visits.
+        limit: usize,
+    },
+    /// No checkpoint format pma reads was recognised at a path.
+    #[error("{}: not a checkpoint pma can read (looked for {looked_for})", path.display())]
+    UnknownCheckpointFormat {
+        /// The file or directory.
+        path: PathBuf,
+        /// What was looked for.
+        looked_for: String,
+    },
 }
 
 /// `Result` with this crate's [`Error`].

@@ -34,6 +34,7 @@ pub mod file;
 pub mod header;
 pub mod pickle;
 pub mod region;
+pub mod sidecar_policy;
 pub mod torch_save;
 pub mod torchzip;
 pub mod writer;
