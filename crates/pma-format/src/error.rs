@@ -351,6 +351,16 @@ pub enum Error {
         /// What was looked for.
         looked_for: String,
     },
+    /// A torch.save checkpoint split over model-parallel ranks, which pma cannot reassemble.
+    #[error("{}: holds {ranks} model-parallel ranks ({example}, ...); only a single-rank (TP=PP=1) torch.save checkpoint can be read; convert it to torch_dist or HF first", path.display())]
+    ModelParallelTorchSave {
+        /// The checkpoint directory.
+        path: PathBuf,
+        /// How many rank files or folders it holds.
+        ranks: usize,
+        /// One of their names.
+        example: String,
+    },
 }
 
 /// `Result` with this crate's [`Error`].

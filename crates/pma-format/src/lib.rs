@@ -32,6 +32,7 @@ pub mod dtype;
 mod error;
 pub mod file;
 pub mod header;
+pub mod layout;
 pub mod pickle;
 pub mod region;
 pub mod sidecar_policy;
@@ -50,8 +51,10 @@ pub use dtype::{DtypeClass, FloatDtype};
 pub use error::{Error, Result};
 pub use file::SafetensorsFile;
 pub use header::{Header, TensorInfo, MAX_HEADER_BYTES};
+pub use layout::{detect_checkpoint, CheckpointFormat, DetectedCheckpoint, Framework};
 pub use region::{Region, TensorSource};
 pub use safetensors::Dtype;
+pub use sidecar_policy::{plan_sidecars, SidecarPlan};
 pub use torch_save::{TorchSaveCheckpoint, TorchSaveFile, TorchSaveTensor};
 pub use writer::{
     available_bytes, copy_file_synced, encode_header, plan_shards, shard_file_name,
