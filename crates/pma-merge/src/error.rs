@@ -161,6 +161,15 @@ pub enum Error {
         /// What it matched instead (no key at all, or only keys it cannot select).
         detail: String,
     },
+    /// A run's latest-checkpoint marker (`latest_checkpointed_iteration.txt`, `latest`) holds
+    /// neither a step nor `release`.
+    #[error("{}: latest-checkpoint marker holds {content:?}, expected a step (1000, global_step1000) or release", path.display())]
+    BadLatestMarker {
+        /// The marker file.
+        path: PathBuf,
+        /// Its content (at most the first 64 characters).
+        content: String,
+    },
 }
 
 /// `Result` with this crate's [`Error`].

@@ -32,6 +32,7 @@ pub mod inspect;
 pub mod keys;
 pub mod plan;
 pub mod progress;
+pub mod run_layout;
 pub mod series;
 pub mod watch;
 pub mod weights;
