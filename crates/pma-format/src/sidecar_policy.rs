@@ -18,7 +18,10 @@
 //!   `~/.ssh` must not end up in a shared output. A link that resolves inside the checkpoint is
 //!   to a file is kept as a file (the copier follows it) unless the target's own name is
 //!   skipped; a link to a folder is skipped, since the folder is walked under its own name and
-//!   following links could loop. A dangling link is skipped.
+//!   following links could loop. A dangling link is skipped. One exception, so that models
+//!   loaded from the Hugging Face cache keep their sidecars: in a cache snapshot
+//!   (`models--org--name/snapshots/<rev>/`) every file is a link into the same repo's
+//!   `blobs/`, and a link to a file there counts as inside.
 //!
 //! [`plan_sidecars`] walks the directory (sorted, so the plan is deterministic; at most
 //! [`MAX_SIDECAR_ENTRIES`] entries) and returns what to copy, as relative paths with each
@@ -179,14 +182,38 @@ pub fn plan_sidecars(checkpoint: &Path) -> Result<SidecarPlan> {
     let root = checkpoint
         .canonicalize()
         .map_err(|e| Error::io(checkpoint, "resolving", e))?;
+    // HF cache: `<repo>/snapshots/<rev>` links its files into `<repo>/blobs`.
+    let blobs = root
+        .parent()
+        .filter(|p| p.file_name().is_some_and(|n| n == "snapshots"))
+        .and_then(|p| p.parent())
+        .map(|repo| repo.join("blobs"))
+        .and_then(|b| b.canonicalize().ok());
+    let roots = Roots { root, blobs };
     let mut visited = 0usize;
-    walk(checkpoint, &root, Path::new(""), &mut visited, &mut plan)?;
+    walk(checkpoint, &roots, Path::new(""), &mut visited, &mut plan)?;
     Ok(plan)
+}
+
+/// Where a symlink may lead: the checkpoint, and for an HF cache snapshot its repo's blobs.
+struct Roots {
+    root: PathBuf,
+    blobs: Option<PathBuf>,
+}
+
+impl Roots {
+    fn contain(&self, target: &Path) -> bool {
+        target.starts_with(&self.root)
+            || self
+                .blobs
+                .as_ref()
+                .is_some_and(|b| target.starts_with(b) && target.is_file())
+    }
 }
 
 fn walk(
     checkpoint: &Path,
-    root: &Path,
+    roots: &Roots,
     rel_dir: &Path,
     visited: &mut usize,
     plan: &mut SidecarPlan,
@@ -221,7 +248,7 @@ fn walk(
         // Resolve links first: a link is judged by where it leads, then by its own name.
         let resolved = if link.file_type().is_symlink() {
             match path.canonicalize() {
-                Ok(target) if target.starts_with(root) => Some(target),
+                Ok(target) if roots.contain(&target) => Some(target),
                 Ok(target) => {
                     skip(SkipReason::LeavesCheckpoint { target });
                     continue;
@@ -252,7 +279,7 @@ fn walk(
                 path: rel.clone(),
                 kind: SidecarKind::Dir,
             });
-            walk(checkpoint, root, &rel, visited, plan)?;
+            walk(checkpoint, roots, &rel, visited, plan)?;
         } else if meta.is_file() {
             let target_name = resolved
                 .as_ref()
@@ -481,6 +508,44 @@ mod tests {
         ] {
             assert!(
                 reasons.contains(&(name.to_string(), reason.clone())),
+                "{name}: {reasons:?}"
+            );
+        }
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn hf_cache_snapshot_links_into_blobs_are_kept() {
+        use std::os::unix::fs::symlink;
+        let cache = tempfile::tempdir().unwrap();
+        let repo = cache.path().join("models--org--mini");
+        tree(
+            &repo,
+            &["blobs/aaa", "blobs/bbb", "blobs/ccc", "other/secret"],
+        );
+        let snap = repo.join("snapshots/0123abc");
+        fs::create_dir_all(snap.join("1_Pooling")).unwrap();
+        symlink("../../blobs/aaa", snap.join("vocab.txt")).unwrap();
+        symlink("../../blobs/bbb", snap.join("model.safetensors")).unwrap();
+        symlink("../../../blobs/ccc", snap.join("1_Pooling/config.json")).unwrap();
+        symlink("../../other/secret", snap.join("notes.txt")).unwrap();
+        symlink("../../blobs", snap.join("all_blobs")).unwrap();
+        let plan = plan_sidecars(&snap).unwrap();
+        assert_eq!(
+            copied(&plan),
+            ["1_Pooling/", "1_Pooling/config.json", "vocab.txt"]
+        );
+        let reasons: Vec<(String, SkipReason)> = plan
+            .skipped
+            .iter()
+            .map(|s| (s.path.to_string_lossy().into_owned(), s.reason.clone()))
+            .collect();
+        assert!(reasons.contains(&("model.safetensors".into(), SkipReason::Weights)));
+        for name in ["notes.txt", "all_blobs"] {
+            assert!(
+                reasons
+                    .iter()
+                    .any(|(n, r)| n == name && matches!(r, SkipReason::LeavesCheckpoint { .. })),
                 "{name}: {reasons:?}"
             );
         }
