@@ -39,8 +39,10 @@ pub mod weights;
 
 pub use error::{Error, Result};
 pub use executor::{execute, ExecOptions, MergeReport, NonFiniteWarning};
+pub use keys::{select_keys, Action, KeyEntry, KeySelection, KeySelectionConfig};
 pub use plan::{MergeConfig, MergeInput, MergePlan, PlanSummary, DEFAULT_MAX_SHARD_BYTES};
 pub use progress::{NoProgress, Progress};
+pub use run_layout::{discover_run, LatestHint, RunDiscovery};
 pub use series::{
     parse_byte_size, parse_step, parse_token_count, CheckpointEntry, CheckpointSeries, Selected,
     Selection, Skipped,
