@@ -475,6 +475,32 @@ pub enum Error {
         /// The file.
         path: PathBuf,
     },
+    /// A checkpoint directory holds more entries than a sidecar walk visits.
+    #[error("{}: more than {limit} files and folders beside the weights; refusing to copy them all as sidecars", path.display())]
+    TooManySidecars {
+        /// The checkpoint directory.
+        path: PathBuf,
+        /// The most entries the walk visits.
+        limit: usize,
+    },
+    /// No checkpoint format pma reads was recognised at a path.
+    #[error("{}: not a checkpoint pma can read (looked for {looked_for})", path.display())]
+    UnknownCheckpointFormat {
+        /// The file or directory.
+        path: PathBuf,
+        /// What was looked for.
+        looked_for: String,
+    },
+    /// A torch.save checkpoint split over model-parallel ranks, which pma cannot reassemble.
+    #[error("{}: holds {ranks} model-parallel ranks ({example}, ...); only a single-rank (TP=PP=1) torch.save checkpoint can be read; convert it to torch_dist or HF first", path.display())]
+    ModelParallelTorchSave {
+        /// The checkpoint directory.
+        path: PathBuf,
+        /// How many rank files or folders it holds.
+        ranks: usize,
+        /// One of their names.
+        example: String,
+    },
 }
 
 /// `Result` with this crate's [`Error`].

@@ -187,6 +187,33 @@ pub enum Error {
         /// What changed.
         reason: String,
     },
+    /// A `--include` / `--exclude` glob does not compile.
+    #[error("{flag} '{pattern}': not a valid glob: {reason}")]
+    InvalidGlob {
+        /// The flag (`--include` or `--exclude`).
+        flag: &'static str,
+        /// The pattern as given.
+        pattern: String,
+        /// What the glob parser found wrong.
+        reason: String,
+    },
+    /// A `--include` glob selects no entry, so a typo would silently merge nothing extra.
+    #[error("--include '{pattern}' selects nothing: {detail}")]
+    IncludeSelectsNothing {
+        /// The pattern as given.
+        pattern: String,
+        /// What it matched instead (no key at all, or only keys it cannot select).
+        detail: String,
+    },
+    /// A run's latest-checkpoint marker (`latest_checkpointed_iteration.txt`, `latest`) holds
+    /// neither a step nor `release`.
+    #[error("{}: latest-checkpoint marker holds {content:?}, expected a step (1000, global_step1000) or release", path.display())]
+    BadLatestMarker {
+        /// The marker file.
+        path: PathBuf,
+        /// Its content (at most the first 64 characters).
+        content: String,
+    },
 }
 
 /// `Result` with this crate's [`Error`].

@@ -29,8 +29,10 @@ mod error;
 pub mod executor;
 pub mod inspect;
 pub mod placement;
+pub mod keys;
 pub mod plan;
 pub mod progress;
+pub mod run_layout;
 pub mod series;
 pub mod threads;
 pub mod watch;
@@ -39,8 +41,10 @@ pub mod weights;
 pub use error::{Error, Result};
 pub use executor::{execute, ExecOptions, MergeReport, NonFiniteWarning};
 pub use placement::{check_output_placement, check_plan_output};
+pub use keys::{select_keys, Action, KeyEntry, KeySelection, KeySelectionConfig};
 pub use plan::{MergeConfig, MergeInput, MergePlan, PlanSummary, DEFAULT_MAX_SHARD_BYTES};
 pub use progress::{NoProgress, Progress};
+pub use run_layout::{discover_run, LatestHint, RunDiscovery};
 pub use series::{
     parse_byte_size, parse_step, parse_token_count, CheckpointEntry, CheckpointSeries, Selected,
     Selection, Skipped,
