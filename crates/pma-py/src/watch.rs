@@ -280,9 +280,7 @@ impl Watcher {
     fn idle(&self) -> PyResult<std::sync::MutexGuard<'_, Option<Follow>>> {
         let guard = self.follow.try_lock().map_err(|_| busy())?;
         match &*guard {
-            Some(f) if !f.finished => Err(PyRuntimeError::new_err(
-                "this Watcher is being iterated; stop() or close() it before poll_once()",
-            )),
+            Some(f) if !f.finished => Err(busy()),
             _ => Ok(guard),
         }
     }
@@ -362,7 +360,9 @@ impl Drop for Watcher {
 }
 
 fn busy() -> PyErr {
-    PyRuntimeError::new_err("this Watcher is in use by another thread")
+    PyRuntimeError::new_err(
+        "this Watcher is being iterated; stop() or close() it before polling it otherwise",
+    )
 }
 
 fn panicked() -> PyErr {
