@@ -18,20 +18,8 @@ Work runs without the GIL, and Ctrl-C stops a merge cleanly (nothing is written)
 >>> [m.step for m in report.members], report.weights
 """
 
-from pma._errors import (
-    ConfigError,
-    FormatError,
-    InputError,
-    Interrupted,
-    IoError,
-    MismatchError,
-    NoSpaceError,
-    NonFiniteError,
-    OutputExistsError,
-    PmaError,
-    PmaWarning,
-    WatchStateError,
-)
+from pma import _errors
+from pma._errors import *  # noqa: F403  (the exception classes, listed in _errors.__all__)
 from pma._pma import (
     DiffReport,
     Member,
@@ -61,17 +49,6 @@ __all__ = [
     "DiffReport",
     "TensorDiff",
     "WatchEvent",
-    "PmaError",
-    "InputError",
-    "FormatError",
-    "MismatchError",
-    "NonFiniteError",
-    "ConfigError",
-    "OutputExistsError",
-    "NoSpaceError",
-    "IoError",
-    "WatchStateError",
-    "Interrupted",
-    "PmaWarning",
     "__version__",
+    *_errors.__all__,
 ]
