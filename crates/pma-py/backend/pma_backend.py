@@ -59,6 +59,11 @@ def stage_cli() -> Path:
     scripts.mkdir(parents=True, exist_ok=True)
     staged = scripts / exe
     shutil.copy2(target / "release" / exe, staged)
+    # The release profile keeps line tables (debug = 1) for profiling; the wheel does not need
+    # them (like `strip = true` for the module). Stripping is size only: skipped without `strip`.
+    strip = shutil.which("strip")
+    if strip and sys.platform.startswith("linux"):
+        subprocess.run([strip, str(staged)], check=False)
     return staged
 
 

@@ -17,9 +17,9 @@ from safetensors.numpy import save_file
 
 import pma
 
-# 40 checkpoints of 16M float32 (64 MB, hard links of one file): a merge reads 2.5 GB from the
+# 64 checkpoints of 16M float32 (64 MB, hard links of one file): a merge reads 4 GB from the
 # page cache, which takes seconds on one thread, yet the run costs 64 MB of disk.
-N_CHECKPOINTS = 40
+N_CHECKPOINTS = 64
 N_ELEMS = 16 << 20
 
 
@@ -88,7 +88,7 @@ def test_ctrl_c_interrupts_a_merge_and_writes_nothing(tmp_path, big_run):
         text=True,
     )
     assert child.stdout.readline().strip() == "merging"
-    time.sleep(0.5)
+    time.sleep(0.3)  # well inside the merge, which takes seconds on one thread
     child.send_signal(signal.SIGINT)
     stdout, stderr = child.communicate(timeout=60)
     assert child.returncode == 0, f"{stdout}\n{stderr}"
