@@ -1,0 +1,73 @@
+//! Library errors as Python exceptions.
+//!
+//! The exception classes live in `python/pma/_errors.py` (plain Python, so some can also inherit
+//! from `ValueError` or `OSError`); this module picks the class for each variant and builds the
+//! message exactly as the CLI prints it after `error: ` (anyhow's `{:#}`: the error, then each
+//! `source()` joined by `: `). New library variants fall back to the nearest base class, so the
+//! mapping never fails to compile when the library grows.
+
+use pyo3::prelude::*;
+
+/// The Python exception for a `pma-merge` error.
+pub(crate) fn to_py_err(err: pma_merge::Error) -> PyErr {
+    make(class_name(&err), cli_message(&err))
+}
+
+/// A `ConfigError` for an argument the glue itself rejects (the CLI's clap/`bail!` checks).
+pub(crate) fn config_error(message: impl Into<String>) -> PyErr {
+    make("ConfigError", message.into())
+}
+
+/// Which class of `pma._errors` a library error becomes.
+fn class_name(err: &pma_merge::Error) -> &'static str {
+    use pma_format::Error as F;
+    use pma_merge::Error as M;
+    match err {
+        M::Format(f) => match f {
+            F::Io { .. } | F::WriteLength { .. } => "IoError",
+            F::OutputExists { .. } => "OutputExistsError",
+            F::NoSpace { .. } => "NoSpaceError",
+            _ => "FormatError",
+        },
+        M::EmptyRun { .. } | M::NotEnoughCheckpoints { .. } | M::NoStep { .. } => "InputError",
+        M::MissingTensor { .. }
+        | M::ShapeMismatch { .. }
+        | M::UnsupportedDtype { .. }
+        | M::DtypeMismatch { .. }
+        | M::ExactTensorDiffers { .. } => "MismatchError",
+        M::NonFinite { .. } => "NonFiniteError",
+        M::InvalidWeights(_) | M::InvalidSelection(_) | M::InvalidWatchConfig(_) => "ConfigError",
+        M::WatchStateMismatch { .. } | M::WatchStateCorrupt { .. } | M::WatchLocked { .. } => {
+            "WatchStateError"
+        }
+        M::Interrupted => "Interrupted",
+        _ => "PmaError",
+    }
+}
+
+/// The message as `pma` prints it: `{err:#}` of the anyhow chain.
+fn cli_message(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut message = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        message.push_str(": ");
+        message.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    message
+}
+
+/// Instantiates `pma._errors.<class>(message)`.
+fn make(class: &'static str, message: String) -> PyErr {
+    Python::attach(|py| {
+        match py
+            .import("pma._errors")
+            .and_then(|m| m.getattr(class))
+            .and_then(|cls| cls.call1((message,)))
+        {
+            Ok(exc) => PyErr::from_value(exc),
+            // Only if the package is damaged (pma._errors missing): the import error says so.
+            Err(e) => e,
+        }
+    })
+}
