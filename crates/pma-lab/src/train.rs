@@ -428,40 +428,115 @@ fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
 }
 
 /// A flat, all-optional view of a [`TrainConfig`] whose keys are the `pma train` flag names
-/// (`--decay-steps` is `decay-steps`). It is the schema of `--config run.toml`, and the CLI
-/// builds one from its flags, so a file and flags combine by [`TrainOverrides::or`].
+/// (`--decay-steps` is `decay-steps`). It is the one definition of the training flags: the schema
+/// of `--config run.toml` and, with the `clap` feature, the flags themselves (the CLI flattens it
+/// into its `train` arguments), so a file and flags combine by [`TrainOverrides::or`]. Adding a
+/// flag is one field here and one line in [`TrainOverrides::apply`].
+///
+/// The doc comments are the `--help` text.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::Args))]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
-#[allow(missing_docs)]
 pub struct TrainOverrides {
+    /// Model family: dense (Llama) or moe (Mixtral).
+    #[cfg_attr(feature = "clap", arg(long, value_name = "dense|moe"))]
     pub model: Option<ModelKind>,
+    /// Decoder blocks [default: 4].
+    #[cfg_attr(feature = "clap", arg(long, value_name = "L"))]
     pub layers: Option<usize>,
+    /// Hidden size [default: 128].
+    #[cfg_attr(feature = "clap", arg(long, value_name = "H"))]
     pub hidden: Option<usize>,
+    /// SwiGLU width (per expert) [default: 8/3 of --hidden, rounded up to 32].
+    #[cfg_attr(feature = "clap", arg(long, value_name = "I"))]
     pub intermediate: Option<usize>,
+    /// Attention heads [default: 4].
+    #[cfg_attr(feature = "clap", arg(long, value_name = "A"))]
     pub heads: Option<usize>,
+    /// Key/value heads, fewer than --heads for grouped-query attention [default: --heads].
+    #[cfg_attr(feature = "clap", arg(long, value_name = "KV"))]
     pub kv_heads: Option<usize>,
+    /// MoE experts per block [default: 8].
+    #[cfg_attr(feature = "clap", arg(long, value_name = "E"))]
     pub experts: Option<usize>,
+    /// MoE experts per token [default: 2].
+    #[cfg_attr(feature = "clap", arg(long, value_name = "K"))]
     pub top_k: Option<usize>,
+    /// Weight of the MoE load-balancing loss [default: 0.02].
+    #[cfg_attr(feature = "clap", arg(long, value_name = "C"))]
     pub aux_loss_coef: Option<f64>,
+    /// Tie the output head to the embedding.
+    // A flag on the command line (present = true, absent = unset, so a run file can still set
+    // it), a boolean in the run file.
+    #[cfg_attr(
+        feature = "clap",
+        arg(long, num_args = 0, default_missing_value = "true")
+    )]
     pub tie_embeddings: Option<bool>,
+    /// Total optimizer steps; the schedule spans these [default: 1000].
+    #[cfg_attr(feature = "clap", arg(long, value_name = "S"))]
     pub steps: Option<u64>,
+    /// Stop after this many steps although the schedule spans --steps (continue with --resume).
+    #[cfg_attr(feature = "clap", arg(long, value_name = "S"))]
     pub stop_after: Option<u64>,
+    /// Sequences per batch [default: 16].
+    #[cfg_attr(feature = "clap", arg(long, value_name = "B"))]
     pub batch: Option<usize>,
+    /// Tokens per sequence [default: 128].
+    #[cfg_attr(feature = "clap", arg(long, value_name = "T"))]
     pub seq: Option<usize>,
+    /// Peak learning rate [default: 3e-3].
+    #[cfg_attr(feature = "clap", arg(long, value_name = "LR"))]
     pub lr: Option<f64>,
+    /// Final learning rate of wsd/cosine decays [default: --lr / 10].
+    #[cfg_attr(feature = "clap", arg(long, value_name = "LR"))]
     pub min_lr: Option<f64>,
+    /// LR schedule: constant, wsd or cosine, all with linear warmup [default: wsd].
+    #[cfg_attr(feature = "clap", arg(long, value_name = "constant|wsd|cosine"))]
     pub schedule: Option<ScheduleKind>,
+    /// Linear warmup steps [default: min(100, steps/10)].
+    #[cfg_attr(feature = "clap", arg(long, value_name = "W"))]
     pub warmup: Option<u64>,
+    /// WSD decay steps at the end of the run [default: steps/5].
+    #[cfg_attr(feature = "clap", arg(long, value_name = "D"))]
     pub decay_steps: Option<u64>,
+    /// WSD decay shape [default: 1-sqrt].
+    #[cfg_attr(feature = "clap", arg(long, value_name = "linear|cosine|1-sqrt"))]
     pub decay_shape: Option<DecayShape>,
+    /// Multiply the LR by FACTOR for LEN steps from STEP, to provoke a loss spike.
+    #[cfg_attr(feature = "clap", arg(long, value_name = "STEP:FACTOR:LEN"))]
     pub lr_spike: Option<String>,
+    /// AdamW decoupled weight decay [default: 0.1].
+    #[cfg_attr(feature = "clap", arg(long, value_name = "WD"))]
     pub weight_decay: Option<f64>,
+    /// Global gradient-norm clip, 0 to disable [default: 1.0].
+    #[cfg_attr(feature = "clap", arg(long, value_name = "NORM"))]
     pub grad_clip: Option<f64>,
+    /// Write RUN_DIR/step-XXXXXXX/ every K steps (and at the last step) [default: 100].
+    #[cfg_attr(feature = "clap", arg(long, value_name = "K"))]
     pub save_every: Option<u64>,
+    /// Seed of the weight init and the data sampler [default: 0].
+    #[cfg_attr(feature = "clap", arg(long, value_name = "S"))]
     pub seed: Option<u64>,
+    /// Train on these text files instead of the embedded Moby-Dick (last 5% held out).
+    #[cfg_attr(feature = "clap", arg(long, value_name = "FILE", num_args = 1..))]
     pub data: Option<Vec<PathBuf>>,
+    /// Start from these weights (any checkpoint, raw or merged): PMA-init. The model shape comes
+    /// from its config.json.
+    #[cfg_attr(feature = "clap", arg(long, value_name = "CKPT"))]
     pub init: Option<PathBuf>,
+    /// With --init, also load the checkpoint's optimizer.safetensors.
+    #[cfg_attr(
+        feature = "clap",
+        arg(long, num_args = 0, default_missing_value = "true")
+    )]
     pub init_optimizer: Option<bool>,
+    /// Run directory.
+    // Required unless the flattening command has a `resume` argument that is given.
+    #[cfg_attr(
+        feature = "clap",
+        arg(long, value_name = "RUN_DIR", required_unless_present = "resume")
+    )]
     pub out: Option<PathBuf>,
 }
 
@@ -476,41 +551,23 @@ impl TrainOverrides {
     }
 
     /// Field by field, `self` where set, else `fallback`.
-    pub fn or(self, fallback: TrainOverrides) -> TrainOverrides {
-        macro_rules! pick {
-            ($($f:ident),*) => { TrainOverrides { $($f: self.$f.or(fallback.$f)),* } };
-        }
-        pick!(
-            model,
-            layers,
-            hidden,
-            intermediate,
-            heads,
-            kv_heads,
-            experts,
-            top_k,
-            aux_loss_coef,
-            tie_embeddings,
-            steps,
-            stop_after,
-            batch,
-            seq,
-            lr,
-            min_lr,
-            schedule,
-            warmup,
-            decay_steps,
-            decay_shape,
-            lr_spike,
-            weight_decay,
-            grad_clip,
-            save_every,
-            seed,
-            data,
-            init,
-            init_optimizer,
-            out
-        )
+    ///
+    /// Fails only for a path that is not UTF-8, which `run.json` could not record either.
+    pub fn or(self, fallback: TrainOverrides) -> Result<TrainOverrides> {
+        // Through the run-file form, so the field list is not written out again: unset fields
+        // are absent from the table, set ones replace the fallback's. TOML (not JSON) keeps NaN
+        // and infinities, so a bad `--lr nan` still reaches `validate`.
+        let table = |o: &TrainOverrides| -> Result<toml::Table> {
+            toml::Table::try_from(o).map_err(|e| Error::InvalidTrainConfig {
+                field: "paths",
+                reason: format!("{e} (paths must be UTF-8 to be recorded in run.json)"),
+            })
+        };
+        let mut merged = table(&fallback)?;
+        merged.extend(table(&self)?);
+        Ok(merged
+            .try_into()
+            .expect("a table of the struct's own fields deserializes back"))
     }
 
     /// Writes the set fields into `config`.
@@ -598,5 +655,125 @@ impl TrainOverrides {
             config.init = self.init.clone();
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn or_prefers_set_fields_and_keeps_the_fallbacks_others() {
+        let flags = TrainOverrides {
+            steps: Some(20),
+            lr: Some(f64::NAN),
+            data: Some(vec!["a.txt".into()]),
+            ..TrainOverrides::default()
+        };
+        let file = TrainOverrides {
+            steps: Some(10),
+            seed: Some(7),
+            tie_embeddings: Some(true),
+            ..TrainOverrides::default()
+        };
+        let merged = flags.or(file).unwrap();
+        assert_eq!(merged.steps, Some(20));
+        assert_eq!(merged.seed, Some(7));
+        assert_eq!(merged.tie_embeddings, Some(true));
+        assert_eq!(merged.data, Some(vec![PathBuf::from("a.txt")]));
+        // A NaN is kept, for validate to reject, not dropped in favour of the default.
+        assert!(merged.lr.is_some_and(f64::is_nan));
+        assert_eq!(merged.out, None);
+    }
+
+    /// The training flags are defined once: parsing them fills `TrainOverrides`, unset flags
+    /// stay unset (so a run file can fill them), and every flag is a run-file key.
+    #[cfg(feature = "clap")]
+    #[test]
+    fn flags_are_the_run_file_keys() {
+        use clap::{CommandFactory, Parser};
+
+        #[derive(Debug, Parser)]
+        struct Cli {
+            #[command(flatten)]
+            overrides: TrainOverrides,
+            #[arg(long)]
+            resume: Option<PathBuf>,
+        }
+        Cli::command().debug_assert();
+        let cli = Cli::try_parse_from([
+            "t",
+            "--out",
+            "run",
+            "--decay-steps",
+            "200",
+            "--decay-shape",
+            "1-sqrt",
+            "--model",
+            "moe",
+            "--tie-embeddings",
+            "--data",
+            "a.txt",
+            "b.txt",
+        ])
+        .unwrap();
+        let o = cli.overrides;
+        assert_eq!(o.decay_steps, Some(200));
+        assert_eq!(o.decay_shape, Some(DecayShape::OneSqrt));
+        assert_eq!(o.model, Some(ModelKind::Moe));
+        assert_eq!(o.tie_embeddings, Some(true));
+        assert_eq!(o.init_optimizer, None);
+        assert_eq!(o.steps, None);
+        assert_eq!(o.data, Some(vec!["a.txt".into(), "b.txt".into()]));
+        assert_eq!(o.out, Some(PathBuf::from("run")));
+        // --out is required unless --resume names the run.
+        assert!(Cli::try_parse_from(["t"]).is_err());
+        assert!(Cli::try_parse_from(["t", "--resume", "run"]).is_ok());
+        assert!(Cli::try_parse_from(["t", "--out", "r", "--tie-embeddings=false"]).is_err());
+
+        let mut flags: Vec<String> = Cli::command()
+            .get_arguments()
+            .filter_map(|a| a.get_long().map(str::to_string))
+            .filter(|l| l != "resume")
+            .collect();
+        flags.sort();
+        let all_set = TrainOverrides {
+            model: Some(ModelKind::Dense),
+            layers: Some(1),
+            hidden: Some(1),
+            intermediate: Some(1),
+            heads: Some(1),
+            kv_heads: Some(1),
+            experts: Some(1),
+            top_k: Some(1),
+            aux_loss_coef: Some(1.0),
+            tie_embeddings: Some(true),
+            steps: Some(1),
+            stop_after: Some(1),
+            batch: Some(1),
+            seq: Some(1),
+            lr: Some(1.0),
+            min_lr: Some(1.0),
+            schedule: Some(ScheduleKind::Wsd),
+            warmup: Some(1),
+            decay_steps: Some(1),
+            decay_shape: Some(DecayShape::Linear),
+            lr_spike: Some("1:2:3".into()),
+            weight_decay: Some(1.0),
+            grad_clip: Some(1.0),
+            save_every: Some(1),
+            seed: Some(1),
+            data: Some(vec!["a".into()]),
+            init: Some("i".into()),
+            init_optimizer: Some(true),
+            out: Some("o".into()),
+        };
+        let mut keys: Vec<String> = toml::Table::try_from(&all_set)
+            .unwrap()
+            .keys()
+            .cloned()
+            .collect();
+        keys.sort();
+        assert_eq!(flags, keys);
     }
 }
