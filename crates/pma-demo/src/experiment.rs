@@ -597,7 +597,7 @@ impl<'a> Lab<'a> {
         }
     }
 
-    /// Trains one run. A non-finite loss ends the run early and is recorded, not returned.
+    /// Trains one run. A run that diverges ends early; its outcome is recorded.
     fn train(&mut self, spec: RunSpec) -> Result<Trained> {
         self.check_cancel()?;
         let t = &spec.train;
@@ -607,32 +607,30 @@ impl<'a> Lab<'a> {
             progress: self.progress,
         };
         let started = Instant::now();
-        let (diverged_at, n_params) = match pma_lab::train::train(t, &bridge) {
-            Ok(report) => (None, report.n_params),
-            Err(pma_lab::Error::NonFinite { step, .. }) => (Some(step), 0),
-            Err(e) => return Err(e.into()),
-        };
+        let report = pma_lab::train::train(t, &bridge)?;
         let elapsed_secs = started.elapsed().as_secs_f64();
         self.end_stage();
+        let diverged_at = report.outcome.diverged_at();
         let checkpoints = pma_lab::checkpoint::list_checkpoints(&t.out_dir)?;
-        let model = match &t.init {
-            Some(init) => pma_lab::config::ModelConfig::load(init)?,
-            None => t.model.clone(),
-        };
-        let n_params = if n_params > 0 {
-            n_params
-        } else {
-            model.n_params()
-        };
+        let n_params = report.n_params;
         self.n_params.insert(spec.name.clone(), n_params);
-        let curve = read_curve(&t.out_dir.join("metrics.jsonl"))?;
+        let curve: Vec<CurvePoint> = report
+            .curve
+            .iter()
+            .map(|m| CurvePoint {
+                step: m.step,
+                lr: m.lr,
+                loss: m.loss,
+                grad_norm: m.grad_norm,
+            })
+            .collect();
         let tokens_per_step = (t.batch_size * t.seq_len) as u64;
         let steps_done = curve.last().map_or(0, |c| c.step);
         let schedule = describe_schedule(t);
         self.results.runs.push(RunRecord {
             name: spec.name.clone(),
             role: spec.role,
-            model: match model.kind {
+            model: match report.model.kind {
                 pma_lab::config::ModelKind::Dense => "dense".into(),
                 pma_lab::config::ModelKind::Moe => "moe".into(),
             },
@@ -1158,30 +1156,6 @@ fn describe_schedule(t: &TrainConfig) -> String {
         ));
     }
     out
-}
-
-/// Reads a run's `metrics.jsonl` into a curve.
-fn read_curve(path: &Path) -> Result<Vec<CurvePoint>> {
-    let text = match std::fs::read_to_string(path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(Error::io(path, "reading", e)),
-    };
-    text.lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|line| {
-            let m: StepMetrics = serde_json::from_str(line).map_err(|source| Error::Json {
-                path: path.to_path_buf(),
-                source,
-            })?;
-            Ok(CurvePoint {
-                step: m.step,
-                lr: m.lr,
-                loss: m.loss,
-                grad_norm: m.grad_norm,
-            })
-        })
-        .collect()
 }
 
 #[cfg(test)]

@@ -193,18 +193,67 @@ pub struct NoProgress;
 
 impl Progress for NoProgress {}
 
+/// How a call to [`train`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[serde(tag = "status", rename_all = "lowercase")]
+pub enum TrainOutcome {
+    /// Every update up to the stop point was taken.
+    Completed,
+    /// Update `step` gave a non-finite loss or gradient norm. The run stopped there: that update
+    /// is neither logged nor saved, so the run directory ends at the update before.
+    Diverged {
+        /// The update that diverged.
+        step: u64,
+        /// Its cross-entropy.
+        loss: f64,
+        /// Its gradient norm before clipping.
+        grad_norm: f64,
+    },
+}
+
+impl TrainOutcome {
+    /// The step that diverged, if the run did.
+    pub fn diverged_at(&self) -> Option<u64> {
+        match self {
+            TrainOutcome::Completed => None,
+            TrainOutcome::Diverged { step, .. } => Some(*step),
+        }
+    }
+
+    /// [`Error::NonFinite`] for a diverged run, for a caller that treats divergence as failure.
+    pub fn into_result(self) -> Result<()> {
+        match self {
+            TrainOutcome::Completed => Ok(()),
+            TrainOutcome::Diverged {
+                step,
+                loss,
+                grad_norm,
+            } => Err(Error::NonFinite {
+                step,
+                loss,
+                grad_norm,
+            }),
+        }
+    }
+}
+
 /// What a run did.
 #[derive(Debug, Clone, Serialize)]
 pub struct TrainReport {
     /// The run directory.
     pub run_dir: PathBuf,
+    /// Completed, or diverged at a step.
+    pub outcome: TrainOutcome,
+    /// The updates of this call, in order, as logged to `metrics.jsonl` (a diverged update is
+    /// not among them).
+    pub curve: Vec<StepMetrics>,
     /// The effective model config.
     pub model: ModelConfig,
     /// Scalar parameters.
     pub n_params: usize,
     /// Step the run started from (0 unless resumed).
     pub first_step: u64,
-    /// Step it stopped at.
+    /// The last update taken (before the diverged one, if any).
     pub last_step: u64,
     /// Checkpoints written, in order.
     pub checkpoints: Vec<PathBuf>,
@@ -238,6 +287,8 @@ pub fn load_run_config(run_dir: &Path) -> Result<TrainConfig> {
 }
 
 /// Trains, writing checkpoints and metrics into `config.out_dir`.
+///
+/// A run that diverges is a result, not an error: the report's [`TrainOutcome`] says where.
 pub fn train(config: &TrainConfig, progress: &dyn Progress) -> Result<TrainReport> {
     config.validate()?;
     let device = default_device();
@@ -340,6 +391,8 @@ pub fn train(config: &TrainConfig, progress: &dyn Progress) -> Result<TrainRepor
         .map_err(|e| Error::io(&metrics_path, "opening", e))?;
     let (b, t) = (config.batch_size, config.seq_len);
     let mut checkpoints = Vec::new();
+    let mut curve = Vec::new();
+    let mut outcome = TrainOutcome::Completed;
     let started = Instant::now();
     progress.start(first_step, last_step);
     for step in first_step..last_step {
@@ -357,11 +410,13 @@ pub fn train(config: &TrainConfig, progress: &dyn Progress) -> Result<TrainRepor
         };
         let stats = optimizer.update(&params, &grads, lr)?;
         if !ce.is_finite() || !stats.grad_norm.is_finite() {
-            return Err(Error::NonFinite {
+            // The weights are now poisoned: stop without logging or saving this update.
+            outcome = TrainOutcome::Diverged {
                 step: step + 1,
                 loss: ce,
                 grad_norm: stats.grad_norm,
-            });
+            };
+            break;
         }
         state.step = step + 1;
         state.tokens_seen += (b * t) as u64;
@@ -385,6 +440,7 @@ pub fn train(config: &TrainConfig, progress: &dyn Progress) -> Result<TrainRepor
             .write_all(&line)
             .map_err(|e| Error::io(&metrics_path, "appending to", e))?;
         progress.step(&m);
+        curve.push(m);
         let due = config.save_every > 0 && state.step % config.save_every == 0;
         if due || state.step == last_step {
             let path =
@@ -395,13 +451,15 @@ pub fn train(config: &TrainConfig, progress: &dyn Progress) -> Result<TrainRepor
     }
     progress.finish();
     let elapsed_secs = started.elapsed().as_secs_f64();
-    let n_tokens = (last_step.saturating_sub(first_step)) as f64 * (b * t) as f64;
+    let n_tokens = (state.step - first_step) as f64 * (b * t) as f64;
     Ok(TrainReport {
         run_dir,
+        outcome,
+        curve,
         n_params: params.n_params(),
         model: config.model.clone(),
         first_step,
-        last_step,
+        last_step: state.step,
         checkpoints,
         final_loss: state.train_loss,
         tokens_seen: state.tokens_seen,

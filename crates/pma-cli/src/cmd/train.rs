@@ -106,8 +106,10 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             .progress_chars("=> "),
     );
     bar.enable_steady_tick(Duration::from_millis(250));
-    let report = train(&config, &Bar { bar })
-        .with_context(|| format!("training into {}", config.out_dir.display()))?;
+    let context = || format!("training into {}", config.out_dir.display());
+    let report = train(&config, &Bar { bar }).with_context(context)?;
+    // For `pma train` a diverged run is a failure: the user asked for the steps.
+    report.outcome.into_result().with_context(context)?;
     eprintln!(
         "trained {} params ({}) steps {}..{} in {:.1}s: {:.0} tokens/s, final loss {:.4}, {} checkpoints in {}",
         report.n_params,
