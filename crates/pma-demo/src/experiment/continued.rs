@@ -7,6 +7,7 @@ use pma_lab::train::TrainConfig;
 use super::lab::{mean, Lab, RunSpec, Trained};
 use super::plan::{MergeSpec, MethodSpec};
 use crate::error::Result;
+use crate::ids::{seed_offset, RunId, Tag};
 use crate::results::ContinuedRecord;
 
 impl Lab<'_> {
@@ -19,12 +20,12 @@ impl Lab<'_> {
         let merge = self.merge(
             trunk,
             &MergeSpec {
-                run: "trunk".into(),
+                run: RunId::Trunk,
                 method: MethodSpec::Sma,
                 n: c.n,
                 interval: p.save_every,
                 step: from,
-                tag: "continued_init",
+                tag: Tag::ContinuedInit,
             },
         )?;
         let raw_init = pma_lab::checkpoint::step_dir(&trunk.dir, from);
@@ -32,7 +33,10 @@ impl Lab<'_> {
         let mut finals = Vec::new();
         let mut initials = Vec::new();
         let mut names = Vec::new();
-        for (name, init) in [("ct-raw", raw_init), ("ct-pma", merge_init)] {
+        for (id, init) in [
+            (RunId::ContinuedRaw, raw_init),
+            (RunId::ContinuedPma, merge_init),
+        ] {
             let train = TrainConfig {
                 init: Some(init.clone()),
                 steps: c.steps,
@@ -41,9 +45,9 @@ impl Lab<'_> {
                 schedule: ScheduleKind::Constant,
                 save_every: 0,
                 // The same seed for both: identical batches, so only the init differs.
-                seed: self.config.seed.wrapping_add(2),
+                seed: self.config.seed.wrapping_add(seed_offset::CONTINUED),
                 data: DataSource::Files(vec![self.heldout.clone()]),
-                out_dir: self.run_dir(name),
+                out_dir: self.run_dir(id),
                 ..self.trunk_config()
             };
             let role = format!(
@@ -51,7 +55,7 @@ impl Lab<'_> {
                 self.rel(&init)
             );
             let run = self.train(RunSpec {
-                name: name.into(),
+                id,
                 role,
                 train,
                 step_offset: 0,
@@ -63,12 +67,12 @@ impl Lab<'_> {
                 None => f64::NAN,
             });
             self.eval_all(&run)?;
-            names.push(name.to_string());
+            names.push(id);
         }
-        let curve_stats = |name: &str| {
+        let curve_stats = |id: RunId| {
             let curve = &self
                 .results
-                .run(name)
+                .run(id)
                 .expect("continued runs were recorded")
                 .curve;
             let q = (curve.len() / 4).max(1);
@@ -79,8 +83,8 @@ impl Lab<'_> {
             let std = (mean(g.iter().map(|x| (x - m) * (x - m)))).sqrt();
             (early, max_g, std)
         };
-        let (er, mr, sr) = curve_stats("ct-raw");
-        let (ep, mp, sp) = curve_stats("ct-pma");
+        let (er, mr, sr) = curve_stats(RunId::ContinuedRaw);
+        let (ep, mp, sp) = curve_stats(RunId::ContinuedPma);
         self.results.continued = Some(ContinuedRecord {
             data: format!(
                 "data/heldout.txt: the last 10% of the corpus's training part ({} bytes), never seen by the trunk; scored on its last 5% ({} tokens)",
@@ -89,8 +93,8 @@ impl Lab<'_> {
             ),
             from_step: from,
             merge_id: merge.id,
-            raw_run: names[0].clone(),
-            merge_run: names[1].clone(),
+            raw_run: names[0].to_string(),
+            merge_run: names[1].to_string(),
             initial_heldout_loss: (initials[0], initials[1]),
             final_heldout_loss: (finals[0], finals[1]),
             early_train_loss: (er, ep),

@@ -1,7 +1,6 @@
 //! The shared machinery of every study: train a run, evaluate a checkpoint, make a merge, and
 //! record each into the results.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
@@ -17,6 +16,7 @@ use pma_merge::{
 use super::plan::MergeSpec;
 use super::{DemoConfig, Progress};
 use crate::error::{Error, Result};
+use crate::ids::RunId;
 use crate::results::{
     CheckpointRecord, CurvePoint, EvalInfo, MergeRecord, Metrics, Results, RunRecord, StageTiming,
     RESULTS_SCHEMA_VERSION,
@@ -24,7 +24,7 @@ use crate::results::{
 
 /// A training run to do.
 pub(super) struct RunSpec {
-    pub(super) name: String,
+    pub(super) id: RunId,
     pub(super) role: String,
     pub(super) train: TrainConfig,
     pub(super) step_offset: u64,
@@ -32,8 +32,10 @@ pub(super) struct RunSpec {
 
 /// A finished training run.
 pub(super) struct Trained {
-    pub(super) name: String,
+    pub(super) id: RunId,
     pub(super) dir: PathBuf,
+    /// Its checkpoint interval, which its annealing forks keep.
+    pub(super) save_every: u64,
     pub(super) step_offset: u64,
     pub(super) tokens_per_step: u64,
     /// (step, directory), oldest first.
@@ -45,12 +47,21 @@ impl Trained {
     pub(super) fn last_step(&self) -> u64 {
         self.checkpoints.last().map_or(0, |c| c.0)
     }
+
+    /// `value()` for a run that completed; NaN for one that diverged, whose last numbers
+    /// describe a broken model.
+    pub(super) fn unless_diverged(&self, value: impl FnOnce() -> f64) -> f64 {
+        match self.diverged_at {
+            Some(_) => f64::NAN,
+            None => value(),
+        }
+    }
 }
 
 /// Forwards the lab's training events to the demo's progress. (The lab's trainer has no cancel
 /// hook, so a cancelled demo stops at the next stage boundary.)
 struct TrainBridge<'a> {
-    pub(super) progress: &'a dyn Progress,
+    progress: &'a dyn Progress,
 }
 
 impl pma_lab::train::Progress for TrainBridge<'_> {
@@ -73,7 +84,6 @@ pub(super) struct Lab<'a> {
     pub(super) heldout: PathBuf,
     pub(super) results: Results,
     pub(super) stage_started: Option<(String, Instant)>,
-    pub(super) n_params: BTreeMap<String, usize>,
 }
 
 impl<'a> Lab<'a> {
@@ -133,7 +143,6 @@ impl<'a> Lab<'a> {
             heldout,
             results,
             stage_started: None,
-            n_params: BTreeMap::new(),
         })
     }
 
@@ -163,8 +172,8 @@ impl<'a> Lab<'a> {
         }
     }
 
-    pub(super) fn run_dir(&self, name: &str) -> PathBuf {
-        self.config.out_dir.join("runs").join(name)
+    pub(super) fn run_dir(&self, id: RunId) -> PathBuf {
+        self.config.out_dir.join("runs").join(id.to_string())
     }
 
     pub(super) fn rel(&self, path: &Path) -> String {
@@ -188,7 +197,7 @@ impl<'a> Lab<'a> {
             save_every: p.save_every,
             seed: self.config.seed,
             data: DataSource::Files(vec![self.pretrain.clone()]),
-            out_dir: self.run_dir("trunk"),
+            out_dir: self.run_dir(RunId::Trunk),
             ..TrainConfig::default()
         }
     }
@@ -197,7 +206,7 @@ impl<'a> Lab<'a> {
     pub(super) fn train(&mut self, spec: RunSpec) -> Result<Trained> {
         self.check_cancel()?;
         let t = &spec.train;
-        let label = format!("train {}", spec.name);
+        let label = format!("train {}", spec.id);
         self.stage(&label, t.steps);
         let bridge = TrainBridge {
             progress: self.progress,
@@ -209,7 +218,6 @@ impl<'a> Lab<'a> {
         let diverged_at = report.outcome.diverged_at();
         let checkpoints = pma_lab::checkpoint::list_checkpoints(&t.out_dir)?;
         let n_params = report.n_params;
-        self.n_params.insert(spec.name.clone(), n_params);
         let curve: Vec<CurvePoint> = report
             .curve
             .iter()
@@ -224,7 +232,7 @@ impl<'a> Lab<'a> {
         let steps_done = curve.last().map_or(0, |c| c.step);
         let schedule = describe_schedule(t);
         self.results.runs.push(RunRecord {
-            name: spec.name.clone(),
+            name: spec.id.to_string(),
             role: spec.role,
             model: match report.model.kind {
                 pma_lab::config::ModelKind::Dense => "dense".into(),
@@ -243,8 +251,9 @@ impl<'a> Lab<'a> {
             curve,
         });
         Ok(Trained {
-            name: spec.name,
+            id: spec.id,
             dir: t.out_dir.clone(),
+            save_every: t.save_every,
             step_offset: spec.step_offset,
             tokens_per_step,
             checkpoints,
@@ -271,7 +280,7 @@ impl<'a> Lab<'a> {
         let r = self.evaluate(path, &self.eval_tokens)?;
         let global_step = run.step_offset + step;
         let rec = CheckpointRecord {
-            run: run.name.clone(),
+            run: run.id.to_string(),
             step,
             global_step,
             tokens: global_step * run.tokens_per_step,
@@ -281,7 +290,7 @@ impl<'a> Lab<'a> {
         };
         self.progress.advance(&format!(
             "{} step {step}: val loss {:.4}",
-            run.name, r.val_loss
+            run.id, r.val_loss
         ));
         self.results.checkpoints.push(rec.clone());
         Ok(rec)
@@ -302,8 +311,8 @@ impl<'a> Lab<'a> {
             spec.step
         );
         if let Some(existing) = self.results.merges.iter_mut().find(|m| m.id == id) {
-            if !existing.tags.iter().any(|t| t == spec.tag) {
-                existing.tags.push(spec.tag.into());
+            if !existing.has_tag(spec.tag) {
+                existing.tags.push(spec.tag.to_string());
             }
             self.progress.advance(&format!("{id} (already merged)"));
             return Ok(existing.clone());
@@ -342,8 +351,8 @@ impl<'a> Lab<'a> {
         let global_step = run.step_offset + spec.step;
         let rec = MergeRecord {
             id: id.clone(),
-            tags: vec![spec.tag.into()],
-            run: spec.run.clone(),
+            tags: vec![spec.tag.to_string()],
+            run: spec.run.to_string(),
             method: spec.method.name().into(),
             alpha: spec.method.alpha(),
             n: members.len(),
@@ -365,7 +374,7 @@ impl<'a> Lab<'a> {
 
     pub(super) fn eval_all(&mut self, run: &Trained) -> Result<()> {
         self.stage(
-            &format!("evaluate {}", run.name),
+            &format!("evaluate {}", run.id),
             run.checkpoints.len() as u64,
         );
         for (step, path) in run.checkpoints.clone() {
@@ -373,6 +382,18 @@ impl<'a> Lab<'a> {
         }
         self.end_stage();
         Ok(())
+    }
+
+    /// The validation loss of `run`'s newest evaluated checkpoint; NaN when it diverged or has
+    /// none.
+    pub(super) fn final_val_loss(&self, run: &Trained) -> f64 {
+        run.unless_diverged(|| {
+            self.results
+                .checkpoints
+                .iter()
+                .rfind(|c| c.run == run.id)
+                .map_or(f64::NAN, |c| c.val_loss)
+        })
     }
 }
 

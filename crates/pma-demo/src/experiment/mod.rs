@@ -24,13 +24,11 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
-use pma_lab::schedule::ScheduleKind;
-use pma_lab::train::TrainConfig;
-
 use crate::error::{Error, Result};
 use crate::findings::derive_findings;
+use crate::ids::RunId;
 use crate::profile::{Profile, Scope};
-use crate::results::{AnnealedRecord, Results};
+use crate::results::Results;
 use annealing::predictions;
 use lab::{Lab, RunSpec, Trained};
 use plan::{branch_merge_specs, trunk_merge_specs};
@@ -107,7 +105,7 @@ pub fn run(
 
     // Trunk.
     let trunk = lab.train(RunSpec {
-        name: "trunk".into(),
+        id: RunId::Trunk,
         role: "dense trunk: warmup, then constant LR (the stable phase of WSD)".into(),
         train: lab.trunk_config(),
         step_offset: 0,
@@ -116,36 +114,12 @@ pub fn run(
     // Annealing forks.
     let mut forks = Vec::new();
     for &from in &p.anneal_from {
-        let name = format!("anneal-{from}");
-        let train = TrainConfig {
-            init: Some(pma_lab::checkpoint::step_dir(&trunk.dir, from)),
-            init_optimizer: true,
-            steps: p.decay_steps,
-            schedule: ScheduleKind::Wsd,
-            warmup_steps: Some(0),
-            decay_steps: Some(p.decay_steps),
-            seed: config.seed.wrapping_add(from),
-            out_dir: lab.run_dir(&name),
-            ..lab.trunk_config()
-        };
-        let role = format!(
-            "annealing fork from trunk step {from}: LR decays to min over {} steps",
-            p.decay_steps
-        );
-        forks.push((
-            from,
-            lab.train(RunSpec {
-                name,
-                role,
-                train,
-                step_offset: from,
-            })?,
-        ));
+        forks.push(lab.fork_annealing(&trunk, from, p.decay_steps)?);
     }
 
     // Raw checkpoints.
     let mut to_eval: Vec<(&Trained, u64, PathBuf)> = Vec::new();
-    for t in std::iter::once(&trunk).chain(forks.iter().map(|(_, t)| t)) {
+    for t in std::iter::once(&trunk).chain(&forks) {
         for (step, path) in &t.checkpoints {
             to_eval.push((t, *step, path.clone()));
         }
@@ -159,41 +133,22 @@ pub fn run(
     // Merges of the trunk (grid, sweeps, prediction points) and of the forks.
     let mut specs = trunk_merge_specs(p, config.scope);
     if config.scope == Scope::Reproduce {
-        for (_, fork) in &forks {
-            specs.extend(branch_merge_specs(p, &fork.name, fork.last_step()));
+        for fork in &forks {
+            specs.extend(branch_merge_specs(p, fork.id, fork.last_step()));
         }
     }
     lab.stage("merge and evaluate", specs.len() as u64);
     for spec in &specs {
-        let run = if spec.run == "trunk" {
-            &trunk
-        } else {
-            &forks
-                .iter()
-                .find(|(_, f)| f.name == spec.run)
-                .expect("branch specs name existing forks")
-                .1
-        };
+        let run = std::iter::once(&trunk)
+            .chain(&forks)
+            .find(|r| r.id == spec.run)
+            .expect("merge specs name the trunk or one of its forks");
         lab.merge(run, spec)?;
     }
     lab.end_stage();
 
-    for (from, fork) in &forks {
-        let last = fork.last_step();
-        let rec = lab
-            .results
-            .checkpoint(&fork.name, last)
-            .expect("every fork checkpoint was evaluated")
-            .clone();
-        lab.results.annealed.push(AnnealedRecord {
-            run: fork.name.clone(),
-            base_run: "trunk".into(),
-            from_step: *from,
-            step: rec.global_step,
-            tokens: rec.tokens,
-            decay_steps: p.decay_steps,
-            val_loss: rec.val_loss,
-        });
+    for fork in &forks {
+        lab.record_annealed(fork, p.decay_steps);
     }
     lab.results.predictions = predictions(&lab.results);
 

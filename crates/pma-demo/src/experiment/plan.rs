@@ -3,17 +3,18 @@
 use pma_merge::Weights;
 
 use crate::error::Result;
+use crate::ids::{RunId, Tag};
 use crate::profile::{Profile, Scope};
 
 /// One merge to make: `n` checkpoints of `run`, `interval` steps apart, the newest at `step`.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct MergeSpec {
-    pub(crate) run: String,
+    pub(crate) run: RunId,
     pub(crate) method: MethodSpec,
     pub(crate) n: usize,
     pub(crate) interval: u64,
     pub(crate) step: u64,
-    pub(crate) tag: &'static str,
+    pub(crate) tag: Tag,
 }
 
 /// An averaging method with its parameter.
@@ -78,15 +79,15 @@ pub(crate) fn trunk_merge_specs(p: &Profile, scope: Scope) -> Vec<MergeSpec> {
     points.sort_unstable();
     for &step in &points {
         let tag = if p.merge_points.contains(&step) {
-            "grid"
+            Tag::Grid
         } else {
-            "prediction"
+            Tag::Prediction
         };
         for method in grid_methods(p) {
             for &n in &p.ns {
                 if fits(n, k, step, k) {
                     specs.push(MergeSpec {
-                        run: "trunk".into(),
+                        run: RunId::Trunk,
                         method,
                         n,
                         interval: k,
@@ -106,12 +107,12 @@ pub(crate) fn trunk_merge_specs(p: &Profile, scope: Scope) -> Vec<MergeSpec> {
             for &n in &p.sweep_ns {
                 if fits(n, k, step, k) {
                     specs.push(MergeSpec {
-                        run: "trunk".into(),
+                        run: RunId::Trunk,
                         method: MethodSpec::Sma,
                         n,
                         interval: k,
                         step,
-                        tag: "n_sweep",
+                        tag: Tag::NSweep,
                     });
                 }
             }
@@ -119,12 +120,12 @@ pub(crate) fn trunk_merge_specs(p: &Profile, scope: Scope) -> Vec<MergeSpec> {
                 let interval = m * k;
                 if fits(p.sweep_v_n, interval, step, k) {
                     specs.push(MergeSpec {
-                        run: "trunk".into(),
+                        run: RunId::Trunk,
                         method: MethodSpec::Sma,
                         n: p.sweep_v_n,
                         interval,
                         step,
-                        tag: "v_sweep",
+                        tag: Tag::VSweep,
                     });
                 }
             }
@@ -134,19 +135,19 @@ pub(crate) fn trunk_merge_specs(p: &Profile, scope: Scope) -> Vec<MergeSpec> {
 }
 
 /// Merges inside an annealing branch, ending at its last checkpoint.
-pub(super) fn branch_merge_specs(p: &Profile, run: &str, last_step: u64) -> Vec<MergeSpec> {
+pub(super) fn branch_merge_specs(p: &Profile, run: RunId, last_step: u64) -> Vec<MergeSpec> {
     let k = p.save_every;
     let mut specs = Vec::new();
     for method in grid_methods(p) {
         for &n in &p.ns {
             if fits(n, k, last_step, k) {
                 specs.push(MergeSpec {
-                    run: run.into(),
+                    run,
                     method,
                     n,
                     interval: k,
                     step: last_step,
-                    tag: "anneal_branch",
+                    tag: Tag::AnnealBranch,
                 });
             }
         }

@@ -6,7 +6,8 @@ use pma_lab::train::TrainConfig;
 use super::lab::{mean, nan_max, Lab, RunSpec};
 use super::plan::{MergeSpec, MethodSpec};
 use crate::error::Result;
-use crate::results::{RecoveryRecord, SpikeRecord};
+use crate::ids::{seed_offset, RunId, Tag};
+use crate::results::{CurvePoint, RecoveryRecord, SpikeRecord};
 
 impl Lab<'_> {
     /// Loss-spike recovery: a run with a deliberate LR spike, then two resumptions under the
@@ -24,8 +25,8 @@ impl Lab<'_> {
             steps: s.steps,
             save_every: s.save_every,
             lr_spike: Some(spike),
-            seed: self.config.seed.wrapping_add(3),
-            out_dir: self.run_dir("spike"),
+            seed: self.config.seed.wrapping_add(seed_offset::SPIKE),
+            out_dir: self.run_dir(RunId::Spike),
             ..self.trunk_config()
         };
         let role = format!(
@@ -33,7 +34,7 @@ impl Lab<'_> {
             s.factor, s.len_steps, s.spike_step
         );
         let run = self.train(RunSpec {
-            name: "spike".into(),
+            id: RunId::Spike,
             role,
             train,
             step_offset: 0,
@@ -43,58 +44,47 @@ impl Lab<'_> {
         let merge = self.merge(
             &run,
             &MergeSpec {
-                run: "spike".into(),
+                run: RunId::Spike,
                 method: MethodSpec::Sma,
                 n: s.n,
                 interval: s.save_every,
                 step: pre_spike_step,
-                tag: "spike_init",
+                tag: Tag::SpikeInit,
             },
         )?;
         let pre = self
             .results
-            .checkpoint("spike", pre_spike_step)
+            .checkpoint(RunId::Spike, pre_spike_step)
             .expect("the pre-spike checkpoint was evaluated")
             .clone();
-        let curve = self.results.run("spike").expect("recorded").curve.clone();
+        let curve = self
+            .results
+            .run(RunId::Spike)
+            .expect("recorded")
+            .curve
+            .clone();
         let before: Vec<f64> = curve
             .iter()
             .filter(|c| c.step + 5 > s.spike_step && c.step <= s.spike_step)
             .map(|c| c.loss)
             .collect();
-        let after = curve.iter().filter(|c| c.step > s.spike_step);
-        let max_after = after
-            .clone()
-            .map(|c| c.loss)
-            .fold(f64::NEG_INFINITY, nan_max);
-        let max_after = if run.diverged_at.is_some() {
-            f64::NAN
-        } else {
-            max_after
-        };
-        let final_val = if run.diverged_at.is_some() {
-            f64::NAN
-        } else {
-            self.results
-                .checkpoints
-                .iter()
-                .rfind(|c| c.run == "spike")
-                .map_or(f64::NAN, |c| c.val_loss)
-        };
+        let max_after =
+            run.unless_diverged(|| max_loss(curve.iter().filter(|c| c.step > s.spike_step)));
+        let final_val = self.final_val_loss(&run);
         // The resumed runs face what is left of the spike, at the same offset from the start.
         let resume_spike = LrSpike {
             step: s.spike_step - pre_spike_step,
             ..spike
         };
         let mut outcomes = Vec::new();
-        for (name, init, init_loss) in [
+        for (id, init, init_loss) in [
             (
-                "resume-raw",
+                RunId::ResumeRaw,
                 self.config.out_dir.join(&pre.path),
                 pre.val_loss,
             ),
             (
-                "resume-pma",
+                RunId::ResumePma,
                 self.config.out_dir.join(&merge.path),
                 merge.val_loss,
             ),
@@ -105,38 +95,23 @@ impl Lab<'_> {
                 save_every: s.save_every,
                 lr_spike: Some(resume_spike),
                 warmup_steps: Some(p.continued.warmup_steps),
-                seed: self.config.seed.wrapping_add(4),
-                out_dir: self.run_dir(name),
+                seed: self.config.seed.wrapping_add(seed_offset::SPIKE_RESUME),
+                out_dir: self.run_dir(id),
                 ..self.trunk_config()
             };
             let role = format!("resume after the spike from {}", self.rel(&init));
             let r = self.train(RunSpec {
-                name: name.into(),
+                id,
                 role,
                 train,
                 step_offset: pre_spike_step,
             })?;
             self.eval_all(&r)?;
-            let curve = &self.results.run(name).expect("recorded").curve;
-            let max_train = if r.diverged_at.is_some() {
-                f64::NAN
-            } else {
-                curve
-                    .iter()
-                    .map(|c| c.loss)
-                    .fold(f64::NEG_INFINITY, nan_max)
-            };
-            let final_val = if r.diverged_at.is_some() {
-                f64::NAN
-            } else {
-                self.results
-                    .checkpoints
-                    .iter()
-                    .rfind(|c| c.run == name)
-                    .map_or(f64::NAN, |c| c.val_loss)
-            };
+            let curve = &self.results.run(id).expect("recorded").curve;
+            let max_train = r.unless_diverged(|| max_loss(curve.iter()));
+            let final_val = self.final_val_loss(&r);
             outcomes.push(RecoveryRecord {
-                run: name.into(),
+                run: id.to_string(),
                 init: self.rel(&init),
                 init_val_loss: init_loss,
                 final_val_loss: final_val,
@@ -147,7 +122,7 @@ impl Lab<'_> {
         let from_merge = outcomes.pop().expect("two resumptions");
         let from_raw = outcomes.pop().expect("two resumptions");
         self.results.spike = Some(SpikeRecord {
-            run: "spike".into(),
+            run: RunId::Spike.to_string(),
             spike_step: s.spike_step,
             factor: s.factor,
             len_steps: s.len_steps,
@@ -162,4 +137,9 @@ impl Lab<'_> {
         });
         Ok(())
     }
+}
+
+/// The largest training loss of `points`; NaN if any is NaN.
+fn max_loss<'a>(points: impl Iterator<Item = &'a CurvePoint>) -> f64 {
+    points.map(|c| c.loss).fold(f64::NEG_INFINITY, nan_max)
 }
