@@ -286,6 +286,65 @@ pub fn load_run_config(run_dir: &Path) -> Result<TrainConfig> {
     serde_json::from_slice(&bytes).map_err(|source| Error::Json { path, source })
 }
 
+/// The config that resumes the run in `run_dir`: its `run.json` with `overrides` applied.
+///
+/// Only settings that leave the weights unchanged may be given: where this invocation stops
+/// (`stop-after`, which belongs to the invocation, not to the run), how often it saves
+/// (`save-every`) and the run directory. Any other override that differs from the recorded value
+/// would make the result differ from an uninterrupted run, so it is refused with
+/// [`Error::ResumeSettingsChanged`], which names each one. Overrides equal to the recorded
+/// values are accepted.
+pub fn resume_config(run_dir: &Path, overrides: &TrainOverrides) -> Result<TrainConfig> {
+    let recorded = load_run_config(run_dir)?;
+    let mut config = recorded.clone();
+    config.stop_after = None;
+    overrides.apply(&mut config)?;
+    let mut exact = config.clone();
+    exact.stop_after = recorded.stop_after;
+    exact.save_every = recorded.save_every;
+    exact.out_dir.clone_from(&recorded.out_dir);
+    if exact != recorded {
+        let as_json = |c: &TrainConfig| serde_json::to_value(c).expect("plain data serializes");
+        let mut changed = Vec::new();
+        json_diff("", &as_json(&recorded), &as_json(&exact), &mut changed);
+        return Err(Error::ResumeSettingsChanged {
+            path: run_dir.join("run.json"),
+            changed: changed.join(", "),
+        });
+    }
+    config.resume = true;
+    config.out_dir = run_dir.to_path_buf();
+    // The weights come from the run's own checkpoint; what it was initialised from is history.
+    config.init = None;
+    config.init_optimizer = false;
+    Ok(config)
+}
+
+/// Appends `key (recorded R, given G)` for every leaf where `a` and `b` differ.
+fn json_diff(prefix: &str, a: &serde_json::Value, b: &serde_json::Value, out: &mut Vec<String>) {
+    use serde_json::Value;
+    match (a, b) {
+        (Value::Object(x), Value::Object(y)) => {
+            let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
+            for k in keys {
+                let key = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                json_diff(
+                    &key,
+                    x.get(k).unwrap_or(&Value::Null),
+                    y.get(k).unwrap_or(&Value::Null),
+                    out,
+                );
+            }
+        }
+        _ if a != b => out.push(format!("{prefix} (recorded {a}, given {b})")),
+        _ => {}
+    }
+}
+
 /// Trains, writing checkpoints and metrics into `config.out_dir`.
 ///
 /// A run that diverges is a result, not an error: the report's [`TrainOutcome`] says where.
@@ -742,6 +801,99 @@ mod tests {
         // A NaN is kept, for validate to reject, not dropped in favour of the default.
         assert!(merged.lr.is_some_and(f64::is_nan));
         assert_eq!(merged.out, None);
+    }
+
+    fn recorded_run(dir: &Path) -> TrainConfig {
+        let config = TrainConfig {
+            steps: 40,
+            lr: 1e-3,
+            init: Some(dir.join("base/step-0000010")),
+            init_optimizer: true,
+            stop_after: Some(20),
+            out_dir: dir.join("run"),
+            ..TrainConfig::default()
+        };
+        std::fs::create_dir_all(&config.out_dir).unwrap();
+        let json = serde_json::to_vec_pretty(&config).unwrap();
+        std::fs::write(config.out_dir.join("run.json"), json).unwrap();
+        config
+    }
+
+    /// Regression (issue 11): `--resume` silently accepted overrides that break exact resume.
+    #[test]
+    fn resume_refuses_settings_that_change_the_weights() {
+        let dir = tempfile::tempdir().unwrap();
+        let recorded = recorded_run(dir.path());
+        let run = &recorded.out_dir;
+        for (overrides, named) in [
+            (
+                TrainOverrides {
+                    lr: Some(2e-3),
+                    ..TrainOverrides::default()
+                },
+                "lr (recorded 0.001, given 0.002)",
+            ),
+            (
+                TrainOverrides {
+                    steps: Some(80),
+                    ..TrainOverrides::default()
+                },
+                "steps (recorded 40, given 80)",
+            ),
+            (
+                TrainOverrides {
+                    layers: Some(2),
+                    ..TrainOverrides::default()
+                },
+                "model.num_layers (recorded 4, given 2)",
+            ),
+            (
+                TrainOverrides {
+                    data: Some(vec!["other.txt".into()]),
+                    ..TrainOverrides::default()
+                },
+                "data",
+            ),
+            (
+                TrainOverrides {
+                    init: Some("elsewhere".into()),
+                    ..TrainOverrides::default()
+                },
+                "init",
+            ),
+        ] {
+            match resume_config(run, &overrides) {
+                Err(Error::ResumeSettingsChanged { path, changed }) => {
+                    assert_eq!(path, run.join("run.json"));
+                    assert!(changed.contains(named), "{changed} lacks {named}");
+                }
+                other => panic!("{overrides:?}: expected ResumeSettingsChanged, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn resume_accepts_stop_save_and_the_recorded_values() {
+        let dir = tempfile::tempdir().unwrap();
+        let recorded = recorded_run(dir.path());
+        let run = &recorded.out_dir;
+        let c = resume_config(run, &TrainOverrides::default()).unwrap();
+        assert!(c.resume);
+        assert_eq!(c.stop_after, None, "a stop point belongs to its invocation");
+        assert_eq!((c.init.clone(), c.init_optimizer), (None, false));
+        assert_eq!(c.lr, recorded.lr);
+        let given = TrainOverrides {
+            stop_after: Some(30),
+            save_every: Some(5),
+            lr: Some(1e-3),
+            steps: Some(40),
+            init: recorded.init.clone(),
+            out: Some(run.clone()),
+            ..TrainOverrides::default()
+        };
+        let c = resume_config(run, &given).unwrap();
+        assert_eq!((c.stop_after, c.save_every), (Some(30), 5));
+        c.validate().unwrap();
     }
 
     /// The training flags are defined once: parsing them fills `TrainOverrides`, unset flags

@@ -35,24 +35,15 @@ impl TryFrom<&Args> for TrainConfig {
                 .with_context(|| format!("reading {}", path.display()))?;
             overrides = overrides.or(file)?;
         }
-        let mut config = match &args.resume {
-            Some(run_dir) => {
-                let mut c = load_run_config(run_dir)
-                    .with_context(|| format!("reading the run config of {}", run_dir.display()))?;
-                c.resume = true;
-                // A stop point belongs to the invocation that set it, not to the run.
-                c.stop_after = None;
-                c.out_dir = run_dir.clone();
-                // run.json already holds the resolved model and init; keep them.
-                overrides.init = None;
-                overrides.init_optimizer = None;
-                c.init = None;
-                c.init_optimizer = false;
+        let config = match &args.resume {
+            Some(run_dir) => resume_config(run_dir, &overrides)
+                .with_context(|| format!("resuming {}", run_dir.display()))?,
+            None => {
+                let mut c = TrainConfig::default();
+                overrides.apply(&mut c)?;
                 c
             }
-            None => TrainConfig::default(),
         };
-        overrides.apply(&mut config)?;
         if let (Some(resume), Some(out)) = (&args.resume, &args.overrides.out) {
             anyhow::ensure!(
                 resume == out,
