@@ -266,7 +266,7 @@ mod tests {
         assert!("anneal-0300".parse::<RunId>().is_err());
         assert!("anneal-x".parse::<RunId>().is_err());
         assert!("gird".parse::<Tag>().is_err());
-        assert!(String::from("anneal-0300") != RunId::Anneal { from: 300 });
+        assert!(!RunId::Anneal { from: 300 }.is("anneal-0300"));
     }
 
     #[test]
