@@ -126,6 +126,15 @@ fn config_file_stop_and_resume() {
         .success();
     assert!(run.join("step-0000002").is_dir());
     assert!(!run.join("step-0000004").exists());
+    // Regression (issue 11): a setting that would change the weights is refused on resume,
+    // naming it, instead of silently breaking the exact resume.
+    pma()
+        .args(["train", "-q", "--lr", "0.01", "--resume"])
+        .arg(&run)
+        .assert()
+        .failure()
+        .stderr(contains("lr (recorded 0.003, given 0.01)"));
+    assert!(!run.join("step-0000004").exists());
     pma()
         .args(["train", "-q", "--resume"])
         .arg(&run)

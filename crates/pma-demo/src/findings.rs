@@ -5,19 +5,20 @@
 //! comparison of two losses, a sign), with no tolerance chosen after seeing the numbers. A check
 //! whose experiment did not run is left out rather than reported as held.
 
+use crate::ids::{RunId, Tag};
 use crate::results::{Finding, MergeRecord, Results};
 
 /// Every check that has data, in report order.
 pub fn derive_findings(r: &Results) -> Vec<Finding> {
     [
-        merge_beats_newest(r, "trunk", "grid", "merge_beats_newest"),
+        merge_beats_newest(r, RunId::Trunk, Tag::Grid, "merge_beats_newest"),
         predicts_annealing(r),
         method_spread_shrinks(r),
         weighted_best_early(r),
         n_sweep(r),
         v_sweep(r),
         anneal_branch(r),
-        merge_beats_newest(r, "moe", "moe", "moe_merge_beats_newest"),
+        merge_beats_newest(r, RunId::Moe, Tag::Moe, "moe_merge_beats_newest"),
         continued(r),
         spike(r),
     ]
@@ -31,11 +32,11 @@ fn fmt_loss(x: f64) -> String {
 }
 
 /// Grid points of the trunk, earliest first.
-fn grid_points(r: &Results, run: &str, tag: &str) -> Vec<u64> {
+fn grid_points(r: &Results, run: RunId, tag: Tag) -> Vec<u64> {
     let mut points: Vec<u64> = r
         .merges
         .iter()
-        .filter(|m| m.run == run && m.tags.iter().any(|t| t == tag))
+        .filter(|m| m.run == run && m.has_tag(tag))
         .map(|m| m.step)
         .collect();
     points.sort_unstable();
@@ -49,18 +50,18 @@ fn best<'a>(merges: impl Iterator<Item = &'a MergeRecord>) -> Option<&'a MergeRe
 
 fn at<'a>(
     r: &'a Results,
-    run: &'a str,
-    tag: &'a str,
+    run: RunId,
+    tag: Tag,
     step: u64,
 ) -> impl Iterator<Item = &'a MergeRecord> + 'a {
     r.merges
         .iter()
-        .filter(move |m| m.run == run && m.step == step && m.tags.iter().any(|t| t == tag))
+        .filter(move |m| m.run == run && m.step == step && m.has_tag(tag))
 }
 
 /// Rule: at every merge point, the best merge has a lower validation loss than the newest raw
 /// checkpoint at that point.
-fn merge_beats_newest(r: &Results, run: &str, tag: &str, id: &str) -> Option<Finding> {
+fn merge_beats_newest(r: &Results, run: RunId, tag: Tag, id: &str) -> Option<Finding> {
     let points = grid_points(r, run, tag);
     if points.is_empty() {
         return None;
@@ -83,7 +84,7 @@ fn merge_beats_newest(r: &Results, run: &str, tag: &str, id: &str) -> Option<Fin
             all.len()
         ));
     }
-    let what = if run == "moe" {
+    let what = if run == RunId::Moe {
         "For the MoE model, merging"
     } else {
         "Merging"
@@ -146,7 +147,7 @@ fn spread(ms: &[&MergeRecord]) -> f64 {
 /// Rule: at a common N, the spread between methods (max − min loss) is smaller at the last grid
 /// point than at the first.
 fn method_spread_shrinks(r: &Results) -> Option<Finding> {
-    let points = grid_points(r, "trunk", "grid");
+    let points = grid_points(r, RunId::Trunk, Tag::Grid);
     let (&early, &late) = (points.first()?, points.last()?);
     if early == late {
         return None;
@@ -155,10 +156,14 @@ fn method_spread_shrinks(r: &Results) -> Option<Finding> {
         .config
         .ns
         .iter()
-        .filter(|&&n| at(r, "trunk", "grid", early).any(|m| m.n == n))
+        .filter(|&&n| at(r, RunId::Trunk, Tag::Grid, early).any(|m| m.n == n))
         .max()?;
-    let e: Vec<&MergeRecord> = at(r, "trunk", "grid", early).filter(|m| m.n == n).collect();
-    let l: Vec<&MergeRecord> = at(r, "trunk", "grid", late).filter(|m| m.n == n).collect();
+    let e: Vec<&MergeRecord> = at(r, RunId::Trunk, Tag::Grid, early)
+        .filter(|m| m.n == n)
+        .collect();
+    let l: Vec<&MergeRecord> = at(r, RunId::Trunk, Tag::Grid, late)
+        .filter(|m| m.n == n)
+        .collect();
     if e.len() < 2 || l.len() < 2 {
         return None;
     }
@@ -178,15 +183,17 @@ fn method_spread_shrinks(r: &Results) -> Option<Finding> {
 /// Rule: at the first grid point and the largest common N, the best method is WMA or the EMA
 /// with the highest alpha (the ones that weight recent checkpoints most).
 fn weighted_best_early(r: &Results) -> Option<Finding> {
-    let points = grid_points(r, "trunk", "grid");
+    let points = grid_points(r, RunId::Trunk, Tag::Grid);
     let &early = points.first()?;
     let n = *r
         .config
         .ns
         .iter()
-        .filter(|&&n| at(r, "trunk", "grid", early).any(|m| m.n == n))
+        .filter(|&&n| at(r, RunId::Trunk, Tag::Grid, early).any(|m| m.n == n))
         .max()?;
-    let ms: Vec<&MergeRecord> = at(r, "trunk", "grid", early).filter(|m| m.n == n).collect();
+    let ms: Vec<&MergeRecord> = at(r, RunId::Trunk, Tag::Grid, early)
+        .filter(|m| m.n == n)
+        .collect();
     let b = best(ms.iter().copied())?;
     let max_alpha = ms
         .iter()
@@ -208,13 +215,13 @@ fn weighted_best_early(r: &Results) -> Option<Finding> {
 /// Rule: at the first point the largest N is worse than the smallest; at the last point it is
 /// better.
 fn n_sweep(r: &Results) -> Option<Finding> {
-    let points = grid_points(r, "trunk", "n_sweep");
+    let points = grid_points(r, RunId::Trunk, Tag::NSweep);
     let (&early, &late) = (points.first()?, points.last()?);
     if early == late {
         return None;
     }
     let line = |step: u64| -> Vec<&MergeRecord> {
-        let mut v: Vec<&MergeRecord> = at(r, "trunk", "n_sweep", step).collect();
+        let mut v: Vec<&MergeRecord> = at(r, RunId::Trunk, Tag::NSweep, step).collect();
         v.sort_by_key(|m| m.n);
         v
     };
@@ -237,10 +244,10 @@ fn n_sweep(r: &Results) -> Option<Finding> {
 
 /// Rule: at the first point the largest interval is worse than the smallest.
 fn v_sweep(r: &Results) -> Option<Finding> {
-    let points = grid_points(r, "trunk", "v_sweep");
+    let points = grid_points(r, RunId::Trunk, Tag::VSweep);
     let &early = points.first()?;
     let line = |step: u64| -> Vec<&MergeRecord> {
-        let mut v: Vec<&MergeRecord> = at(r, "trunk", "v_sweep", step).collect();
+        let mut v: Vec<&MergeRecord> = at(r, RunId::Trunk, Tag::VSweep, step).collect();
         v.sort_by_key(|m| m.interval);
         v
     };
@@ -279,7 +286,7 @@ fn anneal_branch(r: &Results) -> Option<Finding> {
     let mut held = true;
     for a in &r.annealed {
         let ms: Vec<&MergeRecord> = r
-            .merges_tagged("anneal_branch")
+            .merges_tagged(Tag::AnnealBranch)
             .filter(|m| m.run == a.run)
             .collect();
         let Some(b) = best(ms.iter().copied()) else {
@@ -412,7 +419,7 @@ mod tests {
 
     fn ckpt(step: u64, v: f64) -> CheckpointRecord {
         CheckpointRecord {
-            run: "trunk".into(),
+            run: RunId::Trunk.to_string(),
             step,
             global_step: step,
             tokens: step,
@@ -425,8 +432,8 @@ mod tests {
     fn merge(method: &str, alpha: Option<f64>, n: usize, step: u64, v: f64) -> MergeRecord {
         MergeRecord {
             id: format!("{method}{alpha:?}-{n}-{step}"),
-            tags: vec!["grid".into()],
-            run: "trunk".into(),
+            tags: vec![Tag::Grid.to_string()],
+            run: RunId::Trunk.to_string(),
             method: method.into(),
             alpha,
             n,
@@ -455,10 +462,14 @@ mod tests {
             merge("sma", None, 3, 30, 1.9),
             merge("sma", None, 3, 60, 1.85),
         ];
-        let f = merge_beats_newest(&r, "trunk", "grid", "x").unwrap();
+        let f = merge_beats_newest(&r, RunId::Trunk, Tag::Grid, "x").unwrap();
         assert!(!f.held, "{}", f.evidence);
         r.merges[1].val_loss = 1.7;
-        assert!(merge_beats_newest(&r, "trunk", "grid", "x").unwrap().held);
+        assert!(
+            merge_beats_newest(&r, RunId::Trunk, Tag::Grid, "x")
+                .unwrap()
+                .held
+        );
     }
 
     #[test]

@@ -9,6 +9,8 @@
 //! - [`experiment`]: trains the trunk, forks annealing branches, merges (SMA, EMA, WMA; N and V
 //!   sweeps), runs the reproduction's extra experiments, and fills a [`results::Results`].
 //! - [`results`]: the `results.json` schema, the single source of every reported number.
+//! - [`ids`]: typed run names ([`ids::RunId`]) and merge tags ([`ids::Tag`]), the one spelling of
+//!   each string that `results.json` holds.
 //! - [`findings`]: each claim of the paper as a plain rule over the results.
 //! - [`report`] and [`plot`]: `report.md`, the terminal table and the PNG plots, rendered from
 //!   the results alone.
@@ -37,6 +39,7 @@
 mod error;
 pub mod experiment;
 pub mod findings;
+pub mod ids;
 pub mod plot;
 pub mod profile;
 pub mod report;

@@ -18,6 +18,7 @@ use plotters::prelude::*;
 use plotters::style::FontStyle;
 
 use crate::error::{Error, Result};
+use crate::ids::{RunId, Tag};
 use crate::results::Results;
 
 static FONT_TTF: &[u8] = include_bytes!("../assets/DejaVuSans.ttf");
@@ -292,11 +293,11 @@ pub fn grid_labels(r: &Results) -> Vec<String> {
 }
 
 /// Steps of the merges tagged `tag` in `run`, sorted.
-pub fn merge_steps(r: &Results, run: &str, tag: &str) -> Vec<u64> {
+pub fn merge_steps(r: &Results, run: RunId, tag: Tag) -> Vec<u64> {
     let mut s: Vec<u64> = r
         .merges
         .iter()
-        .filter(|m| m.run == run && m.tags.iter().any(|t| t == tag))
+        .filter(|m| m.run == run && m.has_tag(tag))
         .map(|m| m.step)
         .collect();
     s.sort_unstable();
@@ -324,7 +325,9 @@ pub fn draw_all(r: &Results, out: &Path) -> Result<Vec<String>> {
             "cell: val loss (change vs the newest raw checkpoint); green = merge better",
         )
     })?;
-    if r.merges_tagged("n_sweep").next().is_some() || r.merges_tagged("v_sweep").next().is_some() {
+    if r.merges_tagged(Tag::NSweep).next().is_some()
+        || r.merges_tagged(Tag::VSweep).next().is_some()
+    {
         put("sweeps.png", &|p| draw_charts(p, &sweep_charts(r)))?;
     }
     if !r.predictions.is_empty() {
@@ -332,13 +335,13 @@ pub fn draw_all(r: &Results, out: &Path) -> Result<Vec<String>> {
             draw_charts(p, &[prediction_chart(r)])
         })?;
     }
-    if r.run("moe").is_some() {
+    if r.run(RunId::Moe).is_some() {
         put("moe.png", &|p| draw_charts(p, &[moe_chart(r)]))?;
     }
-    if let Some(c) = &r.continued {
+    if r.continued.is_some() {
         let runs = [
-            (c.raw_run.as_str(), "from newest raw"),
-            (c.merge_run.as_str(), "from PMA merge"),
+            (RunId::ContinuedRaw, "from newest raw"),
+            (RunId::ContinuedPma, "from PMA merge"),
         ];
         put("continued.png", &|p| {
             draw_charts(
@@ -352,9 +355,9 @@ pub fn draw_all(r: &Results, out: &Path) -> Result<Vec<String>> {
     }
     if r.spike.is_some() {
         let runs = [
-            ("spike", "spiking run"),
-            ("resume-raw", "resumed from pre-spike ckpt"),
-            ("resume-pma", "resumed from PMA merge"),
+            (RunId::Spike, "spiking run"),
+            (RunId::ResumeRaw, "resumed from pre-spike ckpt"),
+            (RunId::ResumePma, "resumed from PMA merge"),
         ];
         put("spike.png", &|p| {
             draw_charts(
@@ -373,7 +376,7 @@ fn loss_chart(r: &Results) -> Chart {
     let raw: Vec<(f64, f64)> = r
         .checkpoints
         .iter()
-        .filter(|c| c.run == "trunk")
+        .filter(|c| c.run == RunId::Trunk)
         .map(|c| (c.global_step as f64, c.val_loss))
         .collect();
     let mut series = vec![Series {
@@ -381,18 +384,20 @@ fn loss_chart(r: &Results) -> Chart {
         points: raw,
         mark: Mark::LineDots,
     }];
-    let best: Vec<(f64, f64)> = merge_steps(r, "trunk", "grid")
+    let best: Vec<(f64, f64)> = merge_steps(r, RunId::Trunk, Tag::Grid)
         .into_iter()
         .chain(
             r.predictions
                 .iter()
-                .filter(|p| p.run == "trunk")
+                .filter(|p| p.run == RunId::Trunk)
                 .map(|p| p.step),
         )
         .filter_map(|s| {
             r.merges
                 .iter()
-                .filter(|m| m.run == "trunk" && m.step == s && m.interval == r.config.save_every)
+                .filter(|m| {
+                    m.run == RunId::Trunk && m.step == s && m.interval == r.config.save_every
+                })
                 .min_by(|a, b| a.val_loss.total_cmp(&b.val_loss))
                 .map(|m| (s, m.val_loss))
         })
@@ -405,7 +410,7 @@ fn loss_chart(r: &Results) -> Chart {
         points: best,
         mark: Mark::Dots,
     });
-    series.extend(annealed_series(r, "trunk", "annealed from"));
+    series.extend(annealed_series(r, RunId::Trunk, "annealed from"));
     Chart {
         title: "Validation loss vs step".into(),
         x_label: "trunk step".into(),
@@ -417,10 +422,10 @@ fn loss_chart(r: &Results) -> Chart {
 /// Method × N tables, one per grid point.
 pub fn heat_tables(r: &Results) -> Vec<HeatTable> {
     let ns = &r.config.ns;
-    merge_steps(r, "trunk", "grid")
+    merge_steps(r, RunId::Trunk, Tag::Grid)
         .into_iter()
         .map(|step| {
-            let raw = r.checkpoint("trunk", step).map(|c| c.val_loss);
+            let raw = r.checkpoint(RunId::Trunk, step).map(|c| c.val_loss);
             let rows = grid_labels(r)
                 .into_iter()
                 .map(|label| {
@@ -428,7 +433,7 @@ pub fn heat_tables(r: &Results) -> Vec<HeatTable> {
                         .iter()
                         .map(|&n| {
                             let m = r.merges.iter().find(|m| {
-                                m.run == "trunk"
+                                m.run == RunId::Trunk
                                     && m.step == step
                                     && m.n == n
                                     && m.interval == r.config.save_every
@@ -468,15 +473,15 @@ pub fn heat_tables(r: &Results) -> Vec<HeatTable> {
 fn sweep_charts(r: &Results) -> Vec<Chart> {
     let mut charts = Vec::new();
     for (tag, x_label, key) in [
-        ("n_sweep", "N (checkpoints merged)", 0),
-        ("v_sweep", "V (steps between merged checkpoints)", 1),
+        (Tag::NSweep, "N (checkpoints merged)", 0),
+        (Tag::VSweep, "V (steps between merged checkpoints)", 1),
     ] {
-        let series = merge_steps(r, "trunk", tag)
+        let series = merge_steps(r, RunId::Trunk, tag)
             .into_iter()
             .map(|step| {
                 let mut pts: Vec<(f64, f64)> = r
                     .merges_tagged(tag)
-                    .filter(|m| m.run == "trunk" && m.step == step)
+                    .filter(|m| m.run == RunId::Trunk && m.step == step)
                     .map(|m| {
                         (
                             if key == 0 {
@@ -514,7 +519,7 @@ fn prediction_chart(r: &Results) -> Chart {
     let pick = |f: &dyn Fn(&crate::results::PredictionRecord) -> f64| -> Vec<(f64, f64)> {
         r.predictions
             .iter()
-            .filter(|p| p.run == "trunk")
+            .filter(|p| p.run == RunId::Trunk)
             .map(|p| (p.tokens as f64 / 1e6, f(p)))
             .collect()
     };
@@ -543,7 +548,7 @@ fn prediction_chart(r: &Results) -> Chart {
 }
 
 /// One line per annealing fork of `base_run`: its starting checkpoint, then its own checkpoints.
-fn annealed_series(r: &Results, base_run: &str, label: &str) -> Vec<Series> {
+fn annealed_series(r: &Results, base_run: RunId, label: &str) -> Vec<Series> {
     r.annealed
         .iter()
         .filter(|a| a.base_run == base_run)
@@ -572,7 +577,7 @@ fn moe_chart(r: &Results) -> Chart {
     let raw: Vec<(f64, f64)> = r
         .checkpoints
         .iter()
-        .filter(|c| c.run == "moe")
+        .filter(|c| c.run == RunId::Moe)
         .map(|c| (c.step as f64, c.val_loss))
         .collect();
     let mut series = vec![Series {
@@ -580,10 +585,10 @@ fn moe_chart(r: &Results) -> Chart {
         points: raw,
         mark: Mark::LineDots,
     }];
-    series.extend(annealed_series(r, "moe", "MoE annealed from"));
+    series.extend(annealed_series(r, RunId::Moe, "MoE annealed from"));
     for label in grid_labels(r) {
         let pts: Vec<(f64, f64)> = r
-            .merges_tagged("moe")
+            .merges_tagged(Tag::Moe)
             .filter(|m| m.label() == label)
             .map(|m| (m.step as f64, m.val_loss))
             .collect();
@@ -603,7 +608,7 @@ fn moe_chart(r: &Results) -> Chart {
 
 fn curve_chart(
     r: &Results,
-    runs: &[(&str, &str)],
+    runs: &[(RunId, &str)],
     title: &str,
     grad_norm: bool,
     global: bool,
@@ -611,7 +616,7 @@ fn curve_chart(
     let series = runs
         .iter()
         .filter_map(|(name, label)| {
-            let run = r.run(name)?;
+            let run = r.run(*name)?;
             let off = if global { run.step_offset } else { 0 };
             Some(Series {
                 label: (*label).into(),
@@ -647,9 +652,9 @@ fn curve_chart(
 
 fn spike_val_chart(r: &Results) -> Chart {
     let series = [
-        ("spike", "spiking run"),
-        ("resume-raw", "resumed from pre-spike ckpt"),
-        ("resume-pma", "resumed from PMA merge"),
+        (RunId::Spike, "spiking run"),
+        (RunId::ResumeRaw, "resumed from pre-spike ckpt"),
+        (RunId::ResumePma, "resumed from PMA merge"),
     ]
     .iter()
     .map(|(name, label)| Series {

@@ -5,6 +5,7 @@
 
 use std::fmt::Write;
 
+use crate::ids::{RunId, Tag};
 use crate::plot::{grid_labels, merge_steps};
 use crate::results::{MergeRecord, Results};
 
@@ -18,7 +19,7 @@ fn loss(x: f64) -> String {
 
 fn find<'a>(r: &'a Results, step: u64, label: &str, n: usize) -> Option<&'a MergeRecord> {
     r.merges.iter().find(|m| {
-        m.run == "trunk"
+        m.run == RunId::Trunk
             && m.step == step
             && m.n == n
             && m.interval == r.config.save_every
@@ -31,11 +32,11 @@ fn find<'a>(r: &'a Results, step: u64, label: &str, n: usize) -> Option<&'a Merg
 pub fn summary_table(r: &Results) -> String {
     let mut out = String::new();
     let ns = &r.config.ns;
-    let mut steps = merge_steps(r, "trunk", "grid");
+    let mut steps = merge_steps(r, RunId::Trunk, Tag::Grid);
     steps.extend(
         r.predictions
             .iter()
-            .filter(|p| p.run == "trunk")
+            .filter(|p| p.run == RunId::Trunk)
             .map(|p| p.step),
     );
     steps.sort_unstable();
@@ -46,7 +47,7 @@ pub fn summary_table(r: &Results) -> String {
     }
     out.push('\n');
     for step in steps {
-        let raw = r.checkpoint("trunk", step).map(|c| c.val_loss);
+        let raw = r.checkpoint(RunId::Trunk, step).map(|c| c.val_loss);
         let _ = writeln!(
             out,
             "{:<8} {:<10} {:>16}",
@@ -71,7 +72,7 @@ pub fn summary_table(r: &Results) -> String {
         for a in r
             .annealed
             .iter()
-            .filter(|a| a.base_run == "trunk" && a.step == step)
+            .filter(|a| a.base_run == RunId::Trunk && a.step == step)
         {
             let _ = writeln!(
                 out,
@@ -104,7 +105,7 @@ pub fn render_report(r: &Results) -> String {
     } else {
         "PMA demo report"
     };
-    let trunk = r.run("trunk");
+    let trunk = r.run(RunId::Trunk);
     let _ = writeln!(o, "# {title}\n");
     let _ = writeln!(
         o,
@@ -148,14 +149,14 @@ pub fn render_report(r: &Results) -> String {
     // Headline.
     let _ = writeln!(o, "## Does merging beat the newest checkpoint?\n");
     let _ = writeln!(o, "| step | tokens | newest raw | best merge | its loss | change | merges better than raw |\n|---|---|---|---|---|---|---|");
-    for step in merge_steps(r, "trunk", "grid") {
-        let Some(raw) = r.checkpoint("trunk", step) else {
+    for step in merge_steps(r, RunId::Trunk, Tag::Grid) {
+        let Some(raw) = r.checkpoint(RunId::Trunk, step) else {
             continue;
         };
         let all: Vec<&MergeRecord> = r
             .merges
             .iter()
-            .filter(|m| m.run == "trunk" && m.step == step && m.tags.iter().any(|t| t == "grid"))
+            .filter(|m| m.run == RunId::Trunk && m.step == step && m.has_tag(Tag::Grid))
             .collect();
         if let Some(b) = all.iter().min_by(|a, b| a.val_loss.total_cmp(&b.val_loss)) {
             let better = all.iter().filter(|m| m.val_loss < raw.val_loss).count();
@@ -178,8 +179,8 @@ pub fn render_report(r: &Results) -> String {
     // Method × N.
     let _ = writeln!(o, "## Method × N\n");
     let _ = writeln!(o, "Validation loss of each merge (interval V = K = {}), with the change against the newest raw checkpoint at that step.\n", r.config.save_every);
-    for step in merge_steps(r, "trunk", "grid") {
-        let raw = r.checkpoint("trunk", step).map(|c| c.val_loss);
+    for step in merge_steps(r, RunId::Trunk, Tag::Grid) {
+        let raw = r.checkpoint(RunId::Trunk, step).map(|c| c.val_loss);
         let _ = writeln!(
             o,
             "**Step {step}** (newest raw: {})\n",
@@ -257,8 +258,8 @@ pub fn render_report(r: &Results) -> String {
     }
 
     // Reproduction sections.
-    let sweep = |o: &mut String, tag: &str, title: &str, by_n: bool| {
-        let steps = merge_steps(r, "trunk", tag);
+    let sweep = |o: &mut String, tag: Tag, title: &str, by_n: bool| {
+        let steps = merge_steps(r, RunId::Trunk, tag);
         if steps.is_empty() {
             return;
         }
@@ -268,10 +269,12 @@ pub fn render_report(r: &Results) -> String {
             "| step | N | V | val loss | newest raw |\n|---|---|---|---|---|"
         );
         for step in steps {
-            let raw = r.checkpoint("trunk", step).map_or(f64::NAN, |c| c.val_loss);
+            let raw = r
+                .checkpoint(RunId::Trunk, step)
+                .map_or(f64::NAN, |c| c.val_loss);
             let mut ms: Vec<&MergeRecord> = r
                 .merges_tagged(tag)
-                .filter(|m| m.run == "trunk" && m.step == step)
+                .filter(|m| m.run == RunId::Trunk && m.step == step)
                 .collect();
             ms.sort_by_key(|m| if by_n { m.n as u64 } else { m.interval });
             for m in ms {
@@ -287,12 +290,14 @@ pub fn render_report(r: &Results) -> String {
         }
         o.push('\n');
     };
-    sweep(&mut o, "n_sweep", "N sweep (SMA, V = K)", true);
-    sweep(&mut o, "v_sweep", "V sweep (SMA, fixed N)", false);
-    if r.merges_tagged("n_sweep").next().is_some() || r.merges_tagged("v_sweep").next().is_some() {
+    sweep(&mut o, Tag::NSweep, "N sweep (SMA, V = K)", true);
+    sweep(&mut o, Tag::VSweep, "V sweep (SMA, fixed N)", false);
+    if r.merges_tagged(Tag::NSweep).next().is_some()
+        || r.merges_tagged(Tag::VSweep).next().is_some()
+    {
         let _ = writeln!(o, "![N and V sweeps](plots/sweeps.png)\n");
     }
-    let branch: Vec<&MergeRecord> = r.merges_tagged("anneal_branch").collect();
+    let branch: Vec<&MergeRecord> = r.merges_tagged(Tag::AnnealBranch).collect();
     if !branch.is_empty() {
         let _ = writeln!(o, "## Merging during the annealing branch\n");
         let _ = writeln!(o, "| fork | method | N | members (fork steps) | val loss | fork's final checkpoint |\n|---|---|---|---|---|---|");
@@ -315,7 +320,7 @@ pub fn render_report(r: &Results) -> String {
         }
         o.push('\n');
     }
-    if let Some(run) = r.run("moe") {
+    if let Some(run) = r.run(RunId::Moe) {
         let _ = writeln!(o, "## MoE\n");
         let _ = writeln!(
             o,
@@ -329,7 +334,7 @@ pub fn render_report(r: &Results) -> String {
         let last = r
             .checkpoints
             .iter()
-            .filter(|c| c.run == "moe")
+            .filter(|c| c.run == RunId::Moe)
             .max_by_key(|c| c.step);
         if let Some(last) = last {
             let _ = writeln!(
@@ -338,7 +343,7 @@ pub fn render_report(r: &Results) -> String {
                 last.step,
                 loss(last.val_loss)
             );
-            for m in r.merges_tagged("moe") {
+            for m in r.merges_tagged(Tag::Moe) {
                 let _ = writeln!(
                     o,
                     "| {} N={} (steps {:?}) | {} |",
@@ -387,7 +392,7 @@ pub fn render_report(r: &Results) -> String {
     }
     if let Some(s) = &r.spike {
         let _ = writeln!(o, "## Loss-spike recovery\n");
-        let spike_run = r.run(&s.run);
+        let spike_run = r.run(RunId::Spike);
         let _ = writeln!(
             o,
             "The run `{}` multiplies the LR by {} for {} steps from step {}{}. Training loss before the spike {:.3}, largest after {}. Both resumptions face the rest of the same spike, with fresh optimizers and the same batches.\n",

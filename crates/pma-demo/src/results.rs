@@ -10,6 +10,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::ids::{RunId, Tag};
 use crate::profile::Profile;
 
 /// Version of the `results.json` layout.
@@ -65,7 +66,7 @@ pub struct EvalInfo {
     pub seq_len: usize,
 }
 
-/// One point of a training curve (from the run's `metrics.jsonl`).
+/// One point of a training curve (from the lab's training report, as in `metrics.jsonl`).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct CurvePoint {
     /// Step within the run.
@@ -187,6 +188,11 @@ impl MergeRecord {
             Some(a) => format!("{}{a}", self.method),
             None => self.method.clone(),
         }
+    }
+
+    /// Whether it belongs to the experiment `tag`.
+    pub fn has_tag(&self, tag: Tag) -> bool {
+        self.tags.iter().any(|t| *t == tag)
     }
 }
 
@@ -332,23 +338,21 @@ pub struct StageTiming {
 }
 
 impl Results {
-    /// The trunk checkpoint at `step`, if evaluated.
-    pub fn checkpoint(&self, run: &str, step: u64) -> Option<&CheckpointRecord> {
+    /// The checkpoint of `run` at `step`, if evaluated.
+    pub fn checkpoint(&self, run: RunId, step: u64) -> Option<&CheckpointRecord> {
         self.checkpoints
             .iter()
             .find(|c| c.run == run && c.step == step)
     }
 
     /// Merges carrying `tag`.
-    pub fn merges_tagged<'a>(&'a self, tag: &'a str) -> impl Iterator<Item = &'a MergeRecord> + 'a {
-        self.merges
-            .iter()
-            .filter(move |m| m.tags.iter().any(|t| t == tag))
+    pub fn merges_tagged(&self, tag: Tag) -> impl Iterator<Item = &MergeRecord> + '_ {
+        self.merges.iter().filter(move |m| m.has_tag(tag))
     }
 
-    /// A run by name.
-    pub fn run(&self, name: &str) -> Option<&RunRecord> {
-        self.runs.iter().find(|r| r.name == name)
+    /// A run by id.
+    pub fn run(&self, id: RunId) -> Option<&RunRecord> {
+        self.runs.iter().find(|r| r.name == id)
     }
 
     /// Writes `results.json` into `dir` (temp file, then rename).

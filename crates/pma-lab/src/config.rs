@@ -4,7 +4,7 @@
 //! `transformers` expects beside the weights: `LlamaForCausalLM` (model_type `llama`) for the
 //! dense model and `MixtralForCausalLM` (model_type `mixtral`) for the MoE, so a lab checkpoint
 //! loads with `AutoModelForCausalLM.from_pretrained(dir)`. [`ModelConfig::param_shapes`] lists
-//! every parameter by its HF name, in the order checkpoints store them.
+//! every parameter by its HF name, in the order checkpoints store them, as the model names them.
 
 use std::path::Path;
 
@@ -178,41 +178,10 @@ impl ModelConfig {
         Ok(())
     }
 
-    /// Every parameter's HF name and shape, in the order checkpoints store them.
+    /// Every parameter's HF name and shape, in the order checkpoints store them. The names come
+    /// from [`crate::model::Llama::build`], the one place that names parameters.
     pub fn param_shapes(&self) -> Vec<(String, Vec<usize>)> {
-        let (h, i, v) = (self.hidden_size, self.intermediate_size, self.vocab_size);
-        let kv = self.num_kv_heads * self.head_dim();
-        let mut out = vec![("model.embed_tokens.weight".to_string(), vec![v, h])];
-        for l in 0..self.num_layers {
-            let p = format!("model.layers.{l}");
-            out.push((format!("{p}.input_layernorm.weight"), vec![h]));
-            out.push((format!("{p}.self_attn.q_proj.weight"), vec![h, h]));
-            out.push((format!("{p}.self_attn.k_proj.weight"), vec![kv, h]));
-            out.push((format!("{p}.self_attn.v_proj.weight"), vec![kv, h]));
-            out.push((format!("{p}.self_attn.o_proj.weight"), vec![h, h]));
-            out.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
-            match self.kind {
-                ModelKind::Dense => {
-                    out.push((format!("{p}.mlp.gate_proj.weight"), vec![i, h]));
-                    out.push((format!("{p}.mlp.up_proj.weight"), vec![i, h]));
-                    out.push((format!("{p}.mlp.down_proj.weight"), vec![h, i]));
-                }
-                ModelKind::Moe => {
-                    let m = format!("{p}.block_sparse_moe");
-                    out.push((format!("{m}.gate.weight"), vec![self.num_experts, h]));
-                    for e in 0..self.num_experts {
-                        out.push((format!("{m}.experts.{e}.w1.weight"), vec![i, h]));
-                        out.push((format!("{m}.experts.{e}.w2.weight"), vec![h, i]));
-                        out.push((format!("{m}.experts.{e}.w3.weight"), vec![i, h]));
-                    }
-                }
-            }
-        }
-        out.push(("model.norm.weight".to_string(), vec![h]));
-        if !self.tie_word_embeddings {
-            out.push(("lm_head.weight".to_string(), vec![v, h]));
-        }
-        out
+        crate::model::param_shapes(self)
     }
 
     /// Total number of parameters.

@@ -36,15 +36,48 @@ pub enum DataSource {
     Files(Vec<PathBuf>),
 }
 
+/// The most text a [`DataSource`] loads, over all its files: 256 MiB.
+///
+/// Training holds the text as u32 tokens plus its split, about 9 bytes of memory per byte of
+/// text (2.3 GiB at the cap), which is already more than this lab's small models need. A larger
+/// or endless file (a device, a FIFO) is refused rather than read until memory runs out.
+pub const MAX_DATA_BYTES: u64 = 256 << 20;
+
 impl DataSource {
-    /// The raw bytes.
+    /// The raw bytes, at most [`MAX_DATA_BYTES`] of them.
     pub fn load(&self) -> Result<Vec<u8>> {
+        self.load_capped(MAX_DATA_BYTES)
+    }
+
+    /// The raw bytes, failing with [`Error::DataTooLarge`] past `max_bytes`.
+    fn load_capped(&self, max_bytes: u64) -> Result<Vec<u8>> {
         match self {
             DataSource::Embedded => Ok(MOBY_DICK.to_vec()),
             DataSource::Files(paths) => {
-                let mut out = Vec::new();
+                let too_large = |path: &std::path::Path| Error::DataTooLarge {
+                    path: path.into(),
+                    max_bytes,
+                };
+                // Sizes first, so an oversized set of files is refused before any is read.
+                let mut total = 0u64;
                 for p in paths {
-                    out.extend(std::fs::read(p).map_err(|e| Error::io(p, "reading", e))?);
+                    let meta = std::fs::metadata(p).map_err(|e| Error::io(p, "reading", e))?;
+                    total = total
+                        .checked_add(meta.len())
+                        .filter(|&t| t <= max_bytes)
+                        .ok_or_else(|| too_large(p))?;
+                }
+                // Then reads bounded by what is left, since a file can grow, and a device or
+                // FIFO reports no size at all.
+                let mut out = Vec::with_capacity(total as usize);
+                for p in paths {
+                    let left = max_bytes - out.len() as u64;
+                    let file = std::fs::File::open(p).map_err(|e| Error::io(p, "reading", e))?;
+                    std::io::Read::read_to_end(&mut std::io::Read::take(file, left + 1), &mut out)
+                        .map_err(|e| Error::io(p, "reading", e))?;
+                    if out.len() as u64 > max_bytes {
+                        return Err(too_large(p));
+                    }
                 }
                 Ok(out)
             }
@@ -204,6 +237,46 @@ mod tests {
         );
         let mut c = WindowSampler::new(3);
         assert_eq!(c.next_batch(&tokens, 4, 16).unwrap().0, x);
+    }
+
+    /// Regression (issue 11): `--data` was read whole, whatever its size.
+    #[test]
+    fn data_larger_than_the_cap_is_refused_before_reading() {
+        let dir = tempfile::tempdir().unwrap();
+        let small = dir.path().join("small.txt");
+        std::fs::write(&small, b"0123456789").unwrap();
+        // Sparse: no disk space used, and never read.
+        let huge = dir.path().join("huge.txt");
+        let f = std::fs::File::create(&huge).unwrap();
+        f.set_len(MAX_DATA_BYTES + 1).unwrap();
+        let src = DataSource::Files(vec![small.clone(), huge.clone()]);
+        match src.load() {
+            Err(Error::DataTooLarge { path, max_bytes }) => {
+                assert_eq!(path, huge);
+                assert_eq!(max_bytes, MAX_DATA_BYTES);
+            }
+            other => panic!("expected DataTooLarge, got {other:?}"),
+        }
+        let two = DataSource::Files(vec![small.clone(), small.clone()]);
+        assert_eq!(two.load_capped(20).unwrap().len(), 20);
+        assert!(matches!(
+            two.load_capped(19),
+            Err(Error::DataTooLarge { max_bytes: 19, .. })
+        ));
+    }
+
+    /// A file that reports no size (a device) is still bounded by the cap.
+    #[cfg(unix)]
+    #[test]
+    fn endless_data_is_refused_at_the_cap() {
+        let src = DataSource::Files(vec!["/dev/zero".into()]);
+        assert!(matches!(
+            src.load_capped(4096),
+            Err(Error::DataTooLarge {
+                max_bytes: 4096,
+                ..
+            })
+        ));
     }
 
     #[test]

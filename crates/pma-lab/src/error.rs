@@ -147,6 +147,23 @@ pub enum Error {
         /// The global gradient norm.
         grad_norm: f64,
     },
+    /// Training or evaluation text is larger than the lab loads.
+    #[error("{}: the text files add up to more than {max_bytes} bytes, the most the lab loads", path.display())]
+    DataTooLarge {
+        /// The file that crossed the limit.
+        path: PathBuf,
+        /// The limit.
+        max_bytes: u64,
+    },
+    /// A resumed run was given settings that differ from the ones it recorded, so it could not
+    /// continue exactly.
+    #[error("{}: an exact resume keeps the recorded settings, but these differ: {changed}; start a new run from a checkpoint (init) to change them", path.display())]
+    ResumeSettingsChanged {
+        /// The run's `run.json`.
+        path: PathBuf,
+        /// Each changed setting, with its recorded and its given value.
+        changed: String,
+    },
 }
 
 impl From<pma_format::Error> for Error {

@@ -201,6 +201,148 @@ pub struct Block {
     pub feed_forward: FeedForward,
 }
 
+impl Block {
+    /// `model.layers.{i}`: norms, `self_attn`, then `mlp` or `block_sparse_moe`.
+    fn build(config: &ModelConfig, vb: &mut ParamPath<'_, '_>) -> Result<Block> {
+        let h = config.hidden_size;
+        let input_layernorm = vb.get("input_layernorm.weight", &[h])?;
+        let self_attn = Attention::build(config, &mut vb.pp("self_attn"))?;
+        let post_attention_layernorm = vb.get("post_attention_layernorm.weight", &[h])?;
+        let feed_forward = match config.kind {
+            ModelKind::Dense => FeedForward::Mlp(SwiGlu::build_mlp(config, &mut vb.pp("mlp"))?),
+            ModelKind::Moe => {
+                FeedForward::Moe(SparseMoe::build(config, &mut vb.pp("block_sparse_moe"))?)
+            }
+        };
+        Ok(Block {
+            input_layernorm,
+            self_attn,
+            post_attention_layernorm,
+            feed_forward,
+        })
+    }
+}
+
+impl Attention {
+    /// `self_attn.{q,k,v,o}_proj`.
+    fn build(config: &ModelConfig, vb: &mut ParamPath<'_, '_>) -> Result<Attention> {
+        let h = config.hidden_size;
+        let kv = config.num_kv_heads * config.head_dim();
+        Ok(Attention {
+            q_proj: vb.get("q_proj.weight", &[h, h])?,
+            k_proj: vb.get("k_proj.weight", &[kv, h])?,
+            v_proj: vb.get("v_proj.weight", &[kv, h])?,
+            o_proj: vb.get("o_proj.weight", &[h, h])?,
+            n_heads: config.num_heads,
+            n_kv_heads: config.num_kv_heads,
+            head_dim: config.head_dim(),
+        })
+    }
+}
+
+impl SwiGlu {
+    /// Llama's `mlp.{gate,up,down}_proj`.
+    fn build_mlp(config: &ModelConfig, vb: &mut ParamPath<'_, '_>) -> Result<SwiGlu> {
+        let (h, i) = (config.hidden_size, config.intermediate_size);
+        Ok(SwiGlu {
+            gate_proj: vb.get("gate_proj.weight", &[i, h])?,
+            up_proj: vb.get("up_proj.weight", &[i, h])?,
+            down_proj: vb.get("down_proj.weight", &[h, i])?,
+        })
+    }
+
+    /// A Mixtral expert, `experts.{e}.w{1,2,3}`: `w1` is the gate, `w3` the up and `w2` the
+    /// down projection. Mixtral stores them w1, w2, w3, so they are asked for in that order.
+    fn build_expert(config: &ModelConfig, vb: &mut ParamPath<'_, '_>) -> Result<SwiGlu> {
+        let (h, i) = (config.hidden_size, config.intermediate_size);
+        let gate_proj = vb.get("w1.weight", &[i, h])?;
+        let down_proj = vb.get("w2.weight", &[h, i])?;
+        let up_proj = vb.get("w3.weight", &[i, h])?;
+        Ok(SwiGlu {
+            gate_proj,
+            up_proj,
+            down_proj,
+        })
+    }
+}
+
+impl SparseMoe {
+    /// `block_sparse_moe.gate` and `block_sparse_moe.experts.{e}`.
+    fn build(config: &ModelConfig, vb: &mut ParamPath<'_, '_>) -> Result<SparseMoe> {
+        let gate = vb.get("gate.weight", &[config.num_experts, config.hidden_size])?;
+        let mut experts = Vec::with_capacity(config.num_experts);
+        for e in 0..config.num_experts {
+            experts.push(SwiGlu::build_expert(config, &mut vb.pp("experts").pp(e))?);
+        }
+        Ok(SparseMoe {
+            gate,
+            experts,
+            top_k: config.top_k,
+        })
+    }
+}
+
+/// A dotted key prefix and the source of parameters, as candle's `VarBuilder`: `pp` descends
+/// one key segment, `get` asks for `prefix.name`.
+pub(crate) struct ParamPath<'a, 'f> {
+    prefix: String,
+    get: &'a mut (dyn FnMut(&str, &[usize]) -> Result<Tensor> + 'f),
+}
+
+impl<'a, 'f> ParamPath<'a, 'f> {
+    fn root(get: &'a mut (dyn FnMut(&str, &[usize]) -> Result<Tensor> + 'f)) -> Self {
+        ParamPath {
+            prefix: String::new(),
+            get,
+        }
+    }
+
+    /// The path one segment further down (`model` → `model.layers`).
+    fn pp(&mut self, segment: impl std::fmt::Display) -> ParamPath<'_, 'f> {
+        ParamPath {
+            prefix: self.key(&segment.to_string()),
+            get: &mut *self.get,
+        }
+    }
+
+    /// The parameter `prefix.name` of `shape`.
+    fn get(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let key = self.key(name);
+        (self.get)(&key, shape)
+    }
+
+    fn key(&self, name: &str) -> String {
+        if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{name}", self.prefix)
+        }
+    }
+}
+
+impl std::fmt::Debug for ParamPath<'_, '_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ParamPath")
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Every parameter's HF name and shape, in checkpoint order, read off [`Llama::build`] itself.
+///
+/// The walk hands out zero-stride views of one scalar, so it allocates nothing per parameter.
+pub fn param_shapes(config: &ModelConfig) -> Vec<(String, Vec<usize>)> {
+    let scalar = Tensor::new(0f32, &Device::Cpu).expect("a CPU scalar always builds");
+    let mut out = Vec::new();
+    let mut record = |name: &str, shape: &[usize]| -> Result<Tensor> {
+        out.push((name.to_string(), shape.to_vec()));
+        Ok(scalar.broadcast_as(shape)?)
+    };
+    Llama::build_unchecked(config, &mut ParamPath::root(&mut record))
+        .expect("broadcasting a scalar to any shape cannot fail");
+    out
+}
+
 /// RoPE tables for one sequence length, `[T, D]` each (HF layout: the frequencies repeated twice).
 #[derive(Debug)]
 struct Rope {
@@ -301,73 +443,34 @@ pub struct LossOutput {
 }
 
 impl Llama {
-    /// Builds the model, asking `get(name, shape)` for each parameter in checkpoint order.
+    /// Builds the model, asking `get(name, shape)` for each parameter by its HF name, in
+    /// checkpoint order.
+    ///
+    /// Each name is given where its field is built (`vb.pp("self_attn").get("q_proj.weight")`),
+    /// as candle's own models do, so the key and the field cannot drift apart. The order of the
+    /// calls is the order of [`Params::vars`], of the init RNG draws and of the checkpoint files.
     pub fn build(
         config: &ModelConfig,
         get: &mut dyn FnMut(&str, &[usize]) -> Result<Tensor>,
     ) -> Result<Llama> {
         config.validate()?;
-        let shapes = config.param_shapes();
-        let mut it = shapes.iter();
-        let mut next = |expect: &str| -> Result<Tensor> {
-            let (name, shape) = it
-                .next()
-                .expect("param_shapes lists every parameter build asks for");
-            debug_assert!(name.ends_with(expect), "{name} vs {expect}");
-            get(name, shape)
-        };
-        let embed_tokens = next("embed_tokens.weight")?;
+        Llama::build_unchecked(config, &mut ParamPath::root(get))
+    }
+
+    /// [`Llama::build`] without validating `config`; [`param_shapes`] walks it for any config.
+    fn build_unchecked(config: &ModelConfig, vb: &mut ParamPath<'_, '_>) -> Result<Llama> {
+        let (h, v) = (config.hidden_size, config.vocab_size);
+        let mut model = vb.pp("model");
+        let embed_tokens = model.get("embed_tokens.weight", &[v, h])?;
         let mut layers = Vec::with_capacity(config.num_layers);
-        for _ in 0..config.num_layers {
-            let input_layernorm = next("input_layernorm.weight")?;
-            let self_attn = Attention {
-                q_proj: next("q_proj.weight")?,
-                k_proj: next("k_proj.weight")?,
-                v_proj: next("v_proj.weight")?,
-                o_proj: next("o_proj.weight")?,
-                n_heads: config.num_heads,
-                n_kv_heads: config.num_kv_heads,
-                head_dim: config.head_dim(),
-            };
-            let post_attention_layernorm = next("post_attention_layernorm.weight")?;
-            let feed_forward = match config.kind {
-                ModelKind::Dense => FeedForward::Mlp(SwiGlu {
-                    gate_proj: next("gate_proj.weight")?,
-                    up_proj: next("up_proj.weight")?,
-                    down_proj: next("down_proj.weight")?,
-                }),
-                ModelKind::Moe => {
-                    let gate = next("gate.weight")?;
-                    let mut experts = Vec::with_capacity(config.num_experts);
-                    for _ in 0..config.num_experts {
-                        let w1 = next("w1.weight")?;
-                        let w2 = next("w2.weight")?;
-                        let w3 = next("w3.weight")?;
-                        experts.push(SwiGlu {
-                            gate_proj: w1,
-                            up_proj: w3,
-                            down_proj: w2,
-                        });
-                    }
-                    FeedForward::Moe(SparseMoe {
-                        gate,
-                        experts,
-                        top_k: config.top_k,
-                    })
-                }
-            };
-            layers.push(Block {
-                input_layernorm,
-                self_attn,
-                post_attention_layernorm,
-                feed_forward,
-            });
+        for l in 0..config.num_layers {
+            layers.push(Block::build(config, &mut model.pp("layers").pp(l))?);
         }
-        let norm = next("norm.weight")?;
+        let norm = model.get("norm.weight", &[h])?;
         let lm_head = if config.tie_word_embeddings {
             None
         } else {
-            Some(next("lm_head.weight")?)
+            Some(vb.get("lm_head.weight", &[v, h])?)
         };
         Ok(Llama {
             config: config.clone(),
@@ -743,6 +846,66 @@ mod tests {
                         (u - v).abs() < 1e-10 * (1.0 + v.abs()),
                         "{kind:?} {name}: {u} vs {v}"
                     );
+                }
+            }
+        }
+    }
+
+    /// Every field holds the tensor of its own HF key. `gate_proj`/`up_proj`, `w1`/`w3` and
+    /// `q_proj`/`o_proj` have equal shapes, so only the names can catch a swap.
+    #[test]
+    fn every_field_holds_the_tensor_of_its_own_name() {
+        for kind in [ModelKind::Dense, ModelKind::Moe] {
+            let config = tiny(kind);
+            let mut ids = std::collections::HashMap::new();
+            let model = Llama::build(&config, &mut |name, shape| {
+                let id = ids.len() as f64 + 1.0;
+                assert!(
+                    ids.insert(name.to_string(), id).is_none(),
+                    "{name} asked twice"
+                );
+                Ok(Tensor::full(id, shape, &Device::Cpu)?)
+            })
+            .unwrap();
+            assert_eq!(ids.len(), config.param_shapes().len());
+            let check = |t: &Tensor, name: &str| {
+                let v: Vec<f64> = t.flatten_all().unwrap().to_vec1().unwrap();
+                let want = ids
+                    .get(name)
+                    .unwrap_or_else(|| panic!("{name} never asked"));
+                assert_eq!(v[0], *want, "{kind:?}: field does not hold {name}");
+            };
+            check(&model.embed_tokens, "model.embed_tokens.weight");
+            check(&model.norm, "model.norm.weight");
+            check(model.lm_head.as_ref().unwrap(), "lm_head.weight");
+            for (l, b) in model.layers.iter().enumerate() {
+                let p = format!("model.layers.{l}");
+                check(&b.input_layernorm, &format!("{p}.input_layernorm.weight"));
+                check(
+                    &b.post_attention_layernorm,
+                    &format!("{p}.post_attention_layernorm.weight"),
+                );
+                let a = &b.self_attn;
+                check(&a.q_proj, &format!("{p}.self_attn.q_proj.weight"));
+                check(&a.k_proj, &format!("{p}.self_attn.k_proj.weight"));
+                check(&a.v_proj, &format!("{p}.self_attn.v_proj.weight"));
+                check(&a.o_proj, &format!("{p}.self_attn.o_proj.weight"));
+                match &b.feed_forward {
+                    FeedForward::Mlp(m) => {
+                        check(&m.gate_proj, &format!("{p}.mlp.gate_proj.weight"));
+                        check(&m.up_proj, &format!("{p}.mlp.up_proj.weight"));
+                        check(&m.down_proj, &format!("{p}.mlp.down_proj.weight"));
+                    }
+                    FeedForward::Moe(moe) => {
+                        let m = format!("{p}.block_sparse_moe");
+                        check(&moe.gate, &format!("{m}.gate.weight"));
+                        assert_eq!(moe.experts.len(), config.num_experts);
+                        for (e, x) in moe.experts.iter().enumerate() {
+                            check(&x.gate_proj, &format!("{m}.experts.{e}.w1.weight"));
+                            check(&x.down_proj, &format!("{m}.experts.{e}.w2.weight"));
+                            check(&x.up_proj, &format!("{m}.experts.{e}.w3.weight"));
+                        }
+                    }
                 }
             }
         }

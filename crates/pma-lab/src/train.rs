@@ -193,18 +193,67 @@ pub struct NoProgress;
 
 impl Progress for NoProgress {}
 
+/// How a call to [`train`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[serde(tag = "status", rename_all = "lowercase")]
+pub enum TrainOutcome {
+    /// Every update up to the stop point was taken.
+    Completed,
+    /// Update `step` gave a non-finite loss or gradient norm. The run stopped there: that update
+    /// is neither logged nor saved, so the run directory ends at the update before.
+    Diverged {
+        /// The update that diverged.
+        step: u64,
+        /// Its cross-entropy.
+        loss: f64,
+        /// Its gradient norm before clipping.
+        grad_norm: f64,
+    },
+}
+
+impl TrainOutcome {
+    /// The step that diverged, if the run did.
+    pub fn diverged_at(&self) -> Option<u64> {
+        match self {
+            TrainOutcome::Completed => None,
+            TrainOutcome::Diverged { step, .. } => Some(*step),
+        }
+    }
+
+    /// [`Error::NonFinite`] for a diverged run, for a caller that treats divergence as failure.
+    pub fn into_result(self) -> Result<()> {
+        match self {
+            TrainOutcome::Completed => Ok(()),
+            TrainOutcome::Diverged {
+                step,
+                loss,
+                grad_norm,
+            } => Err(Error::NonFinite {
+                step,
+                loss,
+                grad_norm,
+            }),
+        }
+    }
+}
+
 /// What a run did.
 #[derive(Debug, Clone, Serialize)]
 pub struct TrainReport {
     /// The run directory.
     pub run_dir: PathBuf,
+    /// Completed, or diverged at a step.
+    pub outcome: TrainOutcome,
+    /// The updates of this call, in order, as logged to `metrics.jsonl` (a diverged update is
+    /// not among them).
+    pub curve: Vec<StepMetrics>,
     /// The effective model config.
     pub model: ModelConfig,
     /// Scalar parameters.
     pub n_params: usize,
     /// Step the run started from (0 unless resumed).
     pub first_step: u64,
-    /// Step it stopped at.
+    /// The last update taken (before the diverged one, if any).
     pub last_step: u64,
     /// Checkpoints written, in order.
     pub checkpoints: Vec<PathBuf>,
@@ -237,7 +286,68 @@ pub fn load_run_config(run_dir: &Path) -> Result<TrainConfig> {
     serde_json::from_slice(&bytes).map_err(|source| Error::Json { path, source })
 }
 
+/// The config that resumes the run in `run_dir`: its `run.json` with `overrides` applied.
+///
+/// Only settings that leave the weights unchanged may be given: where this invocation stops
+/// (`stop-after`, which belongs to the invocation, not to the run), how often it saves
+/// (`save-every`) and the run directory. Any other override that differs from the recorded value
+/// would make the result differ from an uninterrupted run, so it is refused with
+/// [`Error::ResumeSettingsChanged`], which names each one. Overrides equal to the recorded
+/// values are accepted.
+pub fn resume_config(run_dir: &Path, overrides: &TrainOverrides) -> Result<TrainConfig> {
+    let recorded = load_run_config(run_dir)?;
+    let mut config = recorded.clone();
+    config.stop_after = None;
+    overrides.apply(&mut config)?;
+    let mut exact = config.clone();
+    exact.stop_after = recorded.stop_after;
+    exact.save_every = recorded.save_every;
+    exact.out_dir.clone_from(&recorded.out_dir);
+    if exact != recorded {
+        let as_json = |c: &TrainConfig| serde_json::to_value(c).expect("plain data serializes");
+        let mut changed = Vec::new();
+        json_diff("", &as_json(&recorded), &as_json(&exact), &mut changed);
+        return Err(Error::ResumeSettingsChanged {
+            path: run_dir.join("run.json"),
+            changed: changed.join(", "),
+        });
+    }
+    config.resume = true;
+    config.out_dir = run_dir.to_path_buf();
+    // The weights come from the run's own checkpoint; what it was initialised from is history.
+    config.init = None;
+    config.init_optimizer = false;
+    Ok(config)
+}
+
+/// Appends `key (recorded R, given G)` for every leaf where `a` and `b` differ.
+fn json_diff(prefix: &str, a: &serde_json::Value, b: &serde_json::Value, out: &mut Vec<String>) {
+    use serde_json::Value;
+    match (a, b) {
+        (Value::Object(x), Value::Object(y)) => {
+            let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
+            for k in keys {
+                let key = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                json_diff(
+                    &key,
+                    x.get(k).unwrap_or(&Value::Null),
+                    y.get(k).unwrap_or(&Value::Null),
+                    out,
+                );
+            }
+        }
+        _ if a != b => out.push(format!("{prefix} (recorded {a}, given {b})")),
+        _ => {}
+    }
+}
+
 /// Trains, writing checkpoints and metrics into `config.out_dir`.
+///
+/// A run that diverges is a result, not an error: the report's [`TrainOutcome`] says where.
 pub fn train(config: &TrainConfig, progress: &dyn Progress) -> Result<TrainReport> {
     config.validate()?;
     let device = default_device();
@@ -340,6 +450,8 @@ pub fn train(config: &TrainConfig, progress: &dyn Progress) -> Result<TrainRepor
         .map_err(|e| Error::io(&metrics_path, "opening", e))?;
     let (b, t) = (config.batch_size, config.seq_len);
     let mut checkpoints = Vec::new();
+    let mut curve = Vec::new();
+    let mut outcome = TrainOutcome::Completed;
     let started = Instant::now();
     progress.start(first_step, last_step);
     for step in first_step..last_step {
@@ -357,11 +469,13 @@ pub fn train(config: &TrainConfig, progress: &dyn Progress) -> Result<TrainRepor
         };
         let stats = optimizer.update(&params, &grads, lr)?;
         if !ce.is_finite() || !stats.grad_norm.is_finite() {
-            return Err(Error::NonFinite {
+            // The weights are now poisoned: stop without logging or saving this update.
+            outcome = TrainOutcome::Diverged {
                 step: step + 1,
                 loss: ce,
                 grad_norm: stats.grad_norm,
-            });
+            };
+            break;
         }
         state.step = step + 1;
         state.tokens_seen += (b * t) as u64;
@@ -385,6 +499,7 @@ pub fn train(config: &TrainConfig, progress: &dyn Progress) -> Result<TrainRepor
             .write_all(&line)
             .map_err(|e| Error::io(&metrics_path, "appending to", e))?;
         progress.step(&m);
+        curve.push(m);
         let due = config.save_every > 0 && state.step % config.save_every == 0;
         if due || state.step == last_step {
             let path =
@@ -395,13 +510,15 @@ pub fn train(config: &TrainConfig, progress: &dyn Progress) -> Result<TrainRepor
     }
     progress.finish();
     let elapsed_secs = started.elapsed().as_secs_f64();
-    let n_tokens = (last_step.saturating_sub(first_step)) as f64 * (b * t) as f64;
+    let n_tokens = (state.step - first_step) as f64 * (b * t) as f64;
     Ok(TrainReport {
         run_dir,
+        outcome,
+        curve,
         n_params: params.n_params(),
         model: config.model.clone(),
         first_step,
-        last_step,
+        last_step: state.step,
         checkpoints,
         final_loss: state.train_loss,
         tokens_seen: state.tokens_seen,
@@ -428,40 +545,115 @@ fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
 }
 
 /// A flat, all-optional view of a [`TrainConfig`] whose keys are the `pma train` flag names
-/// (`--decay-steps` is `decay-steps`). It is the schema of `--config run.toml`, and the CLI
-/// builds one from its flags, so a file and flags combine by [`TrainOverrides::or`].
+/// (`--decay-steps` is `decay-steps`). It is the one definition of the training flags: the schema
+/// of `--config run.toml` and, with the `clap` feature, the flags themselves (the CLI flattens it
+/// into its `train` arguments), so a file and flags combine by [`TrainOverrides::or`]. Adding a
+/// flag is one field here and one line in [`TrainOverrides::apply`].
+///
+/// The doc comments are the `--help` text.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::Args))]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
-#[allow(missing_docs)]
 pub struct TrainOverrides {
+    /// Model family: dense (Llama) or moe (Mixtral).
+    #[cfg_attr(feature = "clap", arg(long, value_name = "dense|moe"))]
     pub model: Option<ModelKind>,
+    /// Decoder blocks [default: 4].
+    #[cfg_attr(feature = "clap", arg(long, value_name = "L"))]
     pub layers: Option<usize>,
+    /// Hidden size [default: 128].
+    #[cfg_attr(feature = "clap", arg(long, value_name = "H"))]
     pub hidden: Option<usize>,
+    /// SwiGLU width (per expert) [default: 8/3 of --hidden, rounded up to 32].
+    #[cfg_attr(feature = "clap", arg(long, value_name = "I"))]
     pub intermediate: Option<usize>,
+    /// Attention heads [default: 4].
+    #[cfg_attr(feature = "clap", arg(long, value_name = "A"))]
     pub heads: Option<usize>,
+    /// Key/value heads, fewer than --heads for grouped-query attention [default: --heads].
+    #[cfg_attr(feature = "clap", arg(long, value_name = "KV"))]
     pub kv_heads: Option<usize>,
+    /// MoE experts per block [default: 8].
+    #[cfg_attr(feature = "clap", arg(long, value_name = "E"))]
     pub experts: Option<usize>,
+    /// MoE experts per token [default: 2].
+    #[cfg_attr(feature = "clap", arg(long, value_name = "K"))]
     pub top_k: Option<usize>,
+    /// Weight of the MoE load-balancing loss [default: 0.02].
+    #[cfg_attr(feature = "clap", arg(long, value_name = "C"))]
     pub aux_loss_coef: Option<f64>,
+    /// Tie the output head to the embedding.
+    // A flag on the command line (present = true, absent = unset, so a run file can still set
+    // it), a boolean in the run file.
+    #[cfg_attr(
+        feature = "clap",
+        arg(long, num_args = 0, default_missing_value = "true")
+    )]
     pub tie_embeddings: Option<bool>,
+    /// Total optimizer steps; the schedule spans these [default: 1000].
+    #[cfg_attr(feature = "clap", arg(long, value_name = "S"))]
     pub steps: Option<u64>,
+    /// Stop after this many steps although the schedule spans --steps (continue with --resume).
+    #[cfg_attr(feature = "clap", arg(long, value_name = "S"))]
     pub stop_after: Option<u64>,
+    /// Sequences per batch [default: 16].
+    #[cfg_attr(feature = "clap", arg(long, value_name = "B"))]
     pub batch: Option<usize>,
+    /// Tokens per sequence [default: 128].
+    #[cfg_attr(feature = "clap", arg(long, value_name = "T"))]
     pub seq: Option<usize>,
+    /// Peak learning rate [default: 3e-3].
+    #[cfg_attr(feature = "clap", arg(long, value_name = "LR"))]
     pub lr: Option<f64>,
+    /// Final learning rate of wsd/cosine decays [default: --lr / 10].
+    #[cfg_attr(feature = "clap", arg(long, value_name = "LR"))]
     pub min_lr: Option<f64>,
+    /// LR schedule: constant, wsd or cosine, all with linear warmup [default: wsd].
+    #[cfg_attr(feature = "clap", arg(long, value_name = "constant|wsd|cosine"))]
     pub schedule: Option<ScheduleKind>,
+    /// Linear warmup steps [default: min(100, steps/10)].
+    #[cfg_attr(feature = "clap", arg(long, value_name = "W"))]
     pub warmup: Option<u64>,
+    /// WSD decay steps at the end of the run [default: steps/5].
+    #[cfg_attr(feature = "clap", arg(long, value_name = "D"))]
     pub decay_steps: Option<u64>,
+    /// WSD decay shape [default: 1-sqrt].
+    #[cfg_attr(feature = "clap", arg(long, value_name = "linear|cosine|1-sqrt"))]
     pub decay_shape: Option<DecayShape>,
+    /// Multiply the LR by FACTOR for LEN steps from STEP, to provoke a loss spike.
+    #[cfg_attr(feature = "clap", arg(long, value_name = "STEP:FACTOR:LEN"))]
     pub lr_spike: Option<String>,
+    /// AdamW decoupled weight decay [default: 0.1].
+    #[cfg_attr(feature = "clap", arg(long, value_name = "WD"))]
     pub weight_decay: Option<f64>,
+    /// Global gradient-norm clip, 0 to disable [default: 1.0].
+    #[cfg_attr(feature = "clap", arg(long, value_name = "NORM"))]
     pub grad_clip: Option<f64>,
+    /// Write RUN_DIR/step-XXXXXXX/ every K steps (and at the last step) [default: 100].
+    #[cfg_attr(feature = "clap", arg(long, value_name = "K"))]
     pub save_every: Option<u64>,
+    /// Seed of the weight init and the data sampler [default: 0].
+    #[cfg_attr(feature = "clap", arg(long, value_name = "S"))]
     pub seed: Option<u64>,
+    /// Train on these text files instead of the embedded Moby-Dick (last 5% held out).
+    #[cfg_attr(feature = "clap", arg(long, value_name = "FILE", num_args = 1..))]
     pub data: Option<Vec<PathBuf>>,
+    /// Start from these weights (any checkpoint, raw or merged): PMA-init. The model shape comes
+    /// from its config.json.
+    #[cfg_attr(feature = "clap", arg(long, value_name = "CKPT"))]
     pub init: Option<PathBuf>,
+    /// With --init, also load the checkpoint's optimizer.safetensors.
+    #[cfg_attr(
+        feature = "clap",
+        arg(long, num_args = 0, default_missing_value = "true")
+    )]
     pub init_optimizer: Option<bool>,
+    /// Run directory.
+    // Required unless the flattening command has a `resume` argument that is given.
+    #[cfg_attr(
+        feature = "clap",
+        arg(long, value_name = "RUN_DIR", required_unless_present = "resume")
+    )]
     pub out: Option<PathBuf>,
 }
 
@@ -476,41 +668,23 @@ impl TrainOverrides {
     }
 
     /// Field by field, `self` where set, else `fallback`.
-    pub fn or(self, fallback: TrainOverrides) -> TrainOverrides {
-        macro_rules! pick {
-            ($($f:ident),*) => { TrainOverrides { $($f: self.$f.or(fallback.$f)),* } };
-        }
-        pick!(
-            model,
-            layers,
-            hidden,
-            intermediate,
-            heads,
-            kv_heads,
-            experts,
-            top_k,
-            aux_loss_coef,
-            tie_embeddings,
-            steps,
-            stop_after,
-            batch,
-            seq,
-            lr,
-            min_lr,
-            schedule,
-            warmup,
-            decay_steps,
-            decay_shape,
-            lr_spike,
-            weight_decay,
-            grad_clip,
-            save_every,
-            seed,
-            data,
-            init,
-            init_optimizer,
-            out
-        )
+    ///
+    /// Fails only for a path that is not UTF-8, which `run.json` could not record either.
+    pub fn or(self, fallback: TrainOverrides) -> Result<TrainOverrides> {
+        // Through the run-file form, so the field list is not written out again: unset fields
+        // are absent from the table, set ones replace the fallback's. TOML (not JSON) keeps NaN
+        // and infinities, so a bad `--lr nan` still reaches `validate`.
+        let table = |o: &TrainOverrides| -> Result<toml::Table> {
+            toml::Table::try_from(o).map_err(|e| Error::InvalidTrainConfig {
+                field: "paths",
+                reason: format!("{e} (paths must be UTF-8 to be recorded in run.json)"),
+            })
+        };
+        let mut merged = table(&fallback)?;
+        merged.extend(table(&self)?);
+        Ok(merged
+            .try_into()
+            .expect("a table of the struct's own fields deserializes back"))
     }
 
     /// Writes the set fields into `config`.
@@ -598,5 +772,218 @@ impl TrainOverrides {
             config.init = self.init.clone();
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn or_prefers_set_fields_and_keeps_the_fallbacks_others() {
+        let flags = TrainOverrides {
+            steps: Some(20),
+            lr: Some(f64::NAN),
+            data: Some(vec!["a.txt".into()]),
+            ..TrainOverrides::default()
+        };
+        let file = TrainOverrides {
+            steps: Some(10),
+            seed: Some(7),
+            tie_embeddings: Some(true),
+            ..TrainOverrides::default()
+        };
+        let merged = flags.or(file).unwrap();
+        assert_eq!(merged.steps, Some(20));
+        assert_eq!(merged.seed, Some(7));
+        assert_eq!(merged.tie_embeddings, Some(true));
+        assert_eq!(merged.data, Some(vec![PathBuf::from("a.txt")]));
+        // A NaN is kept, for validate to reject, not dropped in favour of the default.
+        assert!(merged.lr.is_some_and(f64::is_nan));
+        assert_eq!(merged.out, None);
+    }
+
+    fn recorded_run(dir: &Path) -> TrainConfig {
+        let config = TrainConfig {
+            steps: 40,
+            lr: 1e-3,
+            init: Some(dir.join("base/step-0000010")),
+            init_optimizer: true,
+            stop_after: Some(20),
+            out_dir: dir.join("run"),
+            ..TrainConfig::default()
+        };
+        std::fs::create_dir_all(&config.out_dir).unwrap();
+        let json = serde_json::to_vec_pretty(&config).unwrap();
+        std::fs::write(config.out_dir.join("run.json"), json).unwrap();
+        config
+    }
+
+    /// Regression (issue 11): `--resume` silently accepted overrides that break exact resume.
+    #[test]
+    fn resume_refuses_settings_that_change_the_weights() {
+        let dir = tempfile::tempdir().unwrap();
+        let recorded = recorded_run(dir.path());
+        let run = &recorded.out_dir;
+        for (overrides, named) in [
+            (
+                TrainOverrides {
+                    lr: Some(2e-3),
+                    ..TrainOverrides::default()
+                },
+                "lr (recorded 0.001, given 0.002)",
+            ),
+            (
+                TrainOverrides {
+                    steps: Some(80),
+                    ..TrainOverrides::default()
+                },
+                "steps (recorded 40, given 80)",
+            ),
+            (
+                TrainOverrides {
+                    layers: Some(2),
+                    ..TrainOverrides::default()
+                },
+                "model.num_layers (recorded 4, given 2)",
+            ),
+            (
+                TrainOverrides {
+                    data: Some(vec!["other.txt".into()]),
+                    ..TrainOverrides::default()
+                },
+                "data",
+            ),
+            (
+                TrainOverrides {
+                    init: Some("elsewhere".into()),
+                    ..TrainOverrides::default()
+                },
+                "init",
+            ),
+        ] {
+            match resume_config(run, &overrides) {
+                Err(Error::ResumeSettingsChanged { path, changed }) => {
+                    assert_eq!(path, run.join("run.json"));
+                    assert!(changed.contains(named), "{changed} lacks {named}");
+                }
+                other => panic!("{overrides:?}: expected ResumeSettingsChanged, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn resume_accepts_stop_save_and_the_recorded_values() {
+        let dir = tempfile::tempdir().unwrap();
+        let recorded = recorded_run(dir.path());
+        let run = &recorded.out_dir;
+        let c = resume_config(run, &TrainOverrides::default()).unwrap();
+        assert!(c.resume);
+        assert_eq!(c.stop_after, None, "a stop point belongs to its invocation");
+        assert_eq!((c.init.clone(), c.init_optimizer), (None, false));
+        assert_eq!(c.lr, recorded.lr);
+        let given = TrainOverrides {
+            stop_after: Some(30),
+            save_every: Some(5),
+            lr: Some(1e-3),
+            steps: Some(40),
+            init: recorded.init.clone(),
+            out: Some(run.clone()),
+            ..TrainOverrides::default()
+        };
+        let c = resume_config(run, &given).unwrap();
+        assert_eq!((c.stop_after, c.save_every), (Some(30), 5));
+        c.validate().unwrap();
+    }
+
+    /// The training flags are defined once: parsing them fills `TrainOverrides`, unset flags
+    /// stay unset (so a run file can fill them), and every flag is a run-file key.
+    #[cfg(feature = "clap")]
+    #[test]
+    fn flags_are_the_run_file_keys() {
+        use clap::{CommandFactory, Parser};
+
+        #[derive(Debug, Parser)]
+        struct Cli {
+            #[command(flatten)]
+            overrides: TrainOverrides,
+            #[arg(long)]
+            resume: Option<PathBuf>,
+        }
+        Cli::command().debug_assert();
+        let cli = Cli::try_parse_from([
+            "t",
+            "--out",
+            "run",
+            "--decay-steps",
+            "200",
+            "--decay-shape",
+            "1-sqrt",
+            "--model",
+            "moe",
+            "--tie-embeddings",
+            "--data",
+            "a.txt",
+            "b.txt",
+        ])
+        .unwrap();
+        let o = cli.overrides;
+        assert_eq!(o.decay_steps, Some(200));
+        assert_eq!(o.decay_shape, Some(DecayShape::OneSqrt));
+        assert_eq!(o.model, Some(ModelKind::Moe));
+        assert_eq!(o.tie_embeddings, Some(true));
+        assert_eq!(o.init_optimizer, None);
+        assert_eq!(o.steps, None);
+        assert_eq!(o.data, Some(vec!["a.txt".into(), "b.txt".into()]));
+        assert_eq!(o.out, Some(PathBuf::from("run")));
+        // --out is required unless --resume names the run.
+        assert!(Cli::try_parse_from(["t"]).is_err());
+        assert!(Cli::try_parse_from(["t", "--resume", "run"]).is_ok());
+        assert!(Cli::try_parse_from(["t", "--out", "r", "--tie-embeddings=false"]).is_err());
+
+        let mut flags: Vec<String> = Cli::command()
+            .get_arguments()
+            .filter_map(|a| a.get_long().map(str::to_string))
+            .filter(|l| l != "resume")
+            .collect();
+        flags.sort();
+        let all_set = TrainOverrides {
+            model: Some(ModelKind::Dense),
+            layers: Some(1),
+            hidden: Some(1),
+            intermediate: Some(1),
+            heads: Some(1),
+            kv_heads: Some(1),
+            experts: Some(1),
+            top_k: Some(1),
+            aux_loss_coef: Some(1.0),
+            tie_embeddings: Some(true),
+            steps: Some(1),
+            stop_after: Some(1),
+            batch: Some(1),
+            seq: Some(1),
+            lr: Some(1.0),
+            min_lr: Some(1.0),
+            schedule: Some(ScheduleKind::Wsd),
+            warmup: Some(1),
+            decay_steps: Some(1),
+            decay_shape: Some(DecayShape::Linear),
+            lr_spike: Some("1:2:3".into()),
+            weight_decay: Some(1.0),
+            grad_clip: Some(1.0),
+            save_every: Some(1),
+            seed: Some(1),
+            data: Some(vec!["a".into()]),
+            init: Some("i".into()),
+            init_optimizer: Some(true),
+            out: Some("o".into()),
+        };
+        let mut keys: Vec<String> = toml::Table::try_from(&all_set)
+            .unwrap()
+            .keys()
+            .cloned()
+            .collect();
+        keys.sort();
+        assert_eq!(flags, keys);
     }
 }

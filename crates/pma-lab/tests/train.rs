@@ -7,7 +7,7 @@ use pma_lab::checkpoint::{list_checkpoints, read_trainer_state};
 use pma_lab::config::{ModelConfig, ModelKind};
 use pma_lab::eval::{evaluate, EvalConfig};
 use pma_lab::schedule::ScheduleKind;
-use pma_lab::train::{train, NoProgress, StepMetrics, TrainConfig};
+use pma_lab::train::{train, NoProgress, StepMetrics, TrainConfig, TrainOutcome};
 use pma_lab::Error;
 
 fn tiny_model(kind: ModelKind) -> ModelConfig {
@@ -232,4 +232,60 @@ impl WithMaxPosition for ModelConfig {
         self.max_position_embeddings = t;
         self
     }
+}
+
+/// A run that diverges is a result, not an error: the report says at which update, and its
+/// curve is exactly what `metrics.jsonl` logged (the diverged update is in neither).
+#[test]
+fn a_diverging_run_reports_its_outcome_and_curve() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = tiny_run(ModelKind::Dense, &dir.path().join("run"));
+    // An infinite LR for update 3 poisons the weights, so a later update's loss is not finite.
+    config.lr_spike = Some(pma_lab::schedule::LrSpike {
+        step: 2,
+        factor: f64::INFINITY,
+        len_steps: 1,
+    });
+    let report = train(&config, &NoProgress).unwrap();
+    let step = match report.outcome {
+        TrainOutcome::Diverged { step, .. } => step,
+        TrainOutcome::Completed => panic!("an infinite LR must diverge"),
+    };
+    assert!((4..=6).contains(&step), "diverged at {step}");
+    assert_eq!(report.outcome.diverged_at(), Some(step));
+    assert_eq!(report.last_step, step - 1);
+    assert_eq!(report.curve.len() as u64, step - 1);
+    // Read as plain JSON: the infinite LR of update 3 is logged as null.
+    let logged: Vec<serde_json::Value> =
+        std::fs::read_to_string(config.out_dir.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+    assert_eq!(logged.len(), report.curve.len());
+    for (a, b) in logged.iter().zip(&report.curve) {
+        assert_eq!(a["step"].as_u64(), Some(b.step));
+        // serde_json's default float parsing may differ in the last bit.
+        let loss = a["loss"].as_f64().unwrap();
+        assert!(
+            (loss - b.loss).abs() <= 1e-12 * b.loss.abs(),
+            "{a} vs {b:?}"
+        );
+    }
+    assert!(matches!(
+        report.outcome.into_result(),
+        Err(Error::NonFinite { step: s, .. }) if s == step
+    ));
+
+    let done = train(
+        &tiny_run(ModelKind::Dense, &dir.path().join("fine")),
+        &NoProgress,
+    )
+    .unwrap();
+    assert_eq!(done.outcome, TrainOutcome::Completed);
+    assert_eq!(
+        done.curve.iter().map(|m| m.step).collect::<Vec<_>>(),
+        vec![1, 2, 3, 4, 5, 6]
+    );
+    done.outcome.into_result().unwrap();
 }

@@ -1,0 +1,194 @@
+//! Orchestration: train, fork, merge, evaluate, and collect everything into [`Results`].
+//!
+//! [`run`] executes one [`DemoConfig`] in stages, each reported through [`Progress`]:
+//! 1. write the data split (`data/pretrain.txt`, `data/heldout.txt`);
+//! 2. train the dense trunk (warmup, then constant LR: the stable phase of WSD);
+//! 3. fork annealing branches from stable-phase checkpoints (`init` = the checkpoint, its AdamW
+//!    moments loaded, LR decayed from the peak to `min_lr` over D steps);
+//! 4. evaluate every raw checkpoint;
+//! 5. merge (SMA / EMA / WMA over the last N checkpoints at interval V) with `pma-merge` into
+//!    `merges/`, evaluating each merge as it is written;
+//! 6. reproduction only: the MoE run, PMA-init for continued training and spike recovery.
+//!
+//! Every evaluation uses the same token stream: a fixed prefix of the embedded corpus's
+//! validation split, which no run trains on.
+
+mod annealing;
+mod continued;
+mod lab;
+mod moe;
+mod plan;
+mod spike;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::time::Instant;
+
+use crate::error::{Error, Result};
+use crate::findings::derive_findings;
+use crate::ids::RunId;
+use crate::profile::{Profile, Scope};
+use crate::results::Results;
+use annealing::predictions;
+use lab::{Lab, RunSpec, Trained};
+use plan::{branch_merge_specs, trunk_merge_specs};
+
+/// What to run and where. Plain data.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DemoConfig {
+    /// Demo or full reproduction.
+    pub scope: Scope,
+    /// Sizes and schedule.
+    pub profile: Profile,
+    /// Seed of the trunk; every other run's seed is derived from it.
+    pub seed: u64,
+    /// Output directory.
+    pub out_dir: PathBuf,
+    /// Replace a previous demo's output in `out_dir`.
+    pub overwrite: bool,
+    /// Merge worker threads (0 = all cores).
+    pub threads: usize,
+}
+
+impl Default for DemoConfig {
+    fn default() -> Self {
+        DemoConfig {
+            scope: Scope::Demo,
+            profile: Profile::new(crate::profile::Scale::Quick),
+            seed: 0,
+            out_dir: PathBuf::from("pma-demo-out"),
+            overwrite: false,
+            threads: 0,
+        }
+    }
+}
+
+/// Receives progress events. Every method has a no-op default.
+pub trait Progress {
+    /// A stage begins; it will advance `total` units (steps, checkpoints or merges).
+    fn stage(&self, _label: &str, _total: u64) {}
+    /// One unit of the current stage is done; `message` says what (e.g. a loss).
+    fn advance(&self, _message: &str) {}
+    /// The current stage ended.
+    fn finish_stage(&self) {}
+}
+
+/// A [`Progress`] that ignores everything.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoProgress;
+
+impl Progress for NoProgress {}
+
+/// Files and directories a demo writes into its output directory; `overwrite` removes exactly
+/// these and nothing else.
+pub const OUTPUT_ENTRIES: &[&str] = &[
+    "data",
+    "runs",
+    "merges",
+    "plots",
+    "results.json",
+    "report.md",
+];
+
+/// Runs the experiments of `config`, writes `results.json`, `report.md` and the plots, and
+/// returns the results.
+pub fn run(
+    config: &DemoConfig,
+    progress: &dyn Progress,
+    cancel: Option<&AtomicBool>,
+) -> Result<Results> {
+    let started = Instant::now();
+    let p = &config.profile;
+    p.validate(config.scope)?;
+    prepare_out_dir(&config.out_dir, config.overwrite)?;
+    let mut lab = Lab::new(config, progress, cancel)?;
+
+    // Trunk.
+    let trunk = lab.train(RunSpec {
+        id: RunId::Trunk,
+        role: "dense trunk: warmup, then constant LR (the stable phase of WSD)".into(),
+        train: lab.trunk_config(),
+        step_offset: 0,
+    })?;
+
+    // Annealing forks.
+    let mut forks = Vec::new();
+    for &from in &p.anneal_from {
+        forks.push(lab.fork_annealing(&trunk, from, p.decay_steps)?);
+    }
+
+    // Raw checkpoints.
+    let mut to_eval: Vec<(&Trained, u64, PathBuf)> = Vec::new();
+    for t in std::iter::once(&trunk).chain(&forks) {
+        for (step, path) in &t.checkpoints {
+            to_eval.push((t, *step, path.clone()));
+        }
+    }
+    lab.stage("evaluate checkpoints", to_eval.len() as u64);
+    for (t, step, path) in to_eval {
+        lab.eval_checkpoint(t, step, &path)?;
+    }
+    lab.end_stage();
+
+    // Merges of the trunk (grid, sweeps, prediction points) and of the forks.
+    let mut specs = trunk_merge_specs(p, config.scope);
+    if config.scope == Scope::Reproduce {
+        for fork in &forks {
+            specs.extend(branch_merge_specs(p, fork.id, fork.last_step()));
+        }
+    }
+    lab.stage("merge and evaluate", specs.len() as u64);
+    for spec in &specs {
+        let run = std::iter::once(&trunk)
+            .chain(&forks)
+            .find(|r| r.id == spec.run)
+            .expect("merge specs name the trunk or one of its forks");
+        lab.merge(run, spec)?;
+    }
+    lab.end_stage();
+
+    for fork in &forks {
+        lab.record_annealed(fork, p.decay_steps);
+    }
+    lab.results.predictions = predictions(&lab.results);
+
+    if config.scope == Scope::Reproduce {
+        lab.moe()?;
+        lab.results.predictions = predictions(&lab.results);
+        lab.continued(&trunk)?;
+        lab.spike()?;
+    }
+
+    let mut results = lab.finish();
+    results.findings = derive_findings(&results);
+    results.elapsed_secs = started.elapsed().as_secs_f64();
+    crate::plot::draw_all(&results, &config.out_dir)?;
+    results.write(&config.out_dir)?;
+    let report = crate::report::render_report(&results);
+    crate::results::write_atomic(&config.out_dir.join("report.md"), report.as_bytes())?;
+    Ok(results)
+}
+
+fn prepare_out_dir(out: &Path, overwrite: bool) -> Result<()> {
+    let occupied: Vec<PathBuf> = OUTPUT_ENTRIES
+        .iter()
+        .map(|e| out.join(e))
+        .filter(|p| p.exists())
+        .collect();
+    if !occupied.is_empty() {
+        if !overwrite {
+            return Err(Error::OutDirOccupied {
+                path: out.to_path_buf(),
+            });
+        }
+        for p in occupied {
+            let removed = if p.is_dir() {
+                std::fs::remove_dir_all(&p)
+            } else {
+                std::fs::remove_file(&p)
+            };
+            removed.map_err(|e| Error::io(&p, "removing", e))?;
+        }
+    }
+    std::fs::create_dir_all(out.join("data")).map_err(|e| Error::io(out, "creating", e))
+}

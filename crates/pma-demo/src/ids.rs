@@ -1,0 +1,290 @@
+//! Typed names of the demo's runs and merge tags.
+//!
+//! `results.json` stores run names and merge tags as strings (its schema is fixed), and the
+//! experiments, findings, plots and report all look records up by them. Spelling a name as a
+//! string literal in each of those places meant that a typo gave an empty chart instead of an
+//! error. Here each run and tag is a variant: its string form is written once, in
+//! [`RunId::fmt`] / [`Tag::as_str`], and records compare against it with `==`
+//! (`checkpoint.run == RunId::Trunk`).
+
+use std::fmt;
+use std::str::FromStr;
+
+/// A training run of the demo; its string form is the run's `name` in `results.json` and its
+/// directory under `runs/`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RunId {
+    /// The dense trunk: warmup, then constant LR. `trunk`.
+    Trunk,
+    /// An annealing fork of the trunk from step `from`. `anneal-{from}`.
+    Anneal {
+        /// The trunk step it starts from.
+        from: u64,
+    },
+    /// The MoE run. `moe`.
+    Moe,
+    /// The MoE run's annealing fork from step `from`. `moe-anneal-{from}`.
+    MoeAnneal {
+        /// The MoE step it starts from.
+        from: u64,
+    },
+    /// Continued training from the newest raw trunk checkpoint. `ct-raw`.
+    ContinuedRaw,
+    /// Continued training from a PMA merge. `ct-pma`.
+    ContinuedPma,
+    /// The run with a deliberate LR spike. `spike`.
+    Spike,
+    /// Resumed after the spike from the newest pre-spike checkpoint. `resume-raw`.
+    ResumeRaw,
+    /// Resumed after the spike from the PMA merge. `resume-pma`.
+    ResumePma,
+}
+
+impl RunId {
+    /// Every run without a parameter, for parsing.
+    const PLAIN: [RunId; 7] = [
+        RunId::Trunk,
+        RunId::Moe,
+        RunId::ContinuedRaw,
+        RunId::ContinuedPma,
+        RunId::Spike,
+        RunId::ResumeRaw,
+        RunId::ResumePma,
+    ];
+
+    fn plain_name(self) -> Option<&'static str> {
+        Some(match self {
+            RunId::Trunk => "trunk",
+            RunId::Moe => "moe",
+            RunId::ContinuedRaw => "ct-raw",
+            RunId::ContinuedPma => "ct-pma",
+            RunId::Spike => "spike",
+            RunId::ResumeRaw => "resume-raw",
+            RunId::ResumePma => "resume-pma",
+            RunId::Anneal { .. } | RunId::MoeAnneal { .. } => return None,
+        })
+    }
+
+    /// The run this one forks from, for annealing forks.
+    pub fn base(self) -> Option<RunId> {
+        match self {
+            RunId::Anneal { .. } => Some(RunId::Trunk),
+            RunId::MoeAnneal { .. } => Some(RunId::Moe),
+            _ => None,
+        }
+    }
+
+    /// Whether `name` (a record's run) names this run; allocates nothing.
+    pub fn is(self, name: &str) -> bool {
+        match (self.plain_name(), self) {
+            (Some(n), _) => n == name,
+            (None, RunId::Anneal { from }) => fork_step(name, "anneal-") == Some(from),
+            (None, RunId::MoeAnneal { from }) => fork_step(name, "moe-anneal-") == Some(from),
+            (None, _) => unreachable!("only forks have no plain name"),
+        }
+    }
+}
+
+fn fork_step(name: &str, prefix: &str) -> Option<u64> {
+    let digits = name.strip_prefix(prefix)?;
+    // Only the canonical form (`anneal-300`, not `anneal-0300`) names a run.
+    let step: u64 = digits.parse().ok()?;
+    (step.to_string() == digits).then_some(step)
+}
+
+impl fmt::Display for RunId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.plain_name(), self) {
+            (Some(n), _) => f.write_str(n),
+            (None, RunId::Anneal { from }) => write!(f, "anneal-{from}"),
+            (None, RunId::MoeAnneal { from }) => write!(f, "moe-anneal-{from}"),
+            (None, _) => unreachable!("only forks have no plain name"),
+        }
+    }
+}
+
+impl FromStr for RunId {
+    type Err = String;
+    fn from_str(s: &str) -> Result<RunId, String> {
+        if let Some(id) = RunId::PLAIN.into_iter().find(|id| id.is(s)) {
+            return Ok(id);
+        }
+        if let Some(from) = fork_step(s, "moe-anneal-") {
+            return Ok(RunId::MoeAnneal { from });
+        }
+        if let Some(from) = fork_step(s, "anneal-") {
+            return Ok(RunId::Anneal { from });
+        }
+        Err(format!("'{s}' is not a demo run"))
+    }
+}
+
+impl PartialEq<RunId> for String {
+    fn eq(&self, id: &RunId) -> bool {
+        id.is(self)
+    }
+}
+
+impl PartialEq<RunId> for str {
+    fn eq(&self, id: &RunId) -> bool {
+        id.is(self)
+    }
+}
+
+/// The experiment a merge belongs to; a merge shared by several carries each tag once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Tag {
+    /// The method × N grid at a merge point of the trunk.
+    Grid,
+    /// The grid at the end step of an annealing fork, to predict it.
+    Prediction,
+    /// The N sweep.
+    NSweep,
+    /// The V sweep.
+    VSweep,
+    /// Merges inside an annealing branch.
+    AnnealBranch,
+    /// The MoE run's merges.
+    Moe,
+    /// The merge that initialises continued training.
+    ContinuedInit,
+    /// The merge that restarts the spiking run.
+    SpikeInit,
+}
+
+impl Tag {
+    /// Every tag.
+    pub const ALL: [Tag; 8] = [
+        Tag::Grid,
+        Tag::Prediction,
+        Tag::NSweep,
+        Tag::VSweep,
+        Tag::AnnealBranch,
+        Tag::Moe,
+        Tag::ContinuedInit,
+        Tag::SpikeInit,
+    ];
+
+    /// The string in a merge record's `tags`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Tag::Grid => "grid",
+            Tag::Prediction => "prediction",
+            Tag::NSweep => "n_sweep",
+            Tag::VSweep => "v_sweep",
+            Tag::AnnealBranch => "anneal_branch",
+            Tag::Moe => "moe",
+            Tag::ContinuedInit => "continued_init",
+            Tag::SpikeInit => "spike_init",
+        }
+    }
+}
+
+impl fmt::Display for Tag {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Tag {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Tag, String> {
+        Tag::ALL
+            .into_iter()
+            .find(|t| t.as_str() == s)
+            .ok_or_else(|| format!("'{s}' is not a merge tag"))
+    }
+}
+
+impl PartialEq<Tag> for String {
+    fn eq(&self, tag: &Tag) -> bool {
+        self == tag.as_str()
+    }
+}
+
+/// Offsets added to the trunk's seed, so every run draws its own data order (and, for fresh runs,
+/// its own init) while the whole demo stays a function of one seed. Annealing forks add their
+/// start step on top, so forks from different steps differ.
+pub(crate) mod seed_offset {
+    /// The trunk and its annealing forks.
+    pub(crate) const TRUNK: u64 = 0;
+    /// The MoE run and its fork.
+    pub(crate) const MOE: u64 = 1;
+    /// Both continued-training runs: the same batches, so only the init differs.
+    pub(crate) const CONTINUED: u64 = 2;
+    /// The spiking run.
+    pub(crate) const SPIKE: u64 = 3;
+    /// Both resumptions after the spike.
+    pub(crate) const SPIKE_RESUME: u64 = 4;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_ids_round_trip_through_their_names() {
+        let all = [
+            RunId::Trunk,
+            RunId::Anneal { from: 300 },
+            RunId::Moe,
+            RunId::MoeAnneal { from: 0 },
+            RunId::ContinuedRaw,
+            RunId::ContinuedPma,
+            RunId::Spike,
+            RunId::ResumeRaw,
+            RunId::ResumePma,
+        ];
+        let names: Vec<String> = all.iter().map(RunId::to_string).collect();
+        assert_eq!(
+            names,
+            [
+                "trunk",
+                "anneal-300",
+                "moe",
+                "moe-anneal-0",
+                "ct-raw",
+                "ct-pma",
+                "spike",
+                "resume-raw",
+                "resume-pma"
+            ]
+        );
+        for (id, name) in all.iter().zip(&names) {
+            assert_eq!(name.parse::<RunId>(), Ok(*id));
+            assert!(*name == *id, "{name} == {id:?}");
+            for other in all.iter().filter(|o| *o != id) {
+                assert!(*name != *other, "{name} must not match {other:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_misspelt_run_or_tag_is_an_error_not_an_empty_match() {
+        assert!("trunc".parse::<RunId>().is_err());
+        assert!("anneal-".parse::<RunId>().is_err());
+        assert!("anneal-0300".parse::<RunId>().is_err());
+        assert!("anneal-x".parse::<RunId>().is_err());
+        assert!("gird".parse::<Tag>().is_err());
+        assert!(!RunId::Anneal { from: 300 }.is("anneal-0300"));
+    }
+
+    #[test]
+    fn tags_round_trip_and_are_distinct() {
+        for t in Tag::ALL {
+            assert_eq!(t.as_str().parse::<Tag>(), Ok(t));
+            assert!(t.as_str().to_string() == t);
+        }
+        let mut names: Vec<&str> = Tag::ALL.iter().map(|t| t.as_str()).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), Tag::ALL.len());
+    }
+
+    #[test]
+    fn forks_know_their_base() {
+        assert_eq!(RunId::Anneal { from: 40 }.base(), Some(RunId::Trunk));
+        assert_eq!(RunId::MoeAnneal { from: 20 }.base(), Some(RunId::Moe));
+        assert_eq!(RunId::Trunk.base(), None);
+    }
+}
