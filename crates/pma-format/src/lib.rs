@@ -17,6 +17,7 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod atomic;
 pub mod checkpoint;
 pub mod dtype;
 mod error;
