@@ -166,6 +166,34 @@ pub enum Error {
         /// Bytes free.
         available: u64,
     },
+    /// A publish moved the old output aside, could not move the new one in, and could not put
+    /// the old one back either: it is intact at `moved_to`.
+    #[error("{}: could not rename the new output into place ({source}); the old output is intact at {}", path.display(), moved_to.display())]
+    OutputMovedAside {
+        /// The output path.
+        path: PathBuf,
+        /// Where the old output now is.
+        moved_to: PathBuf,
+        /// Why the new output could not be renamed into place.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A read asked for elements outside a tensor.
+    #[error("{}: tensor '{tensor}' of shape {shape:?}: region at {offsets:?} of size {sizes:?}, elements {elems:?}, is out of bounds", path.display())]
+    RegionOutOfBounds {
+        /// The file.
+        path: PathBuf,
+        /// The tensor.
+        tensor: String,
+        /// Its shape.
+        shape: Vec<u64>,
+        /// The region's offsets.
+        offsets: Vec<u64>,
+        /// The region's sizes.
+        sizes: Vec<u64>,
+        /// The element range within the region.
+        elems: std::ops::Range<u64>,
+    },
 }
 
 /// `Result` with this crate's [`Error`].

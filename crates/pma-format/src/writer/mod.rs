@@ -20,4 +20,4 @@ pub use crate::atomic::StagedOutput;
 pub use encode::{encode_header, TensorSpec};
 pub use fs::{available_bytes, copy_file_synced, output_occupied, write_file_synced};
 pub use shards::{plan_shards, shard_file_name, write_index};
-pub use stream::{write_safetensors, StreamWriter};
+pub use stream::{write_safetensors, DirectIo, StreamWriter};

@@ -20,6 +20,21 @@ use crate::error::{Error, Result};
 /// Bytes after which the buffered writer kicks off write-back of what it has written so far.
 const WRITEBACK_WINDOW_BYTES: u64 = 32 << 20;
 
+/// Whether a writer may bypass the page cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DirectIo {
+    /// Files of at least 16 MiB go to the device with `O_DIRECT` where the filesystem allows
+    /// it (and through the page cache where it refuses). On an idle 2-core box it cut a
+    /// 271M-parameter, N=8 merge from 0.92 s to 0.81 s (bench/merge_bench.sh): no copy into the
+    /// page cache and almost nothing left for the final fsync. Both paths produce identical
+    /// files.
+    #[default]
+    Auto,
+    /// Always through the page cache: for files that are read back soon (such as `pma watch`'s
+    /// running state), where a cached copy saves a read, or where the user asks for it.
+    Off,
+}
+
 /// Streams one safetensors file: header first, then every tensor's bytes in header order.
 #[derive(Debug)]
 pub struct StreamWriter {
@@ -42,7 +57,7 @@ impl StreamWriter {
         tensors: &[TensorSpec],
         metadata: &std::collections::BTreeMap<String, String>,
     ) -> Result<StreamWriter> {
-        StreamWriter::create_with(path, tensors, metadata, direct_io_enabled())
+        StreamWriter::create_with(path, tensors, metadata, DirectIo::Auto)
     }
 
     /// Like [`StreamWriter::create`], but always writes through the page cache: for files that
@@ -52,14 +67,15 @@ impl StreamWriter {
         tensors: &[TensorSpec],
         metadata: &std::collections::BTreeMap<String, String>,
     ) -> Result<StreamWriter> {
-        StreamWriter::create_with(path, tensors, metadata, false)
+        StreamWriter::create_with(path, tensors, metadata, DirectIo::Off)
     }
 
-    pub(crate) fn create_with(
+    /// Like [`StreamWriter::create`], with the page-cache choice given.
+    pub fn create_with(
         path: &Path,
         tensors: &[TensorSpec],
         metadata: &std::collections::BTreeMap<String, String>,
-        try_direct: bool,
+        direct_io: DirectIo,
     ) -> Result<StreamWriter> {
         let header = encode_header(tensors, metadata);
         let file = File::options()
@@ -78,7 +94,7 @@ impl StreamWriter {
             written: 0,
             flushed_to: 0,
         };
-        if expected >= DIRECT_MIN_BYTES && try_direct {
+        if expected >= DIRECT_MIN_BYTES && direct_io == DirectIo::Auto {
             w.direct = open_direct(path).map(|file| DirectSink {
                 file,
                 buf: AlignedBuf::new(DIRECT_BUF_BYTES),
@@ -209,14 +225,6 @@ impl StreamWriter {
     }
 }
 
-/// Direct I/O is on unless `PMA_DIRECT_IO=0`. On an idle 2-core box it cut a 271M-parameter,
-/// N=8 merge from 0.92 s to 0.81 s (bench/merge_bench.sh): no copy into the page cache and
-/// almost nothing left for the final fsync. Both paths produce identical files, and a filesystem
-/// that refuses O_DIRECT falls back to buffered writes.
-fn direct_io_enabled() -> bool {
-    std::env::var("PMA_DIRECT_IO").map_or(true, |v| v != "0")
-}
-
 /// Writes a whole safetensors file from in-memory tensors (for small models, e.g. the lab).
 pub fn write_safetensors(
     path: &Path,
@@ -251,9 +259,13 @@ mod tests {
         let data: Vec<u8> = (0..n).map(|i| (i * 7 % 251) as u8).collect();
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("big.safetensors");
-        let mut w =
-            StreamWriter::create_with(&path, std::slice::from_ref(&spec), &BTreeMap::new(), true)
-                .unwrap();
+        let mut w = StreamWriter::create_with(
+            &path,
+            std::slice::from_ref(&spec),
+            &BTreeMap::new(),
+            DirectIo::Auto,
+        )
+        .unwrap();
         assert!(
             w.direct.is_some(),
             "the test filesystem should accept O_DIRECT"
