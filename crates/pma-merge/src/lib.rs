@@ -29,6 +29,7 @@ pub mod diff;
 mod error;
 pub mod executor;
 pub mod inspect;
+pub mod pipeline;
 pub mod plan;
 pub mod progress;
 pub mod series;

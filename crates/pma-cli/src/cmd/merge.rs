@@ -253,6 +253,12 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         threads,
         overwrite: args.overwrite,
         cancel: Some(interrupted),
+        // The library takes the choice as an option; users make it with PMA_DIRECT_IO=0.
+        direct_io: if std::env::var_os("PMA_DIRECT_IO").is_some_and(|v| v == "0") {
+            pma_format::DirectIo::Off
+        } else {
+            pma_format::DirectIo::Auto
+        },
     };
     let report = execute(&plan, &args.out, &opts, &bar)?;
     if !args.quiet {

@@ -43,7 +43,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use pma_format::{Checkpoint, FloatDtype, SafetensorsFile, StagedOutput};
+use pma_format::{Checkpoint, FloatDtype, OutputKind, Publish, SafetensorsFile, StagedOutput};
 use serde::Serialize;
 
 use crate::error::{Error, Result};
@@ -679,6 +679,7 @@ impl<'c> Watcher<'c> {
                             threads: config.threads,
                             overwrite: true,
                             cancel: None,
+                            direct_io: pma_format::DirectIo::default(),
                         };
                         let merged = execute(&plan, &out_path, &opts, &NoProgress)?;
                         let weights = plan.weights.values.clone();
@@ -831,7 +832,7 @@ impl<'c> Watcher<'c> {
         let file_name = tensor_file_name(next.generation);
         let state_path = tensors_dir.join(&file_name);
         remove_any(&state_path); // left by a killed attempt at this same generation
-        let staged = StagedOutput::create(out_path, true, true)?;
+        let staged = StagedOutput::create(out_path, OutputKind::Dir, Publish::Replace)?;
         let mut state_meta = BTreeMap::new();
         state_meta.insert("format".to_string(), "pt".to_string());
         state_meta.insert(
