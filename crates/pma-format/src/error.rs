@@ -179,20 +179,14 @@ pub enum Error {
         source: std::io::Error,
     },
     /// A read asked for elements outside a tensor.
-    #[error("{}: tensor '{tensor}' of shape {shape:?}: region at {offsets:?} of size {sizes:?}, elements {elems:?}, is out of bounds", path.display())]
+    #[error("{}: tensor '{tensor}': read out of bounds: {detail}", path.display())]
     RegionOutOfBounds {
         /// The file.
         path: PathBuf,
         /// The tensor.
         tensor: String,
-        /// Its shape.
-        shape: Vec<u64>,
-        /// The region's offsets.
-        offsets: Vec<u64>,
-        /// The region's sizes.
-        sizes: Vec<u64>,
-        /// The element range within the region.
-        elems: std::ops::Range<u64>,
+        /// The shape, the region and the element range asked for.
+        detail: String,
     },
 }
 

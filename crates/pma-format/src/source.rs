@@ -137,10 +137,10 @@ impl<'a> SafetensorsTensor<'a> {
             Err(Error::RegionOutOfBounds {
                 path: self.file.path().into(),
                 tensor: self.info.name.clone(),
-                shape: shape.clone(),
-                offsets: region.offsets.clone(),
-                sizes: region.sizes.clone(),
-                elems: elems.clone(),
+                detail: format!(
+                    "shape {shape:?}, region at {:?} of size {:?}, elements {elems:?}",
+                    region.offsets, region.sizes
+                ),
             })
         }
     }
