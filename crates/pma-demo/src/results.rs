@@ -376,13 +376,11 @@ impl Results {
     }
 }
 
-/// Writes `bytes` to a temp file beside `path`, then renames it into place.
+/// Writes `bytes` to a file beside `path`, fsyncs it, renames it into place and fsyncs the
+/// directory: a crash leaves the old file or the new one.
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let mut staged = path.as_os_str().to_owned();
-    staged.push(".partial");
-    let staged = std::path::PathBuf::from(staged);
-    std::fs::write(&staged, bytes).map_err(|e| Error::io(&staged, "writing", e))?;
-    std::fs::rename(&staged, path).map_err(|e| Error::io(path, "renaming into", e))
+    pma_format::write_file_atomic(path, bytes, pma_format::Publish::Replace)
+        .map_err(|e| pma_merge::Error::from(e).into())
 }
 
 /// JSON has no NaN or infinity: non-finite values (a diverged run) are written as `null` and read

@@ -501,6 +501,18 @@ pub enum Error {
         /// One of their names.
         example: String,
     },
+    /// A publish moved the old output aside, could not move the new one in, and could not put
+    /// the old one back either: it is intact at `moved_to`.
+    #[error("{}: could not rename the new output into place ({source}); the old output is intact at {}", path.display(), moved_to.display())]
+    OutputMovedAside {
+        /// The output path.
+        path: PathBuf,
+        /// Where the old output now is.
+        moved_to: PathBuf,
+        /// Why the new output could not be renamed into place.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// `Result` with this crate's [`Error`].

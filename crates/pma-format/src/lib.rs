@@ -5,7 +5,9 @@
 //! ties a single file or an index plus shards together and addresses tensors by name. Writing
 //! streams a header and then data in order ([`StreamWriter`]), splits outputs into HF-style shards
 //! ([`plan_shards`]), and stages outputs beside their target so they appear atomically
-//! ([`StagedOutput`]). [`dtype`] holds the exact f64 codecs every merge uses.
+//! ([`StagedOutput`], [`write_file_atomic`]: the one atomic-write helper of every crate).
+//! Merges read through the format-neutral [`TensorStore`] / [`TensorSource`] view, which
+//! [`Checkpoint`] implements. [`dtype`] holds the exact f64 codecs every merge uses.
 //!
 //! Checkpoints written by training frameworks are read too, in place and without executing
 //! anything: [`dcp`] opens torch.distributed.checkpoint directories ([`DcpCheckpoint`]: the
@@ -26,6 +28,7 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod atomic;
 pub mod checkpoint;
 pub mod dcp;
 pub mod dcp_out;
@@ -37,12 +40,14 @@ pub mod header;
 pub mod layout;
 pub mod pickle;
 pub mod region;
+pub mod sidecar;
 pub mod sidecar_policy;
+pub mod source;
 pub mod torch_save;
 pub mod torchzip;
-pub mod sidecar;
 pub mod writer;
 
+pub use atomic::{write_file_atomic, OutputKind, Publish};
 pub use checkpoint::{
     Checkpoint, Layout, ShardIndex, TensorRef, INDEX_FILE_NAME, SIDECAR_FILES, SINGLE_FILE_NAME,
 };
@@ -57,10 +62,12 @@ pub use header::{Header, TensorInfo, MAX_HEADER_BYTES};
 pub use layout::{detect_checkpoint, CheckpointFormat, DetectedCheckpoint, Framework};
 pub use region::{Region, TensorSource};
 pub use safetensors::Dtype;
-pub use sidecar_policy::{plan_sidecars, SidecarPlan};
-pub use torch_save::{TorchSaveCheckpoint, TorchSaveFile, TorchSaveTensor};
 pub use sidecar::read_sidecar;
+pub use sidecar_policy::{plan_sidecars, SidecarPlan};
+pub use source::{LogicalTensor, SafetensorsTensor, TensorStore};
+pub use torch_save::{TorchSaveCheckpoint, TorchSaveFile, TorchSaveTensor};
 pub use writer::{
     available_bytes, copy_file_synced, encode_header, plan_shards, shard_file_name,
-    write_file_synced, write_index, write_safetensors, StagedOutput, StreamWriter, TensorSpec,
+    write_file_synced, write_index, write_safetensors, DirectIo, StagedOutput, StreamWriter,
+    TensorSpec,
 };

@@ -76,6 +76,14 @@ pub trait TensorSource: Send + Sync {
 
     /// A hint that `elems` of `region` will not be read again (drop them from our RSS).
     fn release(&self, _region: &Region, _elems: Range<u64>) {}
+
+    /// Confirms that the bytes earlier [`read`](TensorSource::read)s returned were real: a
+    /// source backed by a mapping reports a file truncated under it (whose pages then read as
+    /// zeros instead of killing the process with SIGBUS). Call it after using the bytes and
+    /// before they can reach an output.
+    fn verify(&self) -> Result<()> {
+        Ok(())
+    }
 }
 
 #[cfg(test)]

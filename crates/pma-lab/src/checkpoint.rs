@@ -19,7 +19,8 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use pma_format::{
-    write_file_synced, write_safetensors, Checkpoint, Dtype, DtypeClass, StagedOutput, TensorSpec,
+    write_file_synced, write_safetensors, Checkpoint, Dtype, DtypeClass, OutputKind, Publish,
+    StagedOutput, TensorSpec,
 };
 use serde::{Deserialize, Serialize};
 
@@ -136,7 +137,7 @@ pub fn save_checkpoint(
     state: &TrainerState,
 ) -> Result<PathBuf> {
     let target = step_dir(run_dir, state.step);
-    let staged = StagedOutput::create(&target, true, true)?;
+    let staged = StagedOutput::create(&target, OutputKind::Dir, Publish::Replace)?;
     write_model(staged.path(), config, params)?;
     let moments: Vec<(TensorSpec, Vec<u8>)> = params
         .vars

@@ -539,9 +539,13 @@ fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
         .filter(|line| serde_json::from_str::<StepMetrics>(line).is_ok_and(|m| m.step <= step))
         .flat_map(|line| [line, "\n"])
         .collect();
-    let staged = path.with_extension("jsonl.pma-tmp");
-    pma_format::write_file_synced(&staged, kept.as_bytes())?;
-    std::fs::rename(&staged, path).map_err(|e| Error::io(path, "replacing", e))
+    // Staged beside the file, fsync'd, renamed over it, directory fsync'd: a crash leaves the
+    // old metrics or the new ones.
+    Ok(pma_format::write_file_atomic(
+        path,
+        kept.as_bytes(),
+        pma_format::Publish::Replace,
+    )?)
 }
 
 /// A flat, all-optional view of a [`TrainConfig`] whose keys are the `pma train` flag names

@@ -11,7 +11,9 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use pma_format::dtype::{classify, dtype_name};
-use pma_format::{Checkpoint, Dtype, DtypeClass, FloatDtype, TensorRef, TensorSpec};
+use pma_format::{
+    Checkpoint, Dtype, DtypeClass, FloatDtype, LogicalTensor, Region, TensorSpec, TensorStore,
+};
 use serde::Serialize;
 
 use crate::error::{Error, Result};
@@ -27,6 +29,16 @@ pub struct MergeInput {
     pub step: Option<u64>,
     /// The opened checkpoint.
     pub checkpoint: Checkpoint,
+}
+
+impl MergeInput {
+    /// The checkpoint as planning and execution see it: logical tensors and a byte source for
+    /// each, whatever the format. Planning and the executor use only this view, so another
+    /// format joins by implementing [`TensorStore`] (and this field becoming a
+    /// `Box<dyn TensorStore>`); safetensors [`Checkpoint`]s implement it in `pma-format`.
+    pub fn store(&self) -> &dyn TensorStore {
+        &self.checkpoint
+    }
 }
 
 /// Settings of a merge that are not about which checkpoints take part.
@@ -74,7 +86,7 @@ pub struct PlannedTensor {
     /// Average or copy.
     pub mode: TensorMode,
     /// The tensor in each input, oldest first.
-    pub sources: Vec<TensorRef>,
+    pub sources: Vec<LogicalTensor>,
 }
 
 impl PlannedTensor {
@@ -158,24 +170,25 @@ impl MergePlan {
                 inputs.len()
             )));
         }
-        let newest = &inputs[inputs.len() - 1].checkpoint;
+        let newest = inputs[inputs.len() - 1].store();
         // Names present elsewhere but not in the newest are as fatal as the reverse.
         for input in &inputs[..inputs.len() - 1] {
             if let Some(t) = input
-                .checkpoint
-                .tensors()
-                .iter()
-                .find(|t| newest.get(&t.info.name).is_none())
+                .store()
+                .logical_tensors()
+                .into_iter()
+                .find(|t| newest.logical_tensor(&t.name).is_none())
             {
                 return Err(Error::MissingTensor {
                     path: newest.root().into(),
-                    tensor: t.info.name.clone(),
-                    reference: input.checkpoint.root().into(),
+                    tensor: t.name,
+                    reference: input.store().root().into(),
                 });
             }
         }
-        let mut tensors = Vec::with_capacity(newest.tensors().len());
-        for reference in newest.tensors() {
+        let newest_tensors = newest.logical_tensors();
+        let mut tensors = Vec::with_capacity(newest_tensors.len());
+        for reference in &newest_tensors {
             tensors.push(plan_tensor(&inputs, reference, config.out_dtype)?);
         }
         let sizes: Vec<u64> = tensors.iter().map(|t| t.spec.n_bytes()).collect();
@@ -202,6 +215,15 @@ impl MergePlan {
         })
     }
 
+    /// The output regions of every tensor, in write order: each tensor is one region covering
+    /// all of it (an HF output stores whole tensors).
+    pub fn job_regions(&self) -> Vec<Vec<Region>> {
+        self.tensors
+            .iter()
+            .map(|t| vec![Region::full(&t.spec.shape)])
+            .collect()
+    }
+
     /// Tensor specs of shard `i`, in write order.
     pub fn shard_specs(&self, i: usize) -> Vec<TensorSpec> {
         self.tensors[self.shards[i].1.clone()]
@@ -224,12 +246,7 @@ impl MergePlan {
     /// Tensor bytes read from each input.
     pub fn bytes_read_per_input(&self) -> Vec<u64> {
         (0..self.inputs.len())
-            .map(|i| {
-                self.tensors
-                    .iter()
-                    .map(|t| t.sources[i].info.n_bytes())
-                    .sum()
-            })
+            .map(|i| self.tensors.iter().map(|t| t.sources[i].n_bytes()).sum())
             .collect()
     }
 
@@ -281,7 +298,7 @@ impl MergePlan {
                 .zip(&self.weights.values)
                 .zip(&per_input)
                 .map(|((inp, &weight), &bytes)| InputSummary {
-                    path: inp.checkpoint.root().into(),
+                    path: inp.store().root().into(),
                     step: inp.step,
                     weight,
                     bytes,
@@ -301,72 +318,74 @@ impl MergePlan {
 
 fn plan_tensor(
     inputs: &[MergeInput],
-    reference: &TensorRef,
+    reference: &LogicalTensor,
     out_dtype: Option<FloatDtype>,
 ) -> Result<PlannedTensor> {
-    let newest = &inputs[inputs.len() - 1].checkpoint;
-    let name = &reference.info.name;
-    let ref_class = classify(reference.info.dtype);
+    let newest = inputs[inputs.len() - 1].store();
+    let name = &reference.name;
+    let ref_class = classify(reference.dtype);
     if ref_class == DtypeClass::Unsupported {
         return Err(Error::UnsupportedDtype {
-            path: newest.file_of(reference).path().into(),
+            path: newest.file_of_tensor(name),
             tensor: name.clone(),
-            dtype: dtype_name(reference.info.dtype),
+            dtype: dtype_name(reference.dtype),
         });
     }
     let mut sources = Vec::with_capacity(inputs.len());
     for input in inputs {
-        let ckpt = &input.checkpoint;
-        let t = ckpt.get(name).ok_or_else(|| Error::MissingTensor {
-            path: ckpt.root().into(),
-            tensor: name.clone(),
-            reference: newest.root().into(),
-        })?;
-        let class = classify(t.info.dtype);
+        let ckpt = input.store();
+        let t = ckpt
+            .logical_tensor(name)
+            .ok_or_else(|| Error::MissingTensor {
+                path: ckpt.root().into(),
+                tensor: name.clone(),
+                reference: newest.root().into(),
+            })?;
+        let class = classify(t.dtype);
         if class == DtypeClass::Unsupported {
             return Err(Error::UnsupportedDtype {
-                path: ckpt.file_of(t).path().into(),
+                path: ckpt.file_of_tensor(name),
                 tensor: name.clone(),
-                dtype: dtype_name(t.info.dtype),
+                dtype: dtype_name(t.dtype),
             });
         }
-        if t.info.shape != reference.info.shape {
+        if t.shape != reference.shape {
             return Err(Error::ShapeMismatch {
                 path: ckpt.root().into(),
                 tensor: name.clone(),
-                expected: reference.info.shape.clone(),
-                found: t.info.shape.clone(),
+                expected: reference.shape.clone(),
+                found: t.shape.clone(),
                 reference: newest.root().into(),
             });
         }
         let compatible = match (class, ref_class) {
             (DtypeClass::Float(_), DtypeClass::Float(_)) => true,
-            (DtypeClass::Exact, DtypeClass::Exact) => t.info.dtype == reference.info.dtype,
+            (DtypeClass::Exact, DtypeClass::Exact) => t.dtype == reference.dtype,
             _ => false,
         };
         if !compatible {
             return Err(Error::DtypeMismatch {
                 path: ckpt.root().into(),
                 tensor: name.clone(),
-                expected: dtype_name(reference.info.dtype),
-                found: dtype_name(t.info.dtype),
+                expected: dtype_name(reference.dtype),
+                found: dtype_name(t.dtype),
                 reference: newest.root().into(),
             });
         }
-        sources.push(t.clone());
+        sources.push(t);
     }
-    let (mode, dtype): (TensorMode, Dtype) = match classify(reference.info.dtype) {
+    let (mode, dtype): (TensorMode, Dtype) = match classify(reference.dtype) {
         DtypeClass::Float(newest_dtype) => {
             let d = out_dtype.unwrap_or(newest_dtype);
             (TensorMode::Average(d), d.dtype())
         }
-        _ => (TensorMode::Copy, reference.info.dtype),
+        _ => (TensorMode::Copy, reference.dtype),
     };
     Ok(PlannedTensor {
         spec: TensorSpec {
             name: name.clone(),
             dtype,
-            shape: reference.info.shape.clone(),
+            shape: reference.shape.clone(),
         },
         mode,
         sources,
@@ -385,7 +404,7 @@ fn provenance(
         "weights": weights.values,
         "dtype": config.out_dtype.map(|d| d.name()),
         "inputs": inputs.iter().map(|i| serde_json::json!({
-            "path": i.checkpoint.root().display().to_string(),
+            "path": i.store().root().display().to_string(),
             "step": i.step,
         })).collect::<Vec<_>>(),
     });

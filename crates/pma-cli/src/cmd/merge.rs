@@ -12,8 +12,8 @@ use pma_merge::{
 };
 
 use super::render::{human, print_json, versioned};
-use crate::progress::{self, ByteBar};
 use super::UsageError;
+use crate::progress::{self, ByteBar};
 
 /// Averaging method.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -269,6 +269,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         threads,
         overwrite: args.overwrite,
         cancel: Some(interrupted),
+        direct_io: direct_io_from_env(),
     };
     let report = execute(&plan, &args.out, &opts, &bar)?;
     if !args.quiet {
@@ -352,4 +353,13 @@ fn print_report(r: &MergeReport) -> std::io::Result<()> {
         human(r.plan.bytes_written),
     )?;
     Ok(())
+}
+
+/// The library takes direct I/O as an option; users choose it with `PMA_DIRECT_IO=0`.
+pub(crate) fn direct_io_from_env() -> pma_format::DirectIo {
+    if std::env::var_os("PMA_DIRECT_IO").is_some_and(|v| v == "0") {
+        pma_format::DirectIo::Off
+    } else {
+        pma_format::DirectIo::Auto
+    }
 }

@@ -150,6 +150,7 @@ impl TryFrom<&Args> for WatchConfig {
             interval: seconds(args.interval, "--interval")?,
             settle: seconds(args.settle, "--settle")?,
             ready_file: args.ready_file.clone(),
+            direct_io: super::merge::direct_io_from_env(),
             ..WatchConfig::new(args.run_dir.clone(), args.out.clone())
         };
         config.validate()?;

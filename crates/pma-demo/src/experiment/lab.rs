@@ -345,6 +345,7 @@ impl<'a> Lab<'a> {
             threads: self.config.threads,
             overwrite: true,
             cancel: self.cancel,
+            direct_io: Default::default(),
         };
         execute(&plan, &out, &opts, &pma_merge::NoProgress)?;
         let r = self.evaluate(&out, &self.eval_tokens)?;

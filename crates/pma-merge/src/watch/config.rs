@@ -81,6 +81,8 @@ pub struct WatchConfig {
     pub settle: Duration,
     /// A marker that must exist before a checkpoint counts.
     pub ready_file: Option<String>,
+    /// How windowed outputs are written (direct I/O for large outputs by default).
+    pub direct_io: pma_format::DirectIo,
 }
 
 impl WatchConfig {
@@ -104,6 +106,7 @@ impl WatchConfig {
             interval: Duration::from_secs(30),
             settle: Duration::from_secs(5),
             ready_file: None,
+            direct_io: pma_format::DirectIo::default(),
         }
     }
 

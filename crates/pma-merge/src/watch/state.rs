@@ -130,11 +130,12 @@ impl WatchState {
     /// Replaces `state.json` in `dir` atomically and durably: the commit point of an update.
     pub fn save(&self, dir: &Path) -> Result<()> {
         let path = dir.join(STATE_FILE_NAME);
-        let staging = dir.join(format!(".{STATE_FILE_NAME}.tmp"));
         let bytes = serde_json::to_vec_pretty(self).expect("the state always serializes");
-        pma_format::write_file_synced(&staging, &bytes)?;
-        std::fs::rename(&staging, &path).map_err(|e| io_error(&path, "renaming into", e))?;
-        sync_dir(dir)
+        Ok(pma_format::write_file_atomic(
+            &path,
+            &bytes,
+            pma_format::Publish::Replace,
+        )?)
     }
 }
 

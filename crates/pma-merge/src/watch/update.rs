@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use pma_format::{Checkpoint, FloatDtype, SafetensorsFile, StagedOutput};
+use pma_format::{Checkpoint, FloatDtype, OutputKind, Publish, SafetensorsFile, StagedOutput};
 
 use super::config::Averaging;
 use super::event::WatchEvent;
@@ -223,6 +223,7 @@ impl Watcher<'_> {
             threads: crate::threads::resolve_threads(config.threads)?,
             overwrite: true,
             cancel: None,
+            direct_io: config.direct_io,
         };
         let merged = execute(&plan, out_path, &opts, &NoProgress)?;
         Ok(Outcome::Written(Written {
@@ -341,7 +342,7 @@ impl Watcher<'_> {
         let file_name = tensor_file_name(next.generation);
         let state_path = tensors_dir.join(&file_name);
         remove_any(&state_path); // left by a killed attempt at this same generation
-        let staged = StagedOutput::create(out_path, true, true)?;
+        let staged = StagedOutput::create(out_path, OutputKind::Dir, Publish::Replace)?;
         let mut state_meta = BTreeMap::new();
         state_meta.insert("format".to_string(), "pt".to_string());
         state_meta.insert(
