@@ -5,7 +5,8 @@ use pma_lab::schedule::ScheduleKind;
 use pma_lab::train::TrainConfig;
 
 use super::lab::{mean, Lab, RunSpec, Trained};
-use super::plan::{MergeSpec, MethodSpec};
+use super::plan::MergeSpec;
+use pma_merge::WeightSpec;
 use crate::error::Result;
 use crate::ids::{seed_offset, RunId, Tag};
 use crate::results::ContinuedRecord;
@@ -21,7 +22,7 @@ impl Lab<'_> {
             trunk,
             &MergeSpec {
                 run: RunId::Trunk,
-                method: MethodSpec::Sma,
+                method: WeightSpec::Sma,
                 n: c.n,
                 interval: p.save_every,
                 step: from,

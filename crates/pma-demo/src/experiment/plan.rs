@@ -1,8 +1,7 @@
 //! Pure planning: which merges each study makes, from the profile alone.
 
-use pma_merge::Weights;
+use pma_merge::WeightSpec;
 
-use crate::error::Result;
 use crate::ids::{RunId, Tag};
 use crate::profile::{Profile, Scope};
 
@@ -10,50 +9,17 @@ use crate::profile::{Profile, Scope};
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct MergeSpec {
     pub(crate) run: RunId,
-    pub(crate) method: MethodSpec,
+    pub(crate) method: WeightSpec,
     pub(crate) n: usize,
     pub(crate) interval: u64,
     pub(crate) step: u64,
     pub(crate) tag: Tag,
 }
 
-/// An averaging method with its parameter.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub(crate) enum MethodSpec {
-    Sma,
-    Ema(f64),
-    Wma,
-}
-
-impl MethodSpec {
-    pub(super) fn weights(self, n: usize) -> Result<Weights> {
-        Ok(match self {
-            MethodSpec::Sma => Weights::sma(n)?,
-            MethodSpec::Ema(a) => Weights::ema(n, a)?,
-            MethodSpec::Wma => Weights::wma(n)?,
-        })
-    }
-
-    pub(super) fn name(self) -> &'static str {
-        match self {
-            MethodSpec::Sma => "sma",
-            MethodSpec::Ema(_) => "ema",
-            MethodSpec::Wma => "wma",
-        }
-    }
-
-    pub(super) fn alpha(self) -> Option<f64> {
-        match self {
-            MethodSpec::Ema(a) => Some(a),
-            _ => None,
-        }
-    }
-}
-
-pub(super) fn grid_methods(p: &Profile) -> Vec<MethodSpec> {
-    let mut m = vec![MethodSpec::Sma];
-    m.extend(p.ema_alphas.iter().map(|&a| MethodSpec::Ema(a)));
-    m.push(MethodSpec::Wma);
+pub(super) fn grid_methods(p: &Profile) -> Vec<WeightSpec> {
+    let mut m = vec![WeightSpec::Sma];
+    m.extend(p.ema_alphas.iter().map(|&alpha| WeightSpec::Ema { alpha }));
+    m.push(WeightSpec::Wma);
     m
 }
 
@@ -88,7 +54,7 @@ pub(crate) fn trunk_merge_specs(p: &Profile, scope: Scope) -> Vec<MergeSpec> {
                 if fits(n, k, step, k) {
                     specs.push(MergeSpec {
                         run: RunId::Trunk,
-                        method,
+                        method: method.clone(),
                         n,
                         interval: k,
                         step,
@@ -108,7 +74,7 @@ pub(crate) fn trunk_merge_specs(p: &Profile, scope: Scope) -> Vec<MergeSpec> {
                 if fits(n, k, step, k) {
                     specs.push(MergeSpec {
                         run: RunId::Trunk,
-                        method: MethodSpec::Sma,
+                        method: WeightSpec::Sma,
                         n,
                         interval: k,
                         step,
@@ -121,7 +87,7 @@ pub(crate) fn trunk_merge_specs(p: &Profile, scope: Scope) -> Vec<MergeSpec> {
                 if fits(p.sweep_v_n, interval, step, k) {
                     specs.push(MergeSpec {
                         run: RunId::Trunk,
-                        method: MethodSpec::Sma,
+                        method: WeightSpec::Sma,
                         n: p.sweep_v_n,
                         interval,
                         step,
@@ -143,7 +109,7 @@ pub(super) fn branch_merge_specs(p: &Profile, run: RunId, last_step: u64) -> Vec
             if fits(n, k, last_step, k) {
                 specs.push(MergeSpec {
                     run,
-                    method,
+                    method: method.clone(),
                     n,
                     interval: k,
                     step: last_step,

@@ -4,7 +4,8 @@ use pma_lab::schedule::LrSpike;
 use pma_lab::train::TrainConfig;
 
 use super::lab::{mean, nan_max, Lab, RunSpec};
-use super::plan::{MergeSpec, MethodSpec};
+use super::plan::MergeSpec;
+use pma_merge::WeightSpec;
 use crate::error::Result;
 use crate::ids::{seed_offset, RunId, Tag};
 use crate::results::{CurvePoint, RecoveryRecord, SpikeRecord};
@@ -45,7 +46,7 @@ impl Lab<'_> {
             &run,
             &MergeSpec {
                 run: RunId::Spike,
-                method: MethodSpec::Sma,
+                method: WeightSpec::Sma,
                 n: s.n,
                 interval: s.save_every,
                 step: pre_spike_step,
