@@ -288,7 +288,9 @@ fn settle_waits_for_recently_changed_files() {
     let started = Instant::now();
     let mut cmd = pma();
     cmd.arg("watch").arg(&run).arg("--out").arg(&first);
-    cmd.args(["--method", "sma", "--last", "2", "--once", "--quiet", "--settle", "1"]);
+    cmd.args([
+        "--method", "sma", "--last", "2", "--once", "--quiet", "--settle", "1",
+    ]);
     cmd.assert().success();
     assert!(started.elapsed() >= Duration::from_secs(1));
     assert_eq!(state(&first)["processed"], serde_json::json!([100, 200]));

@@ -12,8 +12,8 @@ use pma_merge::{
 };
 
 use super::render::{human, print_json, versioned};
-use crate::progress::{self, ByteBar};
 use super::UsageError;
+use crate::progress::{self, ByteBar};
 
 /// Averaging method.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
