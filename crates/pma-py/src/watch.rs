@@ -217,9 +217,10 @@ impl Watcher {
 
     /// Processes every checkpoint that is ready now, in step order, and returns what happened.
     ///
-    /// Call it after each checkpoint save. A checkpoint counts once its files are ``settle``
-    /// seconds old (pass ``settle=0`` when calling right after a save that has returned), carry
-    /// ``ready_file`` if one was asked for, and validate. Ctrl-C lets the update in progress
+    /// Call it after each checkpoint save. A checkpoint counts once this watcher has seen its
+    /// files unchanged for ``settle`` seconds (waited out here when it is otherwise complete;
+    /// pass ``settle=0`` when calling right after a save that has returned), carries
+    /// ``ready_file`` if one was asked for, and validates. Ctrl-C lets the update in progress
     /// finish and commit, then raises ``KeyboardInterrupt``.
     fn poll_once(&self, py: Python<'_>) -> PyResult<Vec<WatchEvent>> {
         let _idle = self.idle()?;

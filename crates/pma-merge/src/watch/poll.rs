@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+
 use super::config::WatchConfig;
 use super::event::{WatchEvent, WatchReport};
 use super::lock::lock_state_dir;
