@@ -175,7 +175,7 @@ class WatchEvent:
     @property
     def kind(self) -> Literal[
         "resumed", "seen", "waiting", "skipped-incomplete", "pinned", "counted", "merged",
-        "unpinned", "pruned", "exec",
+        "pin-damaged", "update-retried", "unpinned", "pruned", "exec",
     ]: ...
     @property
     def step(self) -> Optional[int]: ...
@@ -231,7 +231,8 @@ def merge(
         out: An HF checkpoint directory, or a path ending in ``.safetensors`` for one file.
         dtype: Output dtype of float tensors (default: the newest checkpoint's).
         max_shard_size: Largest output shard (default ``"5GB"``).
-        threads: Worker threads (default: all cores). The bytes never depend on it.
+        threads: Worker threads (default or 0: all cores; more than 4096 is a ``ConfigError``).
+            The bytes never depend on it.
         allow_nonfinite: Merge through NaN/Inf inputs (reported in ``nonfinite`` and as warnings).
         overwrite: Replace an existing output.
         dry_run: Plan only: validate headers, report members, weights and sizes; write nothing.
@@ -270,19 +271,25 @@ class Watcher:
         normalize: Rescale ``weights`` to sum to 1.
         incremental: SMA by a running f64 sum (``method="sma"`` only).
         state_dtype: Dtype of the ema-stream state, ``"f32"`` or ``"f64"``.
-        last: Window size N (``None``: every checkpoint so far).
+        last: Window size N: required by ``sma``/``ema``/``wma``/``weights`` (a window without
+            one would pin every checkpoint forever); ``None`` with ``incremental``: every
+            checkpoint so far.
         every: Members this many steps apart.
         min: Write outputs once this many members exist (default: N).
         tokens_per_step: Makes ``every`` a token count.
         dtype: Output dtype of float tensors.
         max_shard_size: Largest output shard.
-        threads: Worker threads (default: all cores).
+        threads: Worker threads (default or 0: all cores; at most 4096).
         allow_nonfinite: Merge through NaN/Inf inputs.
         keep: Keep only the newest K merged checkpoints.
-        exec: A shell command run on each new output; ``{}`` is its path.
+        exec: A shell command run (``sh -c``) on each new output, as ``pma watch --exec``;
+            ``{}`` is its quoted path (appended when absent). Its result is an ``exec`` event
+            right after the ``merged`` one; a failing command is recorded, not raised.
         interval: Seconds between polls while iterating.
-        settle: Seconds a checkpoint's files must stay unchanged before it counts (use 0 when
-            calling :meth:`poll_once` right after a save has returned).
+        settle: Seconds this watcher must see a checkpoint's files unchanged before it counts
+            (its own clock, not the files' mtimes; :meth:`poll_once` waits this out for a
+            checkpoint that is otherwise complete; use 0 when calling it right after a save
+            has returned).
         ready_file: A marker that must exist first (``trainer_state.json`` inside the
             checkpoint, or ``latest_checkpointed_iteration.txt`` in the run directory).
     """

@@ -27,19 +27,40 @@ fn class_name(err: &pma_merge::Error) -> &'static str {
             F::Io { .. } | F::WriteLength { .. } => "IoError",
             F::OutputExists { .. } => "OutputExistsError",
             F::NoSpace { .. } => "NoSpaceError",
+            // Everything else is a malformed or unsupported input: safetensors, pickle, zip,
+            // torch.save, DCP metadata and chunks, sidecars.
             _ => "FormatError",
         },
-        M::EmptyRun { .. } | M::NotEnoughCheckpoints { .. } | M::NoStep { .. } => "InputError",
+        // Run and checkpoint problems: a bad latest marker, a checkpoint that cannot be pinned
+        // or changed under an update (the watcher retries those; one reaching Python means it
+        // could not recover).
+        M::EmptyRun { .. }
+        | M::NotEnoughCheckpoints { .. }
+        | M::NoStep { .. }
+        | M::BadLatestMarker { .. }
+        | M::PinRefused { .. }
+        | M::PinChanged { .. } => "InputError",
         M::MissingTensor { .. }
         | M::ShapeMismatch { .. }
         | M::UnsupportedDtype { .. }
         | M::DtypeMismatch { .. }
         | M::ExactTensorDiffers { .. } => "MismatchError",
         M::NonFinite { .. } => "NonFiniteError",
-        M::InvalidWeights(_) | M::InvalidSelection(_) | M::InvalidWatchConfig(_) => "ConfigError",
+        // Arguments: weights, selection, watch settings, thread count, key globs, and an output
+        // placed over, inside or around its inputs.
+        M::InvalidWeights(_)
+        | M::InvalidSelection(_)
+        | M::InvalidWatchConfig(_)
+        | M::TooManyThreads { .. }
+        | M::OutputOverlapsInput { .. }
+        | M::InvalidGlob { .. }
+        | M::IncludeSelectsNothing { .. } => "ConfigError",
         M::WatchStateMismatch { .. } | M::WatchStateCorrupt { .. } | M::WatchLocked { .. } => {
             "WatchStateError"
         }
+        // flock failed for a reason other than another watcher (no lock support, say): the OS
+        // refused, as with any other I/O error.
+        M::WatchLockFailed { .. } => "IoError",
         M::Interrupted => "Interrupted",
         _ => "PmaError",
     }

@@ -9,8 +9,9 @@
 //! - [`merge`]: `CheckpointSeries` → `Selection::select` → weights → `MergePlan::build` →
 //!   `execute` (or `summary` on a dry run), reported as a `MergeReport`;
 //! - [`inspect`] and [`diff`]: `pma_merge::inspect::inspect` / `pma_merge::diff::diff`;
-//! - [`weights`]: `Weights::{sma, ema, wma, explicit}`, shared with `merge`;
-//! - [`watch`]: `pma_merge::watch::run`, once per `poll_once()` or on a thread while iterating.
+//! - [`weights`]: the keywords → `WeightSpec` conversion, shared by `merge` and `Watcher`;
+//! - [`watch`]: `pma_merge::watch::run`, once per `poll_once()` or on a thread while iterating,
+//!   with `pma_merge::watch::run_exec` as the `exec=` hook, as in `pma watch --exec`.
 //!
 //! Two cross-cutting pieces: [`errors`] maps the library's error enums onto the exception classes
 //! of `python/pma/_errors.py`, and [`interrupt`] runs library calls off the GIL while the calling

@@ -6,15 +6,15 @@ use std::ffi::CString;
 use std::path::PathBuf;
 
 use pma_merge::{
-    execute, CheckpointSeries, ExecOptions, MergeConfig, MergeInput, MergePlan, NoProgress,
-    PlanSummary, Skipped,
+    check_output_placement, check_plan_output, execute, CheckpointSeries, ExecOptions, MergeConfig,
+    MergePlan, NoProgress, PlanSummary, Skipped,
 };
 use pyo3::prelude::*;
 
 use crate::errors::{config_error, to_py_err};
 use crate::interrupt::run_interruptible;
 use crate::options::{self, ByteSize, Count, SelectOptions};
-use crate::weights::WeightChoice;
+use crate::weights::weight_spec;
 
 /// One checkpoint of a merge: where it is, its step, its weight and the tensor bytes read from it.
 #[pyclass(frozen, get_all, module = "pma")]
@@ -288,28 +288,28 @@ pub(crate) fn merge(
         tokens_per_step,
     }
     .selection()?;
-    let choice = WeightChoice::from_keywords(method.as_deref(), alpha, weights, normalize)?;
+    let spec = weight_spec(method.as_deref(), alpha, weights, normalize)?;
     let config = MergeConfig {
         out_dtype: options::dtype(dtype.as_deref())?,
         max_shard_bytes: options::max_shard_bytes(max_shard_size.as_ref())?,
         single_file: out.extension().is_some_and(|e| e == "safetensors"),
         allow_nonfinite,
     };
-    let threads = options::threads(threads);
+    let threads = options::threads(threads)?;
 
     let outcome = run_interruptible(py, cancel.as_ref(), |cancel| {
         let (series, from_run) = match &source {
             Source::Run(run) => (CheckpointSeries::discover(run)?, true),
             Source::Paths(paths) => (CheckpointSeries::from_paths(paths), false),
         };
-        let selected = selection.select(&series, from_run)?;
-        let weights = choice.weights(selected.checkpoints.len())?;
-        let inputs = selected
-            .checkpoints
-            .into_iter()
-            .map(|(step, checkpoint)| MergeInput { step, checkpoint })
-            .collect();
+        // Never write over, inside or around the run or an input (the CLI's order of checks).
+        if let Source::Run(run) = &source {
+            check_output_placement(&out, &[run.as_path()])?;
+        }
+        let (inputs, skipped) = selection.select(&series, from_run)?.into_inputs();
+        let weights = spec.weights(inputs.len())?;
         let plan = MergePlan::build(inputs, weights, config)?;
+        check_plan_output(&plan, &out)?;
         let executed = if dry_run {
             None
         } else {
@@ -327,7 +327,7 @@ pub(crate) fn merge(
             &summary,
             out.clone(),
             executed.as_ref(),
-            &selected.skipped,
+            &skipped,
         ))
     })?;
     let report = outcome.map_err(to_py_err)?;

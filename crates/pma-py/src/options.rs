@@ -120,10 +120,8 @@ pub(crate) fn max_shard_bytes(size: Option<&ByteSize>) -> PyResult<u64> {
     }
 }
 
-/// Worker threads, `None` resolved to all cores (the CLI's `OutputArgs::threads`).
-pub(crate) fn threads(threads: Option<usize>) -> usize {
-    match threads {
-        Some(n) if n > 0 => n,
-        _ => std::thread::available_parallelism().map_or(1, |n| n.get()),
-    }
+/// Worker threads, `None` or 0 resolved to all cores; an absurd count is a `ConfigError` (the
+/// CLI's `OutputArgs::threads`).
+pub(crate) fn threads(threads: Option<usize>) -> PyResult<usize> {
+    pma_merge::resolve_threads(threads.unwrap_or(0)).map_err(crate::errors::to_py_err)
 }

@@ -10,7 +10,9 @@
 //!   `stop()` (from any thread), Ctrl-C on the main thread, or `close()` ends it after the update
 //!   in progress, like SIGINT ends `pma watch`.
 //!
-//! Events are the records `pma watch` appends to `events.jsonl`, as [`WatchEvent`] objects.
+//! Events are the records `pma watch` appends to `events.jsonl`, as [`WatchEvent`] objects. With
+//! `exec=`, the event sink runs the command on each `merged` output through the library's
+//! [`run_exec`] and adds its `exec` record after the `merged` one, as `pma watch --exec` does.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -20,14 +22,14 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use pma_format::FloatDtype;
-use pma_merge::watch::{Averaging, WatchConfig, WatchReport, WindowMethod};
+use pma_merge::watch::{run_exec, Averaging, WatchConfig, WatchReport};
 use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
 
 use crate::errors::{config_error, to_py_err};
 use crate::interrupt::run_interruptible;
 use crate::options::{self, ByteSize, Count, SelectOptions};
-use crate::weights::{MethodName, DEFAULT_ALPHA};
+use crate::weights::{weight_spec, DEFAULT_ALPHA};
 
 /// How long `__next__` waits for an event before it runs Python's signal handlers again.
 const POLL: Duration = Duration::from_millis(100);
@@ -35,7 +37,8 @@ const POLL: Duration = Duration::from_millis(100);
 /// One thing the watcher did: the record `pma watch` appends to ``events.jsonl``.
 ///
 /// ``kind`` is one of ``resumed``, ``seen``, ``waiting``, ``skipped-incomplete``, ``pinned``,
-/// ``counted``, ``merged``, ``unpinned``, ``pruned``, ``exec``; ``to_dict()`` has every field.
+/// ``counted``, ``merged``, ``pin-damaged``, ``update-retried``, ``unpinned``, ``pruned``,
+/// ``exec``; ``to_dict()`` has every field.
 #[pyclass(frozen, module = "pma")]
 #[derive(Debug)]
 pub struct WatchEvent {
@@ -53,7 +56,9 @@ pub struct WatchEvent {
 }
 
 impl WatchEvent {
-    fn new(event: &pma_merge::watch::WatchEvent) -> WatchEvent {
+    /// The record of a library event or of an `exec` run: anything serializing with an `event`
+    /// tag, so new library events need no code here.
+    fn new(event: &impl serde::Serialize) -> WatchEvent {
         let value = serde_json::to_value(event).expect("watch events serialize to JSON");
         WatchEvent {
             kind: value["event"].as_str().unwrap_or_default().to_string(),
@@ -97,7 +102,7 @@ impl WatchEvent {
 
 /// What the background loop sends to the iterating thread.
 enum Message {
-    Event(pma_merge::watch::WatchEvent),
+    Event(WatchEvent),
     Done(pma_merge::Result<WatchReport>),
 }
 
@@ -113,6 +118,8 @@ struct Follow {
 #[pyclass(frozen, module = "pma")]
 pub struct Watcher {
     config: WatchConfig,
+    /// The `exec=` command, run on each new output by the event sink.
+    exec: Option<String>,
     stop: Arc<AtomicBool>,
     follow: Mutex<Option<Follow>>,
     /// Whether a poll has run: the library reports `resumed` each time it opens the state, which
@@ -175,9 +182,8 @@ impl Watcher {
             out_dtype: options::dtype(dtype.as_deref())?,
             max_shard_bytes: options::max_shard_bytes(max_shard_size.as_ref())?,
             allow_nonfinite,
-            threads: options::threads(threads),
+            threads: threads.unwrap_or(0),
             keep,
-            exec,
             once: false,
             interval: seconds(interval, "interval")?,
             settle: seconds(settle, "settle")?,
@@ -185,8 +191,12 @@ impl Watcher {
             ..WatchConfig::new(run, out)
         };
         config.validate().map_err(to_py_err)?;
+        // Checked here as well as by the library, so a misplaced `out` fails at construction.
+        pma_merge::check_output_placement(&config.out_dir, &[config.run_dir.as_path()])
+            .map_err(to_py_err)?;
         Ok(Watcher {
             config,
+            exec,
             stop: Arc::new(AtomicBool::new(false)),
             follow: Mutex::new(None),
             polled: AtomicBool::new(false),
@@ -207,9 +217,10 @@ impl Watcher {
 
     /// Processes every checkpoint that is ready now, in step order, and returns what happened.
     ///
-    /// Call it after each checkpoint save. A checkpoint counts once its files are ``settle``
-    /// seconds old (pass ``settle=0`` when calling right after a save that has returned), carry
-    /// ``ready_file`` if one was asked for, and validate. Ctrl-C lets the update in progress
+    /// Call it after each checkpoint save. A checkpoint counts once this watcher has seen its
+    /// files unchanged for ``settle`` seconds (waited out here when it is otherwise complete;
+    /// pass ``settle=0`` when calling right after a save that has returned), carries
+    /// ``ready_file`` if one was asked for, and validates. Ctrl-C lets the update in progress
     /// finish and commit, then raises ``KeyboardInterrupt``.
     fn poll_once(&self, py: Python<'_>) -> PyResult<Vec<WatchEvent>> {
         let _idle = self.idle()?;
@@ -217,10 +228,12 @@ impl Watcher {
             once: true,
             ..self.config.clone()
         };
+        let exec = self.exec.as_deref();
         let (events, result) = run_interruptible(py, None, |stop| {
             let mut events = Vec::new();
-            let result =
-                pma_merge::watch::run(&config, stop, &mut |e| events.push(WatchEvent::new(e)));
+            let result = pma_merge::watch::run(&config, stop, &mut |e| {
+                records(e, exec, &mut |r| events.push(r));
+            });
             (events, result)
         })?;
         result.map_err(to_py_err)?;
@@ -305,7 +318,7 @@ impl Watcher {
         loop {
             let rx = &mut follow.rx;
             match py.detach(move || rx.recv_timeout(POLL)) {
-                Ok(Message::Event(e)) => return Ok(Some(WatchEvent::new(&e))),
+                Ok(Message::Event(e)) => return Ok(Some(e)),
                 Ok(Message::Done(result)) => {
                     follow.finished = true;
                     if let Some(t) = follow.thread.take() {
@@ -333,13 +346,16 @@ impl Watcher {
     fn spawn(&self) -> PyResult<Follow> {
         let (tx, rx) = mpsc::channel();
         let config = self.config.clone();
+        let exec = self.exec.clone();
         let stop = Arc::clone(&self.stop);
         let thread = std::thread::Builder::new()
             .name("pma-watch".into())
             .spawn(move || {
                 let result = pma_merge::watch::run(&config, &stop, &mut |e| {
-                    // The receiver only goes away with the Watcher, and then nobody listens.
-                    let _ = tx.send(Message::Event(e.clone()));
+                    records(e, exec.as_deref(), &mut |r| {
+                        // The receiver only goes away with the Watcher, and then nobody listens.
+                        let _ = tx.send(Message::Event(r));
+                    });
                 });
                 let _ = tx.send(Message::Done(result));
             })
@@ -356,6 +372,21 @@ impl Drop for Watcher {
     fn drop(&mut self) {
         // A loop still running stops after its update; it holds its own copy of the config.
         self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+/// The event sink: the event's record, then, for a `merged` event with `exec` set, the record of
+/// running the command on the output (the CLI's sink, less the log and the terminal). The update
+/// is committed before `merged` is sent, so the command sees a durable output; a failing command
+/// is recorded and the watcher goes on.
+fn records(
+    event: &pma_merge::watch::WatchEvent,
+    exec: Option<&str>,
+    emit: &mut dyn FnMut(WatchEvent),
+) {
+    emit(WatchEvent::new(event));
+    if let (pma_merge::watch::WatchEvent::Merged { output, .. }, Some(cmd)) = (event, exec) {
+        emit(WatchEvent::new(&run_exec(cmd, output)));
     }
 }
 
@@ -404,17 +435,9 @@ fn averaging(
         };
         return Ok(Averaging::EmaStream { alpha, state_dtype });
     }
-    let choice = crate::weights::WeightChoice::from_keywords(method, alpha, weights, normalize)?;
-    let window = match choice {
-        crate::weights::WeightChoice::Explicit(values, normalize) => {
-            WindowMethod::Explicit { values, normalize }
-        }
-        crate::weights::WeightChoice::Method(MethodName::Sma, _) => WindowMethod::Sma,
-        crate::weights::WeightChoice::Method(MethodName::Ema, alpha) => WindowMethod::Ema { alpha },
-        crate::weights::WeightChoice::Method(MethodName::Wma, _) => WindowMethod::Wma,
-    };
+    let method = weight_spec(method, alpha, weights, normalize)?;
     if incremental {
-        if window != WindowMethod::Sma {
+        if method != pma_merge::WeightSpec::Sma {
             return Err(config_error("incremental works with method='sma' only"));
         }
         if selection.every.is_some() {
@@ -428,7 +451,7 @@ fn averaging(
         });
     }
     Ok(Averaging::Window {
-        method: window,
+        method,
         last: selection.last,
         every: selection.every,
         min: selection.min,

@@ -160,5 +160,29 @@ def test_bad_watch_settings_are_config_errors(tmp_path):
         pma.Watcher(tmp_path, tmp_path / "o", method="sma", keep=0)
     with pytest.raises(pma.ConfigError, match="incremental works with method='sma' only"):
         pma.Watcher(tmp_path, tmp_path / "o", method="wma", incremental=True)
-    with pytest.raises(pma.ConfigError, match="explicit --weights need --last"):
+    with pytest.raises(pma.ConfigError, match="needs a window size"):
         pma.Watcher(tmp_path, tmp_path / "o", weights=[0.5, 0.5])
+    with pytest.raises(pma.ConfigError, match="explicit weights need a window size equal"):
+        pma.Watcher(tmp_path, tmp_path / "o", weights=[0.5, 0.5], last=3)
+    with pytest.raises(pma.ConfigError, match="worker threads asked for"):
+        pma.Watcher(tmp_path, tmp_path / "o", method="sma", last=2, threads=10**9)
+
+
+def test_watch_output_inside_the_run_is_a_config_error(tmp_path):
+    with pytest.raises(pma.ConfigError, match="pma never writes inside a run directory"):
+        pma.Watcher(tmp_path, tmp_path / "merged", method="sma", last=2)
+
+
+def test_output_placement_and_threads_are_config_errors_like_the_cli(tmp_path, bf16_run):
+    run = tmp_path / "run"
+    shutil.copytree(bf16_run, run)
+    out = run / "merged"
+    with pytest.raises(pma.ConfigError) as e:
+        pma.merge(run=run, method="sma", last=2, out=out)
+    assert str(e.value) == cli_error("merge", "--run", run, "--method", "sma", "--last", 2,
+                                     "--out", out)
+    assert not out.exists()
+    with pytest.raises(pma.ConfigError) as e:
+        pma.merge(run=bf16_run, method="sma", last=2, out=tmp_path / "o", threads=10**9)
+    assert str(e.value) == cli_error("merge", "--run", bf16_run, "--method", "sma", "--last", 2,
+                                     "--threads", 10**9, "--out", tmp_path / "o")

@@ -52,19 +52,29 @@ def test_poll_once_after_each_save(tmp_path, bf16_run):
     assert resumed[0].to_dict()["last_step"] == 400
 
 
-def test_settle_waits_for_files_to_age(tmp_path, bf16_run):
+def test_settle_and_ready_file_hold_a_checkpoint_back(tmp_path, bf16_run):
     run, out = tmp_path / "run", tmp_path / "merged"
     run.mkdir()
-    watcher = pma.Watcher(run, out, method="sma", last=1, settle=5)
+    # Files settle once this watcher has seen them unchanged for `settle` seconds (its own
+    # clock, not their mtimes); poll_once waits that out for a checkpoint that is otherwise
+    # complete, like `pma watch --once`.
+    watcher = pma.Watcher(run, out, method="sma", last=1, settle=1)
     shutil.copytree(bf16_run / name(100), run / name(100))
-    age(run / name(100), 0)  # just written (copytree keeps the fixture's old times)
-    events = watcher.poll_once()
-    assert [e.kind for e in events if e.kind != "seen"] == ["waiting"], events
-    assert not (out / name(100)).exists()
-    age(run / name(100), 10)
-    events = watcher.poll_once()
-    assert "merged" in [e.kind for e in events]
+    started = time.monotonic()
+    kinds = [e.kind for e in watcher.poll_once() if e.kind != "seen"]
+    assert time.monotonic() - started >= 1.0
+    assert kinds[0] == "waiting" and "merged" in kinds, kinds
     assert (out / name(100)).is_dir()
+    # A missing ready marker is not worth waiting for: the poll returns, the checkpoint waits.
+    run2, out2 = tmp_path / "run2", tmp_path / "merged2"
+    run2.mkdir()
+    watcher = pma.Watcher(run2, out2, method="sma", last=1, settle=0, ready_file="DONE")
+    shutil.copytree(bf16_run / name(100), run2 / name(100))
+    assert [e.kind for e in watcher.poll_once() if e.kind != "seen"] == ["waiting"]
+    assert not (out2 / name(100)).exists()
+    (run2 / name(100) / "DONE").touch()
+    assert "merged" in [e.kind for e in watcher.poll_once()]
+    assert (out2 / name(100)).is_dir()
 
 
 def test_ema_stream_and_keep(tmp_path, bf16_run):
@@ -153,3 +163,26 @@ def test_event_records_match_the_cli_log(tmp_path, bf16_run):
         mine = event.to_dict()
         for key in ("step", "members", "weights", "needed", "kind"):
             assert mine.get(key) == record.get(key)
+
+
+def test_exec_runs_on_each_merged_output_like_pma_watch(tmp_path, bf16_run):
+    run, out = tmp_path / "run", tmp_path / "merged"
+    run.mkdir()
+    seen = tmp_path / "seen.txt"
+    # {} becomes the quoted output path; a failing command is recorded and the watcher goes on.
+    watcher = pma.Watcher(run, out, method="sma", last=2, settle=0,
+                          exec=f"echo {{}} >> '{seen}'; test -e {{}}/done")
+    for step in STEPS[:3]:
+        shutil.copytree(bf16_run / name(step), run / name(step))
+        watcher.poll_once()
+    shutil.copytree(bf16_run / name(400), run / name(400))
+    (out / name(300) / "done").touch()  # makes no difference: exec runs on the NEW output
+    events = watcher.poll_once()
+    kinds = [e.kind for e in events]
+    assert kinds.index("exec") == kinds.index("merged") + 1, kinds
+    (done,) = [e for e in events if e.kind == "exec"]
+    record = done.to_dict()
+    assert done.output == out / name(400)
+    assert record["success"] is False and record["code"] == 1
+    assert record["command"] == f"echo '{out / name(400)}' >> '{seen}'; test -e '{out / name(400)}'/done"
+    assert seen.read_text().split() == [str(out / name(s)) for s in (200, 300, 400)]

@@ -5,14 +5,13 @@
 //! it on stderr (or as JSON lines on stdout with `--json`) and runs `--exec` on each new output.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use pma_format::FloatDtype;
-use pma_merge::watch::{Averaging, WatchConfig, WatchEvent, EVENT_LOG_NAME, MAX_WAIT};
-use serde::Serialize;
+use pma_merge::watch::{run_exec, Averaging, WatchConfig, WatchEvent, EVENT_LOG_NAME, MAX_WAIT};
 
 use super::merge::{MethodArg, MethodArgs, OutputArgs, SelectArgs};
 use super::render::{human, print_json_line, versioned};
@@ -240,73 +239,6 @@ fn stamped(record: serde_json::Value) -> serde_json::Value {
     v
 }
 
-/// The `--exec` command's run on one output, logged as an `exec` event.
-#[derive(Debug, Serialize)]
-#[serde(tag = "event", rename = "exec")]
-struct ExecDone {
-    /// The command as run.
-    command: String,
-    /// The output it ran on.
-    output: PathBuf,
-    /// Whether it exited 0.
-    success: bool,
-    /// Its exit code (`None` if killed by a signal or not started).
-    code: Option<i32>,
-    /// Why it could not start, if it did not.
-    error: Option<String>,
-    /// How long it ran, in seconds.
-    elapsed_secs: f64,
-}
-
-impl ExecDone {
-    fn render(&self) -> String {
-        match (self.success, &self.error) {
-            (true, _) => format!("exec ok ({:.1}s): {}", self.elapsed_secs, self.command),
-            (false, Some(e)) => format!("exec could not start: {}: {e}", self.command),
-            (false, None) => format!(
-                "exec failed (exit {}): {}",
-                self.code.map_or("signal".into(), |c| c.to_string()),
-                self.command
-            ),
-        }
-    }
-}
-
-/// Runs `--exec` through `sh -c`, `{}` replaced by the quoted output path (appended when the
-/// command has no `{}`). Its stdout goes to our stderr, keeping our stdout for data.
-fn run_exec(cmd: &str, output: &Path) -> ExecDone {
-    let quoted = shell_quote(&output.display().to_string());
-    let command = if cmd.contains("{}") {
-        cmd.replace("{}", &quoted)
-    } else {
-        format!("{cmd} {quoted}")
-    };
-    let started = Instant::now();
-    let status = std::process::Command::new("sh")
-        .arg("-c")
-        .arg(&command)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::io::stderr())
-        .status();
-    let elapsed_secs = started.elapsed().as_secs_f64();
-    let (success, code, error) = match status {
-        Ok(s) => (s.success(), s.code(), None),
-        Err(e) => (false, None, Some(e.to_string())),
-    };
-    ExecDone {
-        command,
-        output: output.into(),
-        success,
-        code,
-        error,
-        elapsed_secs,
-    }
-}
-
-fn shell_quote(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "'\\''"))
-}
-
 fn render(event: &WatchEvent) -> String {
     match event {
         WatchEvent::Resumed {
@@ -357,15 +289,5 @@ fn render(event: &WatchEvent) -> String {
         WatchEvent::UpdateRetried { reason } => format!("update retried: {reason}"),
         WatchEvent::Unpinned { step } => format!("unpinned: step {step}"),
         WatchEvent::Pruned { output } => format!("pruned: {}", output.display()),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn shell_quoting_survives_quotes() {
-        assert_eq!(shell_quote("a'b"), "'a'\\''b'");
     }
 }

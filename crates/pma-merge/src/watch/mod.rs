@@ -43,6 +43,7 @@
 
 mod config;
 mod event;
+mod exec;
 mod lock;
 pub mod pins;
 mod poll;
@@ -55,6 +56,7 @@ mod wake;
 
 pub use config::{Averaging, WatchConfig, MAX_WAIT};
 pub use event::{WatchEvent, WatchReport};
+pub use exec::{run_exec, ExecDone};
 pub use poll::run;
 pub use stream::StreamRule;
 
