@@ -10,7 +10,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 SECONDS_PER_TARGET="${1:-60}"
-TARGETS=(safetensors_header shard_index step_name)
+TARGETS=(safetensors_header shard_index step_name dcp_pickle torch_zip)
 export RUSTC_BOOTSTRAP=1
 for t in "${TARGETS[@]}"; do
   # Fresh findings go to a scratch corpus so the committed seeds stay small.

@@ -75,7 +75,9 @@ fn exit_code(err: &anyhow::Error) -> u8 {
                 pma_merge::Error::Interrupted => return EXIT_INTERRUPTED,
                 pma_merge::Error::InvalidWeights(_)
                 | pma_merge::Error::InvalidSelection(_)
-                | pma_merge::Error::InvalidWatchConfig(_) => return EXIT_USAGE,
+                | pma_merge::Error::InvalidWatchConfig(_)
+                | pma_merge::Error::TooManyThreads { .. }
+                | pma_merge::Error::OutputOverlapsInput { .. } => return EXIT_USAGE,
                 _ => {}
             }
         }

@@ -317,6 +317,7 @@ pub(crate) fn merge(
                 threads,
                 overwrite,
                 cancel: Some(cancel),
+                direct_io: pma_format::DirectIo::from_env(),
             };
             Some(execute(&plan, &out, &opts, &NoProgress)?)
         };

@@ -188,6 +188,7 @@ impl Watcher {
             interval: seconds(interval, "interval")?,
             settle: seconds(settle, "settle")?,
             ready_file,
+            direct_io: pma_format::DirectIo::from_env(),
             ..WatchConfig::new(run, out)
         };
         config.validate().map_err(to_py_err)?;

@@ -269,7 +269,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         threads,
         overwrite: args.overwrite,
         cancel: Some(interrupted),
-        direct_io: direct_io_from_env(),
+        direct_io: pma_format::DirectIo::from_env(),
     };
     let report = execute(&plan, &args.out, &opts, &bar)?;
     if !args.quiet {
@@ -353,13 +353,4 @@ fn print_report(r: &MergeReport) -> std::io::Result<()> {
         human(r.plan.bytes_written),
     )?;
     Ok(())
-}
-
-/// The library takes direct I/O as an option; users choose it with `PMA_DIRECT_IO=0`.
-pub(crate) fn direct_io_from_env() -> pma_format::DirectIo {
-    if std::env::var_os("PMA_DIRECT_IO").is_some_and(|v| v == "0") {
-        pma_format::DirectIo::Off
-    } else {
-        pma_format::DirectIo::Auto
-    }
 }

@@ -149,7 +149,7 @@ impl TryFrom<&Args> for WatchConfig {
             interval: seconds(args.interval, "--interval")?,
             settle: seconds(args.settle, "--settle")?,
             ready_file: args.ready_file.clone(),
-            direct_io: super::merge::direct_io_from_env(),
+            direct_io: pma_format::DirectIo::from_env(),
             ..WatchConfig::new(args.run_dir.clone(), args.out.clone())
         };
         config.validate()?;
@@ -162,7 +162,9 @@ impl TryFrom<&Args> for WatchConfig {
 
 /// Runs `pma watch`.
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let config = WatchConfig::try_from(&args)?;
+    // Every way the flags can fail to describe a watcher is a usage error (exit 2).
+    let config =
+        WatchConfig::try_from(&args).map_err(|e| super::UsageError(format!("{e:#}")))?;
     let log_path = args
         .log
         .clone()

@@ -6,10 +6,10 @@ use pma_lab::train::TrainConfig;
 
 use super::lab::{mean, Lab, RunSpec, Trained};
 use super::plan::MergeSpec;
-use pma_merge::WeightSpec;
 use crate::error::Result;
 use crate::ids::{seed_offset, RunId, Tag};
 use crate::results::ContinuedRecord;
+use pma_merge::WeightSpec;
 
 impl Lab<'_> {
     /// PMA-init for continued training on the held-out text: from the newest raw trunk

@@ -5,10 +5,10 @@ use pma_lab::train::TrainConfig;
 
 use super::lab::{mean, nan_max, Lab, RunSpec};
 use super::plan::MergeSpec;
-use pma_merge::WeightSpec;
 use crate::error::Result;
 use crate::ids::{seed_offset, RunId, Tag};
 use crate::results::{CurvePoint, RecoveryRecord, SpikeRecord};
+use pma_merge::WeightSpec;
 
 impl Lab<'_> {
     /// Loss-spike recovery: a run with a deliberate LR spike, then two resumptions under the

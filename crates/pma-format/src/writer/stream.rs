@@ -35,6 +35,19 @@ pub enum DirectIo {
     Off,
 }
 
+impl DirectIo {
+    /// The user's choice as front ends (the CLI, the Python module) read it: `PMA_DIRECT_IO=0`
+    /// means [`DirectIo::Off`]. The library itself never reads the environment; it takes the
+    /// value as an option.
+    pub fn from_env() -> DirectIo {
+        if std::env::var_os("PMA_DIRECT_IO").is_some_and(|v| v == "0") {
+            DirectIo::Off
+        } else {
+            DirectIo::Auto
+        }
+    }
+}
+
 /// Streams one safetensors file: header first, then every tensor's bytes in header order.
 #[derive(Debug)]
 pub struct StreamWriter {
