@@ -84,11 +84,17 @@ pub enum ZipError {
     Missing(String),
 }
 
-const EOCD_SIG: u32 = 0x0605_4b50;
-const EOCD64_LOCATOR_SIG: u32 = 0x0706_4b50;
-const EOCD64_SIG: u32 = 0x0606_4b50;
-const CENTRAL_SIG: u32 = 0x0201_4b50;
-const LOCAL_SIG: u32 = 0x0403_4b50;
+// Record signatures, shared with the writer (`dcp_out::zip_emit`).
+/// End of central directory record.
+pub(crate) const EOCD_SIG: u32 = 0x0605_4b50;
+/// ZIP64 end of central directory locator.
+pub(crate) const EOCD64_LOCATOR_SIG: u32 = 0x0706_4b50;
+/// ZIP64 end of central directory record.
+pub(crate) const EOCD64_SIG: u32 = 0x0606_4b50;
+/// Central directory file header.
+pub(crate) const CENTRAL_SIG: u32 = 0x0201_4b50;
+/// Local file header.
+pub(crate) const LOCAL_SIG: u32 = 0x0403_4b50;
 const CENTRAL_FIXED: usize = 46;
 const LOCAL_FIXED: usize = 30;
 

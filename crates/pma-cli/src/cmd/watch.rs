@@ -163,8 +163,7 @@ impl TryFrom<&Args> for WatchConfig {
 /// Runs `pma watch`.
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     // Every way the flags can fail to describe a watcher is a usage error (exit 2).
-    let config =
-        WatchConfig::try_from(&args).map_err(|e| super::UsageError(format!("{e:#}")))?;
+    let config = WatchConfig::try_from(&args).map_err(|e| super::UsageError(format!("{e:#}")))?;
     let log_path = args
         .log
         .clone()

@@ -18,16 +18,11 @@
 //! item start with an `FB` extra field, like torch's own writer, so a reader that maps the item
 //! at an aligned address gets aligned elements.
 
-/// Local file header signature.
-const LOCAL_SIG: u32 = 0x0403_4b50;
-/// Central directory file header signature.
-const CENTRAL_SIG: u32 = 0x0201_4b50;
-/// ZIP64 end of central directory record signature.
-const ZIP64_EOCD_SIG: u32 = 0x0606_4b50;
-/// ZIP64 end of central directory locator signature.
-const ZIP64_LOCATOR_SIG: u32 = 0x0706_4b50;
-/// End of central directory record signature.
-const EOCD_SIG: u32 = 0x0605_4b50;
+// Record signatures: the reader's, so the two cannot disagree.
+use crate::torchzip::{
+    CENTRAL_SIG, EOCD64_LOCATOR_SIG as ZIP64_LOCATOR_SIG, EOCD64_SIG as ZIP64_EOCD_SIG, EOCD_SIG,
+    LOCAL_SIG,
+};
 /// Header id of the ZIP64 extended information extra field.
 const ZIP64_EXTRA_ID: u16 = 0x0001;
 /// Header id of torch's alignment padding extra field (`b"FB"` read little-endian).
