@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Merge throughput against this machine's own streaming limit, measured in the same run.
 #
-#   bench/merge_bench.sh [WORK_DIR]        (env: REPS=5, SKIP_COLD=0, SKIP_SCALING=0)
+#   bench/merge_bench.sh [WORK_DIR]        (env: REPS=5, SKIP_COLD=0, SKIP_SCALING=0, PMA=binary)
 #
 # Workload (issue #2): 8 Llama-shaped bf16 checkpoints from tools/make_trajectory.py (271M params,
 # 0.54 GB each), page cache warm, merged by SMA to bf16.
@@ -14,8 +14,11 @@ cd "$(dirname "$0")/.."
 WORK=${1:-bench/out}
 REPS=${REPS:-5}
 mkdir -p "$WORK"
-PMA=target/release/pma
-cargo build --release -q -p pma-cli --no-default-features
+# PMA=/path/to/pma measures another build (a before/after comparison); otherwise this tree's.
+if [ -z "${PMA:-}" ]; then
+  PMA=target/release/pma
+  cargo build --release -q -p pma-cli --no-default-features
+fi
 
 gen() { # gen DIR ARGS...
   local dir=$1; shift

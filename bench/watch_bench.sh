@@ -21,9 +21,12 @@ cd "$(dirname "$0")/.."
 WORK=${1:-bench/out}
 REPS=${REPS:-9}
 MODEL=${MODEL:---hidden 1024 --layers 8 --inter 2816 --vocab 32000}
-PMA=${CARGO_TARGET_DIR:-target}/release/pma
 mkdir -p "$WORK"
-cargo build --release -q -p pma-cli --no-default-features
+# PMA=/path/to/pma measures another build (a before/after comparison); otherwise this tree's.
+if [ -z "${PMA:-}" ]; then
+  PMA=${CARGO_TARGET_DIR:-target}/release/pma
+  cargo build --release -q -p pma-cli --no-default-features
+fi
 
 now() { date +%s.%N; }
 calc() { awk "BEGIN { printf \"%.6f\", $* }"; }
