@@ -7,8 +7,7 @@ use anyhow::Context;
 use pma_lab::data::DataSource;
 use pma_lab::eval::{eval_tokens, evaluate_on, EvalConfig, EvalReport};
 
-/// Version of the `--json` objects.
-const SCHEMA_VERSION: u32 = 1;
+use super::render::SCHEMA_VERSION;
 
 /// Arguments of `pma eval`.
 #[derive(Debug, clap::Args)]

@@ -88,7 +88,8 @@ impl Progress for Bar {
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let config = TrainConfig::try_from(&args)?;
     let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
-    if args.quiet {
+    // The one rule of progress.rs: drawn only on a terminal, never with --quiet.
+    if !crate::progress::shown(args.quiet, false) {
         bar.set_draw_target(ProgressDrawTarget::hidden());
     }
     bar.set_style(
