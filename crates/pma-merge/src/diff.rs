@@ -178,6 +178,9 @@ pub fn diff(a: &Path, b: &Path) -> Result<DiffReport> {
             Outcome::ShapeMismatch => shape_mismatch.push(name),
         }
     }
+    // A file truncated under us read as zeros (SIGBUS guard): report it, not the distances.
+    ca.check_faults()?;
+    cb.check_faults()?;
     Ok(DiffReport {
         a: a.into(),
         b: b.into(),
