@@ -26,8 +26,6 @@ build_sdist = maturin.build_sdist
 get_requires_for_build_wheel = maturin.get_requires_for_build_wheel
 get_requires_for_build_sdist = maturin.get_requires_for_build_sdist
 get_requires_for_build_editable = maturin.get_requires_for_build_editable
-prepare_metadata_for_build_wheel = maturin.prepare_metadata_for_build_wheel
-prepare_metadata_for_build_editable = maturin.prepare_metadata_for_build_editable
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -65,6 +63,18 @@ def stage_cli() -> Path:
     if strip and sys.platform.startswith("linux"):
         subprocess.run([strip, str(staged)], check=False)
     return staged
+
+
+def prepare_metadata_for_build_wheel(metadata_directory, config_settings=None):
+    # maturin refuses a `data` directory that does not exist yet, and pip asks for the metadata
+    # before it builds (in a fresh clone nothing is staged): create it, empty, first.
+    (_data_dir() / "scripts").mkdir(parents=True, exist_ok=True)
+    return maturin.prepare_metadata_for_build_wheel(metadata_directory, config_settings)
+
+
+def prepare_metadata_for_build_editable(metadata_directory, config_settings=None):
+    (_data_dir() / "scripts").mkdir(parents=True, exist_ok=True)
+    return maturin.prepare_metadata_for_build_editable(metadata_directory, config_settings)
 
 
 def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):
