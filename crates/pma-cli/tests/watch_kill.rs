@@ -128,7 +128,11 @@ impl Rng {
     }
 }
 
-fn kill_trials(mode: &[&str], trials: usize, rng: &mut Rng) -> usize {
+/// Runs trials until `want_kills` SIGKILLs have landed (or `4 * want_kills` trials have run),
+/// returning how many landed. The kill instant is uniform over the shortest uninterrupted run
+/// seen so far: a loaded machine can make the reference run slow and the trials fast, and a
+/// window longer than a trial's run would let the trials finish unharmed.
+fn kill_trials(mode: &[&str], want_kills: usize, rng: &mut Rng) -> usize {
     let d = tempfile::tempdir().unwrap();
     let run = d.path().join("run");
     let steps = make_run(&run);
@@ -136,24 +140,30 @@ fn kill_trials(mode: &[&str], trials: usize, rng: &mut Rng) -> usize {
     let started = Instant::now();
     let status = watch_cmd(&run, &reference, mode).status().unwrap();
     assert!(status.success());
-    let full_ms = started.elapsed().as_millis() as u64;
+    let mut window_ms = started.elapsed().as_millis() as u64;
     let want = tree(&reference);
     assert!(want.iter().any(|(p, _)| p.starts_with("step-0000800")));
     let mut kills = 0;
-    for trial in 0..trials {
+    let mut trial = 0;
+    while kills < want_kills && trial < 4 * want_kills {
         let out = d.path().join(format!("trial-{trial}"));
         for attempt in 0.. {
             let context = format!("{mode:?} trial {trial} attempt {attempt}");
+            let started = Instant::now();
             let mut child = watch_cmd(&run, &out, mode).spawn().unwrap();
             // Uniform over an uninterrupted run's length: the first attempt of a trial is
             // almost always killed, later ones (with less left to do) sometimes finish.
-            std::thread::sleep(Duration::from_millis(rng.below(full_ms)));
-            if child.try_wait().unwrap().is_none() {
+            std::thread::sleep(Duration::from_millis(rng.below(window_ms)));
+            let killed = child.try_wait().unwrap().is_none();
+            if killed {
                 // SAFETY: killing our own child by pid.
                 unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGKILL) };
                 kills += 1;
             }
             let status = child.wait().unwrap();
+            if !killed && attempt == 0 {
+                window_ms = window_ms.min(started.elapsed().as_millis() as u64);
+            }
             check_not_torn(&out, &steps, &context);
             if status.success() || attempt > 40 {
                 break;
@@ -170,6 +180,7 @@ fn kill_trials(mode: &[&str], trials: usize, rng: &mut Rng) -> usize {
                 "{mode:?} trial {trial}: {p} differs from the uninterrupted run"
             );
         }
+        trial += 1;
     }
     kills
 }
@@ -195,7 +206,7 @@ fn sigkill_at_random_points_never_tears_double_counts_or_skips() {
         ]
     };
     let (ema64, ema32) = (ema("f64"), ema("f32"));
-    for (mode, trials) in [
+    for (mode, want_kills) in [
         (&["--method", "sma", "--last", "3"][..], 8),
         (&["--method", "sma", "--incremental", "--last", "3"], 8),
         // f64 state, f32 output: state and output written separately.
@@ -203,7 +214,7 @@ fn sigkill_at_random_points_never_tears_double_counts_or_skips() {
         // f32 state = f32 output: the output is a hard link to the state file.
         (&ema32[..], 6),
     ] {
-        kills.push((mode[1..].join(" "), kill_trials(mode, trials, &mut rng)));
+        kills.push((mode[1..].join(" "), kill_trials(mode, want_kills, &mut rng)));
     }
     eprintln!("SIGKILLs delivered: {kills:?}");
     for (mode, k) in &kills {
