@@ -86,6 +86,39 @@ pub trait TensorSource: Send + Sync {
     }
 }
 
+/// A shared source reads as the source itself (DCP and torch.save tensors hand out
+/// `Arc<ChunkedTensor>`s that outlive their checkpoint handle).
+impl<T: TensorSource + ?Sized> TensorSource for std::sync::Arc<T> {
+    fn dtype(&self) -> Dtype {
+        (**self).dtype()
+    }
+
+    fn shape(&self) -> &[u64] {
+        (**self).shape()
+    }
+
+    fn read<'a>(
+        &'a self,
+        region: &Region,
+        elems: Range<u64>,
+        scratch: &'a mut Vec<u8>,
+    ) -> Result<&'a [u8]> {
+        (**self).read(region, elems, scratch)
+    }
+
+    fn prefetch(&self, region: &Region, elems: Range<u64>) {
+        (**self).prefetch(region, elems)
+    }
+
+    fn release(&self, region: &Region, elems: Range<u64>) {
+        (**self).release(region, elems)
+    }
+
+    fn verify(&self) -> Result<()> {
+        (**self).verify()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

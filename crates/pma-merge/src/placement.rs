@@ -38,7 +38,7 @@ pub fn check_output_placement(out: &Path, protected: &[&Path]) -> Result<()> {
 
 /// [`check_output_placement`] against every input of `plan`.
 pub fn check_plan_output(plan: &MergePlan, out: &Path) -> Result<()> {
-    let roots: Vec<&Path> = plan.inputs.iter().map(|i| i.checkpoint.root()).collect();
+    let roots: Vec<&Path> = plan.inputs.iter().map(|i| i.store().root()).collect();
     check_output_placement(out, &roots)
 }
 

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use pma_format::dtype::{classify, dtype_name};
 use pma_format::{
-    Checkpoint, Dtype, DtypeClass, FloatDtype, LogicalTensor, Region, TensorSpec, TensorStore,
+    AnyCheckpoint, Dtype, DtypeClass, FloatDtype, LogicalTensor, Region, TensorSpec, TensorStore,
 };
 use serde::Serialize;
 
@@ -27,15 +27,13 @@ pub const DEFAULT_MAX_SHARD_BYTES: u64 = 5_000_000_000;
 pub struct MergeInput {
     /// Training step, when known.
     pub step: Option<u64>,
-    /// The opened checkpoint.
-    pub checkpoint: Checkpoint,
+    /// The opened checkpoint, in any format.
+    pub checkpoint: AnyCheckpoint,
 }
 
 impl MergeInput {
     /// The checkpoint as planning and execution see it: logical tensors and a byte source for
-    /// each, whatever the format. Planning and the executor use only this view, so another
-    /// format joins by implementing [`TensorStore`] (and this field becoming a
-    /// `Box<dyn TensorStore>`); safetensors [`Checkpoint`]s implement it in `pma-format`.
+    /// each, whatever the format.
     pub fn store(&self) -> &dyn TensorStore {
         &self.checkpoint
     }

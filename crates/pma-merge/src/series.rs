@@ -9,7 +9,7 @@
 
 use std::path::{Path, PathBuf};
 
-use pma_format::Checkpoint;
+use pma_format::AnyCheckpoint;
 
 use crate::error::{Error, Result};
 use crate::plan::MergeInput;
@@ -124,7 +124,7 @@ pub struct Selection {
 #[derive(Debug)]
 pub struct Selected {
     /// (step, checkpoint), oldest first.
-    pub checkpoints: Vec<(Option<u64>, Checkpoint)>,
+    pub checkpoints: Vec<(Option<u64>, AnyCheckpoint)>,
     /// Incomplete or invalid checkpoints passed over.
     pub skipped: Vec<Skipped>,
 }
@@ -166,7 +166,7 @@ impl Selection {
                 });
             }
         }
-        let mut chosen: Vec<(Option<u64>, Checkpoint)> = Vec::new();
+        let mut chosen: Vec<(Option<u64>, AnyCheckpoint)> = Vec::new();
         let mut skipped = Vec::new();
         let mut anchor: Option<u64> = None;
         for entry in series.entries.iter().rev() {
@@ -183,7 +183,7 @@ impl Selection {
             if self.last.is_some_and(|n| chosen.len() >= n) {
                 break;
             }
-            match Checkpoint::open(&entry.path) {
+            match AnyCheckpoint::open(&entry.path) {
                 Ok(ckpt) => {
                     if anchor.is_none() {
                         anchor = entry.step;

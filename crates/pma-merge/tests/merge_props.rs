@@ -93,7 +93,7 @@ fn run(
         .iter()
         .map(|d| MergeInput {
             step: None,
-            checkpoint: Checkpoint::open(d).unwrap(),
+            checkpoint: Checkpoint::open(d).unwrap().into(),
         })
         .collect();
     let config = MergeConfig {

@@ -207,6 +207,11 @@ impl ChunkedTensor {
         &self.name
     }
 
+    /// The file holding the tensor's first stored chunk (named in errors).
+    pub fn first_file(&self) -> Option<&Path> {
+        self.chunks.first().map(|c| c.file.path())
+    }
+
     /// The boxes the tensor is stored in (one per chunk), in stored order.
     pub fn chunk_regions(&self) -> impl Iterator<Item = &Region> {
         self.chunks.iter().map(|c| &c.region)
