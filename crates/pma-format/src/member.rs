@@ -121,7 +121,10 @@ impl AnyCheckpoint {
     pub fn check_faults(&self) -> Result<()> {
         match self {
             AnyCheckpoint::Safetensors(c) => c.check_faults(),
-            _ => Ok(()),
+            _ => self
+                .logical_tensors()
+                .iter()
+                .try_for_each(|t| self.source(&t.name).map_or(Ok(()), |s| s.verify())),
         }
     }
 

@@ -202,6 +202,10 @@ impl TensorSource for DcpTensor {
     fn release(&self, region: &Region, elems: Range<u64>) {
         self.source.release(region, elems)
     }
+
+    fn verify(&self) -> Result<()> {
+        self.source.verify()
+    }
 }
 
 /// An open, validated DCP checkpoint.

@@ -36,6 +36,8 @@ use crate::Dtype;
 #[derive(Debug)]
 pub struct MappedFile {
     path: PathBuf,
+    // Declared before `mmap`: unregistered before the mapping goes (fields drop in order).
+    guard: crate::fault::Registration,
     mmap: Mmap,
 }
 
@@ -60,8 +62,12 @@ impl MappedFile {
             // its inputs and trainers do not truncate a finished checkpoint in place.
             unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, "mapping", e))?
         };
+        // A trainer may truncate a `.distcp` or `.bin` under us: the fault module turns the
+        // SIGBUS into zeros and a recorded fault that `check_faults` reports.
+        let guard = crate::fault::register(mmap.as_ptr(), mmap.len());
         Ok(Arc::new(MappedFile {
             path: path.into(),
+            guard,
             mmap,
         }))
     }
@@ -79,6 +85,16 @@ impl MappedFile {
     /// Whether the file is empty.
     pub fn is_empty(&self) -> bool {
         self.mmap.is_empty()
+    }
+
+    /// Fails if a read of this mapping hit a truncation (see [`crate::fault`]).
+    pub fn check_faults(&self) -> Result<()> {
+        if self.guard.faulted() {
+            return Err(Error::FileChangedWhileMapped {
+                path: self.path.clone(),
+            });
+        }
+        Ok(())
     }
 
     /// The whole mapping.
@@ -435,6 +451,10 @@ impl TensorSource for ChunkedTensor {
             c.file.release(r);
         }
     }
+
+    fn verify(&self) -> Result<()> {
+        self.chunks.iter().try_for_each(|c| c.file.check_faults())
+    }
 }
 
 #[cfg(test)]
@@ -567,6 +587,40 @@ mod tests {
             t.prefetch(&region, a..b);
             t.release(&region, a..b);
         }
+    }
+
+    #[test]
+    fn a_file_truncated_under_the_mapping_is_reported_not_fatal() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("__0_0.distcp");
+        let n: u64 = 1 << 20;
+        let data: Vec<u8> = (0..n).flat_map(|i| (i as u32).to_le_bytes()).collect();
+        std::fs::write(&path, &data).unwrap();
+        let file = MappedFile::open(&path).unwrap();
+        let chunk = StoredChunk {
+            region: Region::full(&[n]),
+            file,
+            base: 0,
+            strides: vec![1],
+        };
+        let t = ChunkedTensor::new("w".into(), Dtype::I32, vec![n], vec![chunk]);
+        let full = Region::full(&[n]);
+        let mut scratch = Vec::new();
+        t.read(&full, 0..2, &mut scratch).unwrap();
+        t.verify().unwrap();
+        // A trainer rewriting the file in place (open with O_TRUNC).
+        std::fs::OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        t.release(&full, 0..n);
+        // Without the fault handler this read kills the test process with SIGBUS.
+        let got = t.read(&full, n - 4..n, &mut scratch).unwrap();
+        assert!(got.iter().all(|&b| b == 0), "faulted pages read as zeros");
+        let e = t.verify().unwrap_err();
+        assert!(matches!(e, Error::FileChangedWhileMapped { .. }), "{e}");
+        assert!(e.to_string().contains("__0_0.distcp"), "{e}");
     }
 
     #[test]
