@@ -11,7 +11,8 @@ use crate::text::escape_control;
 /// Arguments of `pma inspect`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Checkpoint: an HF directory or a .safetensors file.
+    /// Checkpoint: an HF directory or .safetensors file, a torch DCP directory, or a torch.save
+    /// checkpoint (pytorch_model.bin, DeepSpeed global_stepN, Megatron iter_N, a .pt file).
     pub checkpoint: PathBuf,
     /// Add norm, mean, std, min, max and NaN/Inf count per tensor (reads all data).
     #[arg(long)]
@@ -34,8 +35,10 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
 
 fn render(r: &InspectReport) -> std::io::Result<()> {
     outln!(
-        "{} ({}, {} file{})",
+        "{} ({}, {}, {}, {} file{})",
         r.path.display(),
+        r.framework,
+        r.format,
         r.layout,
         r.files.len(),
         if r.files.len() == 1 { "" } else { "s" }
@@ -107,5 +110,15 @@ fn render(r: &InspectReport) -> std::io::Result<()> {
         r.n_params,
         human(r.n_bytes)
     )?;
+    if let Some(dcp) = &r.dcp {
+        outln!(
+            "DCP: {} chunks, {} bytes items (never merged)",
+            dcp.n_chunks,
+            dcp.bytes_items.len()
+        )?;
+        for b in &dcp.bytes_items {
+            outln!("  {}  {}", escape_control(&b.name), human(b.n_bytes))?;
+        }
+    }
     Ok(())
 }
