@@ -555,3 +555,34 @@ fn torch_save_runs_merge_exactly() {
     let text = String::from_utf8(assert.get_output().stdout.clone()).unwrap();
     assert!(text.contains("DeepSpeed torch.save, torch.save"), "{text}");
 }
+
+#[test]
+fn keep_state_with_an_hf_output_warns_and_writes_the_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = dcp_fixtures().join("run-fsdp2");
+    let out = tmp.path().join("out");
+    let assert = pma()
+        .args([
+            "merge",
+            "--method",
+            "sma",
+            "--keep-state",
+            "newest",
+            "--run",
+        ])
+        .arg(&run)
+        .arg("--out")
+        .arg(&out)
+        .assert()
+        .success();
+    let err = String::from_utf8_lossy(&assert.get_output().stderr).into_owned();
+    assert!(
+        err.contains("--keep-state newest: the 49 training-state entries it keeps are not written to an HF safetensors output"),
+        "{err}"
+    );
+    assert_same(
+        &read_tensors(&out),
+        &read_tensors(&run.join("expected/sma-n4.safetensors")),
+        "--keep-state newest, HF output",
+    );
+}

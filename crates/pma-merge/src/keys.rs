@@ -692,6 +692,65 @@ mod tests {
     }
 
     #[test]
+    fn store_entries_map_to_key_entries_and_summaries_serialize() {
+        let tensor = StoreEntry {
+            name: "optimizer.state.w.exp_avg".into(),
+            dtype: Some(Dtype::F32),
+            role: EntryRole::TrainingState,
+        };
+        let bytes = StoreEntry {
+            name: "dataloader.dp_rank_0".into(),
+            dtype: None,
+            role: EntryRole::Model,
+        };
+        assert_eq!(
+            KeyEntry::from_store(&tensor),
+            KeyEntry {
+                name: tensor.name.clone(),
+                kind: EntryKind::FloatTensor,
+                role: EntryRole::TrainingState
+            }
+        );
+        // A bytes item is training state whatever role it was given.
+        let b = KeyEntry::from_store(&bytes);
+        assert_eq!(
+            (b.kind, b.role),
+            (EntryKind::Bytes, EntryRole::TrainingState)
+        );
+
+        let s = select_keys(&titan(), &config(&[], &["nope"], false)).unwrap();
+        let summary = s.summary();
+        assert_eq!(
+            (
+                summary.merged,
+                summary.copied,
+                summary.kept_newest,
+                summary.left_out
+            ),
+            (3, 1, 0, 6)
+        );
+        assert_eq!(summary.to_string(), s.to_string());
+        let v = serde_json::to_value(&summary).unwrap();
+        assert_eq!(v["left_out"], 6);
+        assert_eq!(v["warnings"][0], "--exclude 'nope' matches no key");
+        let g = &v["groups"][0];
+        assert_eq!(
+            (&g["action"], &g["prefix"], &g["count"]),
+            (&"merge".into(), &"layers.*".into(), &2.into())
+        );
+        let actions: Vec<_> = [
+            Action::Merge,
+            Action::Copy,
+            Action::KeepNewest,
+            Action::LeaveOut,
+        ]
+        .iter()
+        .map(|a| serde_json::to_value(a).unwrap())
+        .collect();
+        assert_eq!(actions, ["merge", "copy", "keep_newest", "leave_out"]);
+    }
+
+    #[test]
     fn fsdp2_fixture_merges_weights_and_leaves_optimizer_out() {
         let entries = dcp_entries("dcp/run-fsdp2/step-0000100");
         let s = select_keys(&entries, &KeySelectionConfig::default()).unwrap();

@@ -188,12 +188,14 @@ impl MergePlan {
         }
         let keys = select_entries(&inputs, &config.keys)?;
         let newest = inputs[inputs.len() - 1].store();
+        // A set, not `keys.decision` per tensor: models have up to ~100k tensors.
+        let written: std::collections::HashSet<&str> = keys
+            .names(Action::Merge)
+            .chain(keys.names(Action::Copy))
+            .collect();
         let mut tensors = Vec::new();
         for reference in newest.logical_tensors() {
-            let selected = keys
-                .decision(&reference.name)
-                .is_some_and(|d| matches!(d.action, Action::Merge | Action::Copy));
-            if selected {
+            if written.contains(reference.name.as_str()) {
                 tensors.push(plan_tensor(&inputs, &reference, config.out_dtype)?);
             }
         }

@@ -300,6 +300,14 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             eprintln!("warning: {w}");
         }
     }
+    let kept = plan.keys.count(Action::KeepNewest);
+    if !args.quiet && kept > 0 {
+        // An HF output holds tensors only; training state travels in a DCP output.
+        eprintln!(
+            "warning: --keep-state newest: the {kept} training-state entries it keeps are not \
+             written to an HF safetensors output"
+        );
+    }
     let threads = args.output.threads()?;
     if args.dry_run {
         let summary = plan.summary(threads);
