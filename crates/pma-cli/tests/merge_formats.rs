@@ -11,6 +11,7 @@
 
 mod common;
 
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::Command as StdCommand;
 
@@ -53,6 +54,22 @@ fn assert_same(got: &Tensors, want: &Tensors, what: &str) {
         assert_eq!((gd, gs), (dtype, shape), "{what}: {name}");
         assert!(gb == bytes, "{what}: {name}: bytes differ");
     }
+}
+
+/// `pma ARGS`, expecting exit `code`: its stdout and stderr.
+fn pma_out(args: &[&dyn AsRef<OsStr>], code: i32) -> (String, String) {
+    let assert = pma()
+        .args(args.iter().map(|a| a.as_ref()))
+        .assert()
+        .code(code);
+    let o = assert.get_output();
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    (text(&o.stdout), text(&o.stderr))
+}
+
+/// `pma ARGS` (which ask for `--json`), expecting success: its JSON.
+fn pma_json(args: &[&dyn AsRef<OsStr>]) -> serde_json::Value {
+    serde_json::from_str(&pma_out(args, 0).0).expect("JSON on stdout")
 }
 
 fn merge_run(
@@ -100,14 +117,17 @@ fn megatron_stacked_layers_merge_and_extra_state_is_left_out() {
     let tmp = tempfile::tempdir().unwrap();
     let run = dcp_fixtures().join("run-megatron");
     let out = tmp.path().join("out");
-    let assert = pma()
-        .args(["merge", "--method", "sma", "--dry-run", "--json", "--run"])
-        .arg(&run)
-        .arg("--out")
-        .arg(&out)
-        .assert()
-        .success();
-    let v: serde_json::Value = serde_json::from_slice(&assert.get_output().stdout).unwrap();
+    let v = pma_json(&[
+        &"merge",
+        &"--method",
+        &"sma",
+        &"--dry-run",
+        &"--json",
+        &"--run",
+        &run,
+        &"--out",
+        &out,
+    ]);
     let keys = &v["plan"]["keys"];
     assert_eq!(keys["merged"], 9);
     assert_eq!(keys["left_out"], 4);
@@ -134,14 +154,19 @@ fn dry_run_lists_optimizer_state_as_left_out() {
     let tmp = tempfile::tempdir().unwrap();
     let run = dcp_fixtures().join("run-fsdp2");
     let out = tmp.path().join("out");
-    let assert = pma()
-        .args(["merge", "--method", "sma", "--dry-run", "--run"])
-        .arg(&run)
-        .arg("--out")
-        .arg(&out)
-        .assert()
-        .success();
-    let text = String::from_utf8(assert.get_output().stdout.clone()).unwrap();
+    let (text, _) = pma_out(
+        &[
+            &"merge",
+            &"--method",
+            &"sma",
+            &"--dry-run",
+            &"--run",
+            &run,
+            &"--out",
+            &out,
+        ],
+        0,
+    );
     assert!(
         text.contains("keys: 12 merged, 1 copied, 0 kept from the newest, 49 left out"),
         "{text}"
@@ -157,14 +182,17 @@ fn dry_run_lists_optimizer_state_as_left_out() {
     assert!(optimizer_line.contains("--include 'optimizer.*'"), "{text}");
     assert!(text.contains("copied    position_ids"), "{text}");
 
-    let assert = pma()
-        .args(["merge", "--method", "sma", "--dry-run", "--json", "--run"])
-        .arg(&run)
-        .arg("--out")
-        .arg(&out)
-        .assert()
-        .success();
-    let v: serde_json::Value = serde_json::from_slice(&assert.get_output().stdout).unwrap();
+    let v = pma_json(&[
+        &"merge",
+        &"--method",
+        &"sma",
+        &"--dry-run",
+        &"--json",
+        &"--run",
+        &run,
+        &"--out",
+        &out,
+    ]);
     assert_eq!(v["schema_version"], 1);
     let keys = &v["plan"]["keys"];
     assert_eq!(
@@ -287,22 +315,23 @@ fn exclude_removes_a_model_key() {
     assert!(want.remove("output.weight").is_some());
     assert_same(&read_tensors(&out), &want, "--exclude output.*");
     // The dry run says why, and warns about the glob that matched nothing.
-    let assert = pma()
-        .args([
-            "merge",
-            "--method",
-            "sma",
-            "--dry-run",
-            "--exclude",
-            "output.*",
-        ])
-        .args(["--exclude", "no.such.*", "--run"])
-        .arg(&run)
-        .arg("--out")
-        .arg(tmp.path().join("dry"))
-        .assert()
-        .success();
-    let text = String::from_utf8(assert.get_output().stdout.clone()).unwrap();
+    let (text, _) = pma_out(
+        &[
+            &"merge",
+            &"--method",
+            &"sma",
+            &"--dry-run",
+            &"--exclude",
+            &"output.*",
+            &"--exclude",
+            &"no.such.*",
+            &"--run",
+            &run,
+            &"--out",
+            &tmp.path().join("dry"),
+        ],
+        0,
+    );
     assert!(text.contains("--exclude 'output.*'"), "{text}");
     assert!(
         text.contains("warning: --exclude 'no.such.*' matches no key"),
@@ -325,16 +354,20 @@ fn bad_key_selection_is_a_usage_error() {
         (&["--keep-state", "oldest"], "invalid value 'oldest'"),
     ];
     for (flags, needle) in cases {
-        let assert = pma()
-            .args(["merge", "--method", "sma"])
-            .args(flags)
-            .arg("--run")
-            .arg(&run)
-            .arg("--out")
-            .arg(&out)
-            .assert()
-            .code(2);
-        let err = String::from_utf8_lossy(&assert.get_output().stderr).into_owned();
+        let (_, err) = pma_out(
+            &[
+                &"merge",
+                &"--method",
+                &"sma",
+                &flags[0],
+                &flags[1],
+                &"--run",
+                &run,
+                &"--out",
+                &out,
+            ],
+            2,
+        );
         assert!(err.contains(needle), "{flags:?}: {err}");
         assert!(!out.exists());
     }
@@ -374,15 +407,18 @@ fn members_may_lack_left_out_keys_but_not_merged_ones() {
     let partial = tmp.path().join("partial.safetensors");
     write_without(&partial, &model, "norm.weight");
     let out = tmp.path().join("out2");
-    let assert = pma()
-        .args(["merge", "--method", "sma"])
-        .arg(&partial)
-        .arg(&newest)
-        .arg("--out")
-        .arg(&out)
-        .assert()
-        .code(1);
-    let err = String::from_utf8_lossy(&assert.get_output().stderr).into_owned();
+    let (_, err) = pma_out(
+        &[
+            &"merge",
+            &"--method",
+            &"sma",
+            &partial,
+            &newest,
+            &"--out",
+            &out,
+        ],
+        1,
+    );
     assert!(
         err.contains("partial.safetensors: tensor 'norm.weight' is missing")
             && err.contains("step-0000400"),
@@ -398,15 +434,18 @@ fn dcp_members_disagreeing_on_a_shape_name_both_files() {
     let older = dcp_fixtures().join("run-single/step-0000100");
     let newest = dcp_fixtures().join("run-fsdp2/step-0000400");
     let out = tmp.path().join("out");
-    let assert = pma()
-        .args(["merge", "--method", "sma"])
-        .arg(&older)
-        .arg(&newest)
-        .arg("--out")
-        .arg(&out)
-        .assert()
-        .code(1);
-    let err = String::from_utf8_lossy(&assert.get_output().stderr).into_owned();
+    let (_, err) = pma_out(
+        &[
+            &"merge",
+            &"--method",
+            &"sma",
+            &older,
+            &newest,
+            &"--out",
+            &out,
+        ],
+        1,
+    );
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(
         err.contains("run-single/step-0000100: tensor 'tok_embeddings.weight' has shape [50, 16]")
@@ -419,8 +458,7 @@ fn dcp_members_disagreeing_on_a_shape_name_both_files() {
 #[test]
 fn inspect_and_diff_read_dcp() {
     let megatron = dcp_fixtures().join("run-megatron/iter_0000100");
-    let assert = pma().arg("inspect").arg(&megatron).assert().success();
-    let text = String::from_utf8(assert.get_output().stdout.clone()).unwrap();
+    let (text, _) = pma_out(&[&"inspect", &megatron], 0);
     assert!(
         text.contains("(Megatron torch_dist, DCP, dir, 4 files)"),
         "{text}"
@@ -430,12 +468,12 @@ fn inspect_and_diff_read_dcp() {
         text.contains("decoder.layers.self_attention.linear_qkv._extra_state/shard_0.0_2.2"),
         "{text}"
     );
-    let assert = pma()
-        .args(["inspect", "--stats", "--json"])
-        .arg(dcp_fixtures().join("run-resharded/step-0000300"))
-        .assert()
-        .success();
-    let v: serde_json::Value = serde_json::from_slice(&assert.get_output().stdout).unwrap();
+    let v = pma_json(&[
+        &"inspect",
+        &"--stats",
+        &"--json",
+        &dcp_fixtures().join("run-resharded/step-0000300"),
+    ]);
     let r = &v["inspect"];
     assert_eq!(
         (&r["format"], &r["framework"]),
@@ -453,26 +491,24 @@ fn inspect_and_diff_read_dcp() {
 
     // A member on 2 ranks against one on 4: compared in global coordinates.
     let resharded = dcp_fixtures().join("run-resharded");
-    let assert = pma()
-        .args(["diff", "--json"])
-        .arg(resharded.join("step-0000200"))
-        .arg(resharded.join("step-0000300"))
-        .assert()
-        .success();
-    let v: serde_json::Value = serde_json::from_slice(&assert.get_output().stdout).unwrap();
+    let v = pma_json(&[
+        &"diff",
+        &"--json",
+        &resharded.join("step-0000200"),
+        &resharded.join("step-0000300"),
+    ]);
     let d = &v["diff"];
     assert!(d["total"]["rel_l2"].as_f64().unwrap() > 0.0);
     assert!(d["shape_mismatch"].as_array().unwrap().is_empty());
     assert!(d["only_in_a"].as_array().unwrap().is_empty());
     // A DCP member against the HF merge of its run: the optimizer is only in the member.
     let fsdp2 = dcp_fixtures().join("run-fsdp2");
-    let assert = pma()
-        .args(["diff", "--json"])
-        .arg(fsdp2.join("step-0000400"))
-        .arg(fsdp2.join("expected/sma-n4.safetensors"))
-        .assert()
-        .success();
-    let v: serde_json::Value = serde_json::from_slice(&assert.get_output().stdout).unwrap();
+    let v = pma_json(&[
+        &"diff",
+        &"--json",
+        &fsdp2.join("step-0000400"),
+        &fsdp2.join("expected/sma-n4.safetensors"),
+    ]);
     let only_a = v["diff"]["only_in_a"].as_array().unwrap();
     assert!(only_a
         .iter()
@@ -533,26 +569,24 @@ fn torch_save_runs_merge_exactly() {
         }
     }
     // DeepSpeed: only `module` is read, so its optimizer is neither merged nor listed.
-    let assert = pma()
-        .args(["merge", "--method", "sma", "--dry-run", "--json", "--run"])
-        .arg(runs.join("ds"))
-        .arg("--out")
-        .arg(tmp.path().join("dry"))
-        .assert()
-        .success();
-    let v: serde_json::Value = serde_json::from_slice(&assert.get_output().stdout).unwrap();
+    let v = pma_json(&[
+        &"merge",
+        &"--method",
+        &"sma",
+        &"--dry-run",
+        &"--json",
+        &"--run",
+        &runs.join("ds"),
+        &"--out",
+        &tmp.path().join("dry"),
+    ]);
     assert_eq!(v["plan"]["inputs"].as_array().unwrap().len(), 3);
     assert_eq!(v["plan"]["keys"]["merged"], 4);
     assert_eq!(v["plan"]["keys"]["copied"], 1);
     // The HF run's config.json travels with the merge.
     assert!(tmp.path().join("hf-sma/config.json").is_file());
     // inspect names the framework of a torch.save member.
-    let assert = pma()
-        .arg("inspect")
-        .arg(runs.join("ds/global_step300"))
-        .assert()
-        .success();
-    let text = String::from_utf8(assert.get_output().stdout.clone()).unwrap();
+    let (text, _) = pma_out(&[&"inspect", &runs.join("ds/global_step300")], 0);
     assert!(text.contains("DeepSpeed torch.save, torch.save"), "{text}");
 }
 
@@ -561,21 +595,20 @@ fn keep_state_with_an_hf_output_warns_and_writes_the_model() {
     let tmp = tempfile::tempdir().unwrap();
     let run = dcp_fixtures().join("run-fsdp2");
     let out = tmp.path().join("out");
-    let assert = pma()
-        .args([
-            "merge",
-            "--method",
-            "sma",
-            "--keep-state",
-            "newest",
-            "--run",
-        ])
-        .arg(&run)
-        .arg("--out")
-        .arg(&out)
-        .assert()
-        .success();
-    let err = String::from_utf8_lossy(&assert.get_output().stderr).into_owned();
+    let (_, err) = pma_out(
+        &[
+            &"merge",
+            &"--method",
+            &"sma",
+            &"--keep-state",
+            &"newest",
+            &"--run",
+            &run,
+            &"--out",
+            &out,
+        ],
+        0,
+    );
     assert!(
         err.contains("--keep-state newest: the 49 training-state entries it keeps are not written to an HF safetensors output"),
         "{err}"

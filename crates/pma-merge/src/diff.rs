@@ -209,11 +209,7 @@ mod tests {
     use super::*;
     use pma_format::TensorSpec;
 
-    fn fixture(rel: &str) -> PathBuf {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("../pma-format/tests/fixtures/dcp")
-            .join(rel)
-    }
+    use crate::keys::dcp_fixture as fixture;
 
     /// A DCP member (4 ranks, chunked) against a safetensors file of its own gathered tensors:
     /// every tensor is compared in global coordinates, so the distance is exactly zero.

@@ -256,11 +256,7 @@ fn tensor_stats(ckpt: &AnyCheckpoint, t: &LogicalTensor) -> Result<Option<Tensor
 mod tests {
     use super::*;
 
-    fn fixture(rel: &str) -> PathBuf {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("../pma-format/tests/fixtures/dcp")
-            .join(rel)
-    }
+    use crate::keys::dcp_fixture as fixture;
 
     #[test]
     fn dcp_inspect_reports_format_chunks_and_bytes_items() {

@@ -501,6 +501,14 @@ pub fn select_keys(entries: &[KeyEntry], config: &KeySelectionConfig) -> Result<
     })
 }
 
+/// A file of pma-format's DCP fixtures (`run-fsdp2/step-0000100`), for this crate's unit tests.
+#[cfg(test)]
+pub(crate) fn dcp_fixture(rel: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../pma-format/tests/fixtures/dcp")
+        .join(rel)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

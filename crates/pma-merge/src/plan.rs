@@ -492,11 +492,7 @@ mod tests {
     use crate::weights::WeightSpec;
     use pma_format::{Checkpoint, TensorSpec};
 
-    fn fixture(rel: &str) -> PathBuf {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("../pma-format/tests/fixtures/dcp")
-            .join(rel)
-    }
+    use crate::keys::dcp_fixture as fixture;
 
     fn open(path: &Path) -> MergeInput {
         MergeInput {
