@@ -463,6 +463,7 @@ fn inspect_and_diff_read_dcp() {
         text.contains("(Megatron torch_dist, DCP, dir, 4 files)"),
         "{text}"
     );
+    assert!(text.contains("bytes  chunks"), "{text}");
     assert!(text.contains("4 bytes items (never merged)"), "{text}");
     assert!(
         text.contains("decoder.layers.self_attention.linear_qkv._extra_state/shard_0.0_2.2"),
@@ -587,7 +588,10 @@ fn torch_save_runs_merge_exactly() {
     assert!(tmp.path().join("hf-sma/config.json").is_file());
     // inspect names the framework of a torch.save member.
     let (text, _) = pma_out(&[&"inspect", &runs.join("ds/global_step300")], 0);
-    assert!(text.contains("DeepSpeed torch.save, torch.save"), "{text}");
+    assert!(
+        text.contains("(DeepSpeed torch.save, file, 1 file)"),
+        "{text}"
+    );
 }
 
 #[test]

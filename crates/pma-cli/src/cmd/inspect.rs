@@ -34,11 +34,16 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
 }
 
 fn render(r: &InspectReport) -> std::io::Result<()> {
+    // "torch DCP", "HF safetensors" name their format; "Megatron torch_dist" gets ", DCP".
+    let kind = if r.framework.contains(&r.format) {
+        r.framework.clone()
+    } else {
+        format!("{}, {}", r.framework, r.format)
+    };
     outln!(
-        "{} ({}, {}, {}, {} file{})",
+        "{} ({}, {}, {} file{})",
         r.path.display(),
-        r.framework,
-        r.format,
+        kind,
         r.layout,
         r.files.len(),
         if r.files.len() == 1 { "" } else { "s" }
@@ -65,12 +70,13 @@ fn render(r: &InspectReport) -> std::io::Result<()> {
         )?;
     } else {
         outln!(
-            "{:w$}  {:5}  {:>20}  {:>12}  {:>10}",
+            "{:w$}  {:5}  {:>20}  {:>12}  {:>10}{}",
             "name",
             "dtype",
             "shape",
             "params",
-            "bytes"
+            "bytes",
+            if r.dcp.is_some() { "  chunks" } else { "" }
         )?;
     }
     for t in &r.tensors {
@@ -95,12 +101,13 @@ fn render(r: &InspectReport) -> std::io::Result<()> {
                 shape
             )?,
             None => outln!(
-                "{:w$}  {:5}  {:>20}  {:>12}  {:>10}",
+                "{:w$}  {:5}  {:>20}  {:>12}  {:>10}{}",
                 escape_control(&t.name),
                 t.dtype,
                 shape,
                 t.n_params,
-                human(t.n_bytes)
+                human(t.n_bytes),
+                t.chunks.map_or(String::new(), |n| format!("  {n:>6}"))
             )?,
         }
     }
