@@ -77,7 +77,9 @@ fn exit_code(err: &anyhow::Error) -> u8 {
                 | pma_merge::Error::InvalidSelection(_)
                 | pma_merge::Error::InvalidWatchConfig(_)
                 | pma_merge::Error::TooManyThreads { .. }
-                | pma_merge::Error::OutputOverlapsInput { .. } => return EXIT_USAGE,
+                | pma_merge::Error::OutputOverlapsInput { .. }
+                | pma_merge::Error::InvalidGlob { .. }
+                | pma_merge::Error::IncludeSelectsNothing { .. } => return EXIT_USAGE,
                 _ => {}
             }
         }

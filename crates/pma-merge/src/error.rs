@@ -214,6 +214,15 @@ pub enum Error {
         /// Its content (at most the first 64 characters).
         content: String,
     },
+    /// Key selection leaves no tensor to write (`--exclude` matched every weight, or the
+    /// checkpoint holds no model weights).
+    #[error("{}: no tensor is selected for the output ({left_out} entries are left out or kept; see --dry-run, and --include / --exclude)", path.display())]
+    NothingSelected {
+        /// The newest member, whose entries were selected from.
+        path: PathBuf,
+        /// Entries not merged or copied.
+        left_out: usize,
+    },
 }
 
 /// `Result` with this crate's [`Error`].

@@ -37,7 +37,8 @@ use std::fmt;
 
 use globset::{Glob, GlobMatcher};
 use pma_format::dtype::{classify, DtypeClass};
-use pma_format::{classify_key, DcpEntry, Dtype, EntryRole};
+use pma_format::{classify_key, DcpEntry, Dtype, EntryRole, StoreEntry};
+use serde::Serialize;
 
 use crate::error::{Error, Result};
 
@@ -83,6 +84,23 @@ impl KeyEntry {
         }
     }
 
+    /// An entry of any checkpoint, as [`pma_format::AnyCheckpoint::entries`] lists it (a
+    /// bytes item, with no dtype, is always training state).
+    pub fn from_store(entry: &StoreEntry) -> KeyEntry {
+        match entry.dtype {
+            Some(dtype) => KeyEntry {
+                name: entry.name.clone(),
+                kind: EntryKind::of_dtype(dtype),
+                role: entry.role,
+            },
+            None => KeyEntry {
+                name: entry.name.clone(),
+                kind: EntryKind::Bytes,
+                role: EntryRole::TrainingState,
+            },
+        }
+    }
+
     /// An entry of a DCP checkpoint (bytes entries are always training state).
     pub fn from_dcp(entry: &DcpEntry) -> KeyEntry {
         match entry {
@@ -101,7 +119,8 @@ impl KeyEntry {
 }
 
 /// What the merge does with an entry.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Action {
     /// Averaged over the members (f64, oldest to newest).
     Merge,
@@ -150,7 +169,7 @@ pub struct KeyDecision {
 }
 
 /// Entries with the same action, key prefix and reason, for a compact `--dry-run` listing.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct KeyGroup {
     /// What the merge does with them.
     pub action: Action,
@@ -210,25 +229,53 @@ impl KeySelection {
     }
 }
 
+/// The key decisions as `--dry-run` shows them: counts per action and the grouped listing.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct KeySummary {
+    /// Entries averaged.
+    pub merged: usize,
+    /// Non-float entries copied (identical in every member).
+    pub copied: usize,
+    /// Entries copied verbatim from the newest member (`--keep-state newest`).
+    pub kept_newest: usize,
+    /// Entries not written.
+    pub left_out: usize,
+    /// Decisions grouped by action, key prefix and reason ([`KeySelection::groups`]).
+    pub groups: Vec<KeyGroup>,
+    /// Non-fatal findings (an exclude glob that matches nothing).
+    pub warnings: Vec<String>,
+}
+
+impl KeySelection {
+    /// Counts and groups, for plans and reports.
+    pub fn summary(&self) -> KeySummary {
+        KeySummary {
+            merged: self.count(Action::Merge),
+            copied: self.count(Action::Copy),
+            kept_newest: self.count(Action::KeepNewest),
+            left_out: self.count(Action::LeaveOut),
+            groups: self.groups(),
+            warnings: self.warnings.clone(),
+        }
+    }
+}
+
 /// One line per action: "merges 290 tensors: layers.* (288, model weight), ...".
-impl fmt::Display for KeySelection {
+impl fmt::Display for KeySummary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
             "merges {} tensors, copies {}, keeps {} from the newest, leaves out {}",
-            self.count(Action::Merge),
-            self.count(Action::Copy),
-            self.count(Action::KeepNewest),
-            self.count(Action::LeaveOut)
+            self.merged, self.copied, self.kept_newest, self.left_out
         )?;
-        let groups = self.groups();
         for action in [
             Action::Merge,
             Action::Copy,
             Action::KeepNewest,
             Action::LeaveOut,
         ] {
-            let listed: Vec<String> = groups
+            let listed: Vec<String> = self
+                .groups
                 .iter()
                 .filter(|g| g.action == action)
                 .map(|g| format!("{} ({}, {})", g.prefix, g.count, g.reason))
@@ -241,6 +288,13 @@ impl fmt::Display for KeySelection {
             write!(f, "\n  warning: {w}")?;
         }
         Ok(())
+    }
+}
+
+/// [`KeySummary`]'s listing.
+impl fmt::Display for KeySelection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.summary().fmt(f)
     }
 }
 
@@ -447,6 +501,14 @@ pub fn select_keys(entries: &[KeyEntry], config: &KeySelectionConfig) -> Result<
     })
 }
 
+/// A file of pma-format's DCP fixtures (`run-fsdp2/step-0000100`), for this crate's unit tests.
+#[cfg(test)]
+pub(crate) fn dcp_fixture(rel: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../pma-format/tests/fixtures/dcp")
+        .join(rel)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -635,6 +697,65 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("dataloader.* (1, bytes item"), "{text}");
+    }
+
+    #[test]
+    fn store_entries_map_to_key_entries_and_summaries_serialize() {
+        let tensor = StoreEntry {
+            name: "optimizer.state.w.exp_avg".into(),
+            dtype: Some(Dtype::F32),
+            role: EntryRole::TrainingState,
+        };
+        let bytes = StoreEntry {
+            name: "dataloader.dp_rank_0".into(),
+            dtype: None,
+            role: EntryRole::Model,
+        };
+        assert_eq!(
+            KeyEntry::from_store(&tensor),
+            KeyEntry {
+                name: tensor.name.clone(),
+                kind: EntryKind::FloatTensor,
+                role: EntryRole::TrainingState
+            }
+        );
+        // A bytes item is training state whatever role it was given.
+        let b = KeyEntry::from_store(&bytes);
+        assert_eq!(
+            (b.kind, b.role),
+            (EntryKind::Bytes, EntryRole::TrainingState)
+        );
+
+        let s = select_keys(&titan(), &config(&[], &["nope"], false)).unwrap();
+        let summary = s.summary();
+        assert_eq!(
+            (
+                summary.merged,
+                summary.copied,
+                summary.kept_newest,
+                summary.left_out
+            ),
+            (3, 1, 0, 6)
+        );
+        assert_eq!(summary.to_string(), s.to_string());
+        let v = serde_json::to_value(&summary).unwrap();
+        assert_eq!(v["left_out"], 6);
+        assert_eq!(v["warnings"][0], "--exclude 'nope' matches no key");
+        let g = &v["groups"][0];
+        assert_eq!(
+            (&g["action"], &g["prefix"], &g["count"]),
+            (&"merge".into(), &"layers.*".into(), &2.into())
+        );
+        let actions: Vec<_> = [
+            Action::Merge,
+            Action::Copy,
+            Action::KeepNewest,
+            Action::LeaveOut,
+        ]
+        .iter()
+        .map(|a| serde_json::to_value(a).unwrap())
+        .collect();
+        assert_eq!(actions, ["merge", "copy", "keep_newest", "leave_out"]);
     }
 
     #[test]

@@ -5,6 +5,14 @@
 //! fits on disk. The plan fixes the output order (the newest checkpoint's physical order, so its
 //! file is read sequentially), the output dtype of every tensor, the shard layout and the
 //! provenance metadata. `pma merge --dry-run` prints exactly this.
+//!
+//! Which entries are output at all is key selection's call ([`crate::keys`]): the newest
+//! member's entries are classified (model weight, training state, bytes item), the user's
+//! `--include` / `--exclude` / `--keep-state` applied, and only the entries it merges or copies
+//! become output tensors. Every check that compares members (present in all, same shape,
+//! compatible dtype) applies to those entries only, so a member may lack optimizer state that is
+//! left out, but never a weight that is merged. The whole [`KeySelection`] stays on the plan:
+//! a DCP output copies its `KeepNewest` entries verbatim from the newest member.
 
 use std::collections::BTreeMap;
 use std::ops::Range;
@@ -17,6 +25,7 @@ use pma_format::{
 use serde::Serialize;
 
 use crate::error::{Error, Result};
+use crate::keys::{select_keys, Action, KeyEntry, KeySelection, KeySelectionConfig, KeySummary};
 use crate::weights::Weights;
 
 /// HF's default `max_shard_size` ("5GB", decimal).
@@ -50,6 +59,8 @@ pub struct MergeConfig {
     pub single_file: bool,
     /// Merge through NaN/Inf inputs (reported as warnings) instead of failing.
     pub allow_nonfinite: bool,
+    /// Which entries are merged, copied, kept or left out (default: model weights only).
+    pub keys: KeySelectionConfig,
 }
 
 impl Default for MergeConfig {
@@ -59,6 +70,7 @@ impl Default for MergeConfig {
             max_shard_bytes: DEFAULT_MAX_SHARD_BYTES,
             single_file: false,
             allow_nonfinite: false,
+            keys: KeySelectionConfig::default(),
         }
     }
 }
@@ -111,6 +123,10 @@ pub struct MergePlan {
     pub metadata: BTreeMap<String, String>,
     /// Settings the plan was built with.
     pub config: MergeConfig,
+    /// What happens to each entry of the newest member: [`Action::Merge`] and [`Action::Copy`]
+    /// entries are [`MergePlan::tensors`]; [`Action::KeepNewest`] entries are for an output
+    /// format that keeps training state (DCP) to copy verbatim from the newest member.
+    pub keys: KeySelection,
 }
 
 /// One input as shown in plans and reports.
@@ -149,6 +165,8 @@ pub struct PlanSummary {
     pub bytes_written: u64,
     /// Working memory the executor needs, in bytes.
     pub memory_bytes: u64,
+    /// Which entries are merged, copied, kept from the newest or left out, grouped by prefix.
+    pub keys: KeySummary,
 }
 
 impl MergePlan {
@@ -168,26 +186,24 @@ impl MergePlan {
                 inputs.len()
             )));
         }
+        let keys = select_entries(&inputs, &config.keys)?;
         let newest = inputs[inputs.len() - 1].store();
-        // Names present elsewhere but not in the newest are as fatal as the reverse.
-        for input in &inputs[..inputs.len() - 1] {
-            if let Some(t) = input
-                .store()
-                .logical_tensors()
-                .into_iter()
-                .find(|t| newest.logical_tensor(&t.name).is_none())
-            {
-                return Err(Error::MissingTensor {
-                    path: newest.root().into(),
-                    tensor: t.name,
-                    reference: input.store().root().into(),
-                });
+        // A set, not `keys.decision` per tensor: models have up to ~100k tensors.
+        let written: std::collections::HashSet<&str> = keys
+            .names(Action::Merge)
+            .chain(keys.names(Action::Copy))
+            .collect();
+        let mut tensors = Vec::new();
+        for reference in newest.logical_tensors() {
+            if written.contains(reference.name.as_str()) {
+                tensors.push(plan_tensor(&inputs, &reference, config.out_dtype)?);
             }
         }
-        let newest_tensors = newest.logical_tensors();
-        let mut tensors = Vec::with_capacity(newest_tensors.len());
-        for reference in &newest_tensors {
-            tensors.push(plan_tensor(&inputs, reference, config.out_dtype)?);
+        if tensors.is_empty() {
+            return Err(Error::NothingSelected {
+                path: newest.root().into(),
+                left_out: keys.count(Action::LeaveOut) + keys.count(Action::KeepNewest),
+            });
         }
         let sizes: Vec<u64> = tensors.iter().map(|t| t.spec.n_bytes()).collect();
         let ranges = if config.single_file {
@@ -210,6 +226,7 @@ impl MergePlan {
             single_file: config.single_file,
             metadata,
             config,
+            keys,
         })
     }
 
@@ -310,8 +327,50 @@ impl MergePlan {
             bytes_read: per_input.iter().sum(),
             bytes_written: self.bytes_written(),
             memory_bytes: crate::executor::working_memory_bytes(threads),
+            keys: self.keys.summary(),
         }
     }
+}
+
+/// Runs key selection over the newest member's entries, and checks that no older member holds
+/// an entry the newest lacks that would be merged or copied (the newest is the reference, so
+/// such an entry is missing there). Older-only entries that would be left out or kept are
+/// dropped: they are training state the newest no longer has.
+fn select_entries(inputs: &[MergeInput], config: &KeySelectionConfig) -> Result<KeySelection> {
+    let newest = &inputs[inputs.len() - 1];
+    let mut entries: Vec<KeyEntry> = newest
+        .checkpoint
+        .entries()
+        .iter()
+        .map(KeyEntry::from_store)
+        .collect();
+    let n_newest = entries.len();
+    let mut seen: std::collections::HashSet<String> =
+        entries.iter().map(|e| e.name.clone()).collect();
+    // Where each older-only entry was first seen, for the error.
+    let mut first_seen = Vec::new();
+    for input in &inputs[..inputs.len() - 1] {
+        for e in input.checkpoint.entries() {
+            if seen.insert(e.name.clone()) {
+                entries.push(KeyEntry::from_store(&e));
+                first_seen.push(input.store().root().to_path_buf());
+            }
+        }
+    }
+    let mut selection = select_keys(&entries, config)?;
+    let extra = selection.decisions.split_off(n_newest);
+    if let Some((d, reference)) = extra
+        .iter()
+        .zip(first_seen)
+        .find(|(d, _)| matches!(d.action, Action::Merge | Action::Copy))
+    {
+        return Err(Error::MissingTensor {
+            path: newest.store().root().into(),
+            tensor: d.name.clone(),
+            reference,
+        });
+    }
+    Ok(selection)
 }
 
 fn plan_tensor(
@@ -396,7 +455,7 @@ fn provenance(
     weights: &Weights,
     config: &MergeConfig,
 ) -> BTreeMap<String, String> {
-    let record = serde_json::json!({
+    let mut record = serde_json::json!({
         "version": env!("CARGO_PKG_VERSION"),
         "method": weights.method,
         "weights": weights.values,
@@ -406,6 +465,14 @@ fn provenance(
             "step": i.step,
         })).collect::<Vec<_>>(),
     });
+    // Recorded only when the user chose, so a plain model merge's header is unchanged.
+    if config.keys != KeySelectionConfig::default() {
+        record["keys"] = serde_json::json!({
+            "include": config.keys.include,
+            "exclude": config.keys.exclude,
+            "keep_state_newest": config.keys.keep_state_newest,
+        });
+    }
     let mut m = BTreeMap::new();
     m.insert("format".to_string(), "pt".to_string());
     m.insert("pma".to_string(), record.to_string());
@@ -416,5 +483,200 @@ impl PlanSummary {
     /// Short method label (`sma`, `ema0.2`, `wma`, `weights`).
     pub fn method_label(&self) -> String {
         self.method.label()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::weights::WeightSpec;
+    use pma_format::{Checkpoint, TensorSpec};
+
+    use crate::keys::dcp_fixture as fixture;
+
+    fn open(path: &Path) -> MergeInput {
+        MergeInput {
+            step: None,
+            checkpoint: AnyCheckpoint::open(path).expect("checkpoint opens"),
+        }
+    }
+
+    fn plan(paths: &[PathBuf], keys: KeySelectionConfig) -> Result<MergePlan> {
+        let inputs: Vec<MergeInput> = paths.iter().map(|p| open(p)).collect();
+        let weights = WeightSpec::Sma.weights(inputs.len())?;
+        let config = MergeConfig {
+            keys,
+            ..Default::default()
+        };
+        MergePlan::build(inputs, weights, config)
+    }
+
+    fn fsdp2() -> Vec<PathBuf> {
+        (1..=4)
+            .map(|i| fixture(&format!("run-fsdp2/step-0000{i}00")))
+            .collect()
+    }
+
+    /// Writes a safetensors file of f32 tensors (value 1.0) with these names and shapes.
+    fn write(path: &Path, tensors: &[(&str, &[u64])]) {
+        let data: Vec<Vec<u8>> = tensors
+            .iter()
+            .map(|(_, s)| {
+                1f32.to_le_bytes()
+                    .repeat(s.iter().product::<u64>() as usize)
+            })
+            .collect();
+        let specs: Vec<(TensorSpec, &[u8])> = tensors
+            .iter()
+            .zip(&data)
+            .map(|((n, s), d)| {
+                let spec = TensorSpec {
+                    name: n.to_string(),
+                    dtype: Dtype::F32,
+                    shape: s.to_vec(),
+                };
+                (spec, d.as_slice())
+            })
+            .collect();
+        pma_format::write_safetensors(path, &specs, &BTreeMap::new()).unwrap();
+    }
+
+    #[test]
+    fn dcp_plan_outputs_only_selected_entries() {
+        let p = plan(&fsdp2(), KeySelectionConfig::default()).unwrap();
+        let names: Vec<&str> = p.tensors.iter().map(|t| t.spec.name.as_str()).collect();
+        assert!(names.contains(&"tok_embeddings.weight"));
+        assert!(!names.iter().any(|n| n.starts_with("optimizer.")));
+        assert!(!names.iter().any(|n| n.starts_with("train_state.")));
+        assert_eq!(
+            p.keys.count(Action::Merge) + p.keys.count(Action::Copy),
+            names.len()
+        );
+        let copied: Vec<_> = p
+            .tensors
+            .iter()
+            .filter(|t| t.mode == TensorMode::Copy)
+            .map(|t| t.spec.name.as_str())
+            .collect();
+        assert_eq!(copied, ["position_ids"]);
+        // The plan keeps a decision for every entry of the newest member, bytes items too.
+        let newest = &p.inputs[3].checkpoint;
+        assert_eq!(p.keys.decisions.len(), newest.entries().len());
+        let s = p.summary(1);
+        assert_eq!(s.keys.merged + s.keys.copied, s.n_tensors);
+        assert_eq!(s.keys.left_out, p.keys.count(Action::LeaveOut));
+        // Model-only: the provenance says nothing about keys.
+        assert!(!p.metadata["pma"].contains("\"keys\""));
+    }
+
+    #[test]
+    fn include_optimizer_plans_it_and_keep_state_does_not_output_it() {
+        let keys = KeySelectionConfig {
+            include: vec!["optimizer.*".into()],
+            ..Default::default()
+        };
+        let p = plan(&fsdp2(), keys).unwrap();
+        let t = p
+            .tensors
+            .iter()
+            .find(|t| t.spec.name == "optimizer.state.tok_embeddings.weight.exp_avg")
+            .expect("optimizer moment is planned");
+        assert_eq!(t.mode, TensorMode::Average(FloatDtype::F32));
+        assert!(p.metadata["pma"].contains("optimizer.*"));
+
+        let keys = KeySelectionConfig {
+            keep_state_newest: true,
+            ..Default::default()
+        };
+        let kept = plan(&fsdp2(), keys).unwrap();
+        let default = plan(&fsdp2(), KeySelectionConfig::default()).unwrap();
+        assert_eq!(kept.tensors.len(), default.tensors.len());
+        assert!(kept.keys.count(Action::KeepNewest) > 0);
+        assert_eq!(kept.keys.count(Action::LeaveOut), 0);
+    }
+
+    #[test]
+    fn members_may_lack_left_out_keys_but_not_merged_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let (old, new) = (
+            dir.path().join("old.safetensors"),
+            dir.path().join("new.safetensors"),
+        );
+        // The older member has optimizer state the newest lacks: left out, so fine.
+        write(&old, &[("w", &[2]), ("optimizer.state.w.exp_avg", &[2])]);
+        write(&new, &[("w", &[2])]);
+        let p = plan(&[old.clone(), new.clone()], KeySelectionConfig::default()).unwrap();
+        assert_eq!(p.tensors.len(), 1);
+        assert_eq!(p.keys.decisions.len(), 1, "older-only entries are dropped");
+        // Asked to merge it, the newest is missing it.
+        let keys = KeySelectionConfig {
+            include: vec!["optimizer.*".into()],
+            ..Default::default()
+        };
+        let err = plan(&[old.clone(), new.clone()], keys).unwrap_err();
+        assert!(
+            matches!(&err, Error::MissingTensor { path, tensor, reference }
+                if path == &new && tensor == "optimizer.state.w.exp_avg" && reference == &old),
+            "{err}"
+        );
+        // A merged weight missing from an older member names that member.
+        let old = dir.path().join("old2.safetensors");
+        write(&old, &[("optimizer.state.w.exp_avg", &[2])]);
+        let err = plan(&[old.clone(), new.clone()], KeySelectionConfig::default()).unwrap_err();
+        assert!(
+            matches!(&err, Error::MissingTensor { path, tensor, reference }
+                if path == &old && tensor == "w" && reference == &new),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn shape_disagreement_on_a_merged_key_names_both_members() {
+        let dir = tempfile::tempdir().unwrap();
+        let (old, new) = (
+            dir.path().join("old.safetensors"),
+            dir.path().join("new.safetensors"),
+        );
+        write(&old, &[("w", &[3]), ("optimizer.state.w.exp_avg", &[5])]);
+        write(&new, &[("w", &[2]), ("optimizer.state.w.exp_avg", &[2])]);
+        let err = plan(&[old.clone(), new.clone()], KeySelectionConfig::default()).unwrap_err();
+        assert!(
+            matches!(&err, Error::ShapeMismatch { path, tensor, expected, found, reference }
+                if path == &old && tensor == "w" && expected == &[2] && found == &[3]
+                    && reference == &new),
+            "{err}"
+        );
+        let msg = err.to_string();
+        assert!(
+            msg.contains("old.safetensors") && msg.contains("new.safetensors"),
+            "{msg}"
+        );
+        // Only `w` is compared: excluding it leaves nothing to write, which is its own error.
+        let keys = KeySelectionConfig {
+            exclude: vec!["w".into()],
+            ..Default::default()
+        };
+        let err = plan(&[old, new], keys).unwrap_err();
+        assert!(
+            matches!(err, Error::NothingSelected { left_out: 2, .. }),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn plain_safetensors_plans_are_unchanged_by_selection() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.safetensors");
+        write(&path, &[("b", &[3]), ("a", &[2, 2])]);
+        let p = plan(&[path.clone(), path.clone()], KeySelectionConfig::default()).unwrap();
+        let ckpt = Checkpoint::open(&path).unwrap();
+        let want: Vec<&str> = ckpt
+            .tensors()
+            .iter()
+            .map(|t| t.info.name.as_str())
+            .collect();
+        let got: Vec<&str> = p.tensors.iter().map(|t| t.spec.name.as_str()).collect();
+        assert_eq!(got, want);
+        assert_eq!(p.keys.count(Action::Merge), 2);
     }
 }

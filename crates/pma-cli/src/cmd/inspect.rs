@@ -11,7 +11,8 @@ use crate::text::escape_control;
 /// Arguments of `pma inspect`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Checkpoint: an HF directory or a .safetensors file.
+    /// Checkpoint: an HF directory or .safetensors file, a torch DCP directory, or a torch.save
+    /// checkpoint (pytorch_model.bin, DeepSpeed global_stepN, Megatron iter_N, a .pt file).
     pub checkpoint: PathBuf,
     /// Add norm, mean, std, min, max and NaN/Inf count per tensor (reads all data).
     #[arg(long)]
@@ -33,9 +34,16 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
 }
 
 fn render(r: &InspectReport) -> std::io::Result<()> {
+    // "torch DCP", "HF safetensors" name their format; "Megatron torch_dist" gets ", DCP".
+    let kind = if r.framework.contains(&r.format) {
+        r.framework.clone()
+    } else {
+        format!("{}, {}", r.framework, r.format)
+    };
     outln!(
-        "{} ({}, {} file{})",
+        "{} ({}, {}, {} file{})",
         r.path.display(),
+        kind,
         r.layout,
         r.files.len(),
         if r.files.len() == 1 { "" } else { "s" }
@@ -62,12 +70,13 @@ fn render(r: &InspectReport) -> std::io::Result<()> {
         )?;
     } else {
         outln!(
-            "{:w$}  {:5}  {:>20}  {:>12}  {:>10}",
+            "{:w$}  {:5}  {:>20}  {:>12}  {:>10}{}",
             "name",
             "dtype",
             "shape",
             "params",
-            "bytes"
+            "bytes",
+            if r.dcp.is_some() { "  chunks" } else { "" }
         )?;
     }
     for t in &r.tensors {
@@ -92,12 +101,13 @@ fn render(r: &InspectReport) -> std::io::Result<()> {
                 shape
             )?,
             None => outln!(
-                "{:w$}  {:5}  {:>20}  {:>12}  {:>10}",
+                "{:w$}  {:5}  {:>20}  {:>12}  {:>10}{}",
                 escape_control(&t.name),
                 t.dtype,
                 shape,
                 t.n_params,
-                human(t.n_bytes)
+                human(t.n_bytes),
+                t.chunks.map_or(String::new(), |n| format!("  {n:>6}"))
             )?,
         }
     }
@@ -107,5 +117,15 @@ fn render(r: &InspectReport) -> std::io::Result<()> {
         r.n_params,
         human(r.n_bytes)
     )?;
+    if let Some(dcp) = &r.dcp {
+        outln!(
+            "DCP: {} chunks, {} bytes items (never merged)",
+            dcp.n_chunks,
+            dcp.bytes_items.len()
+        )?;
+        for b in &dcp.bytes_items {
+            outln!("  {}  {}", escape_control(&b.name), human(b.n_bytes))?;
+        }
+    }
     Ok(())
 }

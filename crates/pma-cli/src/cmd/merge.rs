@@ -7,13 +7,14 @@ use anyhow::{bail, Context};
 use pma_format::FloatDtype;
 use pma_merge::{
     check_output_placement, check_plan_output, execute, parse_byte_size, parse_token_count,
-    resolve_threads, CheckpointSeries, ExecOptions, MergeConfig, MergePlan, MergeReport,
-    PlanSummary, Selection, WeightSpec, DEFAULT_EMA_ALPHA,
+    resolve_threads, Action, CheckpointSeries, ExecOptions, KeySelectionConfig, KeySummary,
+    MergeConfig, MergePlan, MergeReport, PlanSummary, Selection, WeightSpec, DEFAULT_EMA_ALPHA,
 };
 
 use super::render::{human, print_json, versioned};
 use super::UsageError;
 use crate::progress::{self, ByteBar};
+use crate::text::escape_control;
 
 /// Averaging method.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -110,10 +111,45 @@ pub struct OutputArgs {
     pub allow_nonfinite: bool,
 }
 
+/// What `--keep-state` keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum KeepStateArg {
+    /// Copy training state (optimizer, scheduler, dataloader, ...) verbatim from the newest
+    /// checkpoint, so a run can resume from the merge.
+    Newest,
+}
+
+/// Which entries of the checkpoints are merged (default: model weights only).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct KeyArgs {
+    /// Also merge float tensors matching GLOB (repeatable; `*` crosses dots). Optimizer state is
+    /// merged only by a glob that names it, e.g. 'optimizer.*'. Bytes items never are.
+    #[arg(long, value_name = "GLOB")]
+    pub include: Vec<String>,
+    /// Leave out entries matching GLOB, whatever else matches them (repeatable).
+    #[arg(long, value_name = "GLOB")]
+    pub exclude: Vec<String>,
+    /// Keep the entries that are not merged (training state) instead of leaving them out.
+    #[arg(long, value_enum, value_name = "WHICH")]
+    pub keep_state: Option<KeepStateArg>,
+}
+
+impl KeyArgs {
+    /// The library's key-selection options.
+    pub fn config(&self) -> KeySelectionConfig {
+        KeySelectionConfig {
+            include: self.include.clone(),
+            exclude: self.exclude.clone(),
+            keep_state_newest: self.keep_state == Some(KeepStateArg::Newest),
+        }
+    }
+}
+
 /// Arguments of `pma merge`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Checkpoints to merge, oldest first (HF dirs or .safetensors files). Or use --run.
+    /// Checkpoints to merge, oldest first: HF safetensors (dir or file), torch DCP dirs, or
+    /// torch.save checkpoints (pytorch_model.bin, DeepSpeed global_stepN, ...). Or use --run.
     #[arg(value_name = "CKPT")]
     pub checkpoints: Vec<PathBuf>,
     /// A run directory of step-named checkpoints (step-1000, checkpoint-1000, iter_0001000, ...).
@@ -125,6 +161,8 @@ pub struct Args {
     pub select: SelectArgs,
     #[command(flatten)]
     pub output: OutputArgs,
+    #[command(flatten)]
+    pub keys: KeyArgs,
     /// Replace an existing output.
     #[arg(long)]
     pub overwrite: bool,
@@ -206,6 +244,7 @@ impl OutputArgs {
             max_shard_bytes: self.max_shard_size,
             single_file: out.extension().is_some_and(|e| e == "safetensors"),
             allow_nonfinite: self.allow_nonfinite,
+            keys: KeySelectionConfig::default(),
         }
     }
 
@@ -234,7 +273,11 @@ pub fn plan_from_args(args: &Args) -> anyhow::Result<(MergePlan, Vec<pma_merge::
     }
     let (inputs, skipped) = selection.select(&series, from_run)?.into_inputs();
     let weights = spec.weights(inputs.len())?;
-    let plan = MergePlan::build(inputs, weights, args.output.config(&args.out))?;
+    let config = MergeConfig {
+        keys: args.keys.config(),
+        ..args.output.config(&args.out)
+    };
+    let plan = MergePlan::build(inputs, weights, config)?;
     check_plan_output(&plan, &args.out)?;
     Ok((plan, skipped))
 }
@@ -250,6 +293,20 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                 s.reason
             );
         }
+    }
+    if !args.quiet && !args.dry_run {
+        // The dry run lists these with the plan.
+        for w in &plan.keys.warnings {
+            eprintln!("warning: {w}");
+        }
+    }
+    let kept = plan.keys.count(Action::KeepNewest);
+    if !args.quiet && kept > 0 {
+        // An HF output holds tensors only; training state travels in a DCP output.
+        eprintln!(
+            "warning: --keep-state newest: the {kept} training-state entries it keeps are not \
+             written to an HF safetensors output"
+        );
     }
     let threads = args.output.threads()?;
     if args.dry_run {
@@ -339,6 +396,42 @@ fn print_plan(s: &PlanSummary, out: &std::path::Path) -> std::io::Result<()> {
         human(s.bytes_written),
         human(s.memory_bytes)
     )?;
+    print_keys(&s.keys)
+}
+
+/// One line per group of keys, merged first; key names come from the checkpoint, so they are
+/// escaped.
+fn print_keys(k: &KeySummary) -> std::io::Result<()> {
+    outln!(
+        "keys: {} merged, {} copied, {} kept from the newest, {} left out",
+        k.merged,
+        k.copied,
+        k.kept_newest,
+        k.left_out
+    )?;
+    let w = k
+        .groups
+        .iter()
+        .map(|g| escape_control(&g.prefix).chars().count())
+        .max()
+        .unwrap_or(0);
+    for g in &k.groups {
+        let action = match g.action {
+            Action::Merge => "merged",
+            Action::Copy => "copied",
+            Action::KeepNewest => "kept",
+            Action::LeaveOut => "left out",
+        };
+        outln!(
+            "  {action:8}  {:w$}  {:>6}  {}",
+            escape_control(&g.prefix),
+            g.count,
+            escape_control(&g.reason)
+        )?;
+    }
+    for warning in &k.warnings {
+        outln!("  warning: {}", escape_control(warning))?;
+    }
     Ok(())
 }
 
