@@ -223,6 +223,64 @@ pub enum Error {
         /// Entries not merged or copied.
         left_out: usize,
     },
+    /// A partitioned merge's part count is unusable.
+    #[error("{parts} parts: {reason}")]
+    InvalidPartCount {
+        /// The part count asked for.
+        parts: usize,
+        /// Why it cannot be used.
+        reason: &'static str,
+    },
+    /// A part number is not below the part count.
+    #[error("part {part} is out of range: the parts of a {parts}-part merge are numbered 0 to {}", parts.saturating_sub(1))]
+    PartOutOfRange {
+        /// The part asked for (0-based).
+        part: usize,
+        /// The part count.
+        parts: usize,
+    },
+    /// `--finalize` found no parts to publish.
+    #[error("{}: no parts found; run the parts first (--part I --parts K, with the same inputs, flags and --out)", dir.display())]
+    NoParts {
+        /// The parts directory.
+        dir: PathBuf,
+    },
+    /// The parts directory holds parts of merges with different part counts.
+    #[error("{}: holds parts of merges with different part counts {counts:?}; remove the stale part directories (or the whole directory) and rerun the parts", dir.display())]
+    PartCountsDisagree {
+        /// The parts directory.
+        dir: PathBuf,
+        /// The part counts found.
+        counts: Vec<usize>,
+    },
+    /// A part of a partitioned merge has not been written.
+    #[error("{}: part {part} of {parts} is missing (not run, still running, or failed); run it with --part {part} --parts {parts}", dir.display())]
+    PartMissing {
+        /// The parts directory.
+        dir: PathBuf,
+        /// The missing part.
+        part: usize,
+        /// The part count.
+        parts: usize,
+    },
+    /// A part was computed from a different plan (other inputs, flags, or inputs changed since).
+    #[error("{}: part {part} of {parts} was made from a different plan (other inputs, flags or part count, or inputs changed since); rerun it with the same command as the finalize", path.display())]
+    PartStale {
+        /// Its manifest.
+        path: PathBuf,
+        /// The part.
+        part: usize,
+        /// The part count.
+        parts: usize,
+    },
+    /// A part's manifest or one of its files is damaged.
+    #[error("{}: corrupt part output: {reason}; rerun that part", path.display())]
+    PartCorrupt {
+        /// The manifest or file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
 }
 
 /// `Result` with this crate's [`Error`].

@@ -13,13 +13,13 @@ use std::sync::atomic::AtomicBool;
 use pma_format::atomic::{OutputKind, Publish};
 use pma_format::dtype::{classify, count_nonfinite, encode_f64, weighted_sum};
 use pma_format::writer::DirectIo;
-use pma_format::{DtypeClass, FloatDtype, StagedOutput, TensorSource, TensorStore};
+use pma_format::{DtypeClass, FloatDtype, Region, StagedOutput, TensorSource, TensorStore};
 use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::pipeline::{
-    read_members, run_pipeline, Emitter, Job, Kernel, PipelineOptions, SafetensorsSink, Scratch,
-    ShardFile,
+    read_members, run_pipeline, Emitter, Job, Kernel, PipelineOptions, PipelineReport,
+    SafetensorsSink, Scratch, ShardFile,
 };
 use crate::plan::{MergePlan, PlanSummary, TensorMode};
 use crate::progress::Progress;
@@ -99,23 +99,8 @@ pub fn execute(
                 .collect(),
         })
         .collect();
-    let sink = SafetensorsSink::new(files, plan.metadata.clone(), opts.direct_io, 0);
-    let kernel = MergeKernel::new(plan)?;
     let total_read: u64 = plan.bytes_read_per_input().iter().sum();
-    progress.start(total_read);
-    let result = run_pipeline(
-        &plan.job_regions(),
-        &kernel,
-        sink,
-        &PipelineOptions {
-            threads: opts.threads,
-            cancel: opts.cancel,
-            allow_nonfinite: plan.config.allow_nonfinite,
-            progress,
-        },
-    );
-    progress.finish();
-    let report = result?;
+    let report = write_shard_files(plan, files, true, opts, progress)?;
 
     let mut sidecars = Vec::new();
     if !plan.single_file {
@@ -134,6 +119,58 @@ pub fn execute(
         read_bytes_per_sec: total_read as f64 / elapsed_secs.max(1e-9),
         stale_staging,
     })
+}
+
+/// Merges the tensors of `files` (some or all of the plan's shards, each at its own path) and
+/// writes them, with the shard index when `index` is set and there is more than one file.
+/// Tensors of shards not in `files` are neither read nor computed: a part of a partitioned merge
+/// ([`crate::partition`]) runs this over its own shards.
+pub(crate) fn write_shard_files(
+    plan: &MergePlan,
+    files: Vec<ShardFile>,
+    index: bool,
+    opts: &ExecOptions<'_>,
+    progress: &dyn Progress,
+) -> Result<PipelineReport> {
+    let mut wanted = vec![false; plan.tensors.len()];
+    for f in &files {
+        for (t, _) in &f.tensors {
+            wanted[*t] = true;
+        }
+    }
+    // A tensor with no regions gets no jobs, so it is never read.
+    let regions: Vec<Vec<Region>> = plan
+        .job_regions()
+        .into_iter()
+        .zip(&wanted)
+        .map(|(r, &w)| if w { r } else { Vec::new() })
+        .collect();
+    let total_read: u64 = plan
+        .tensors
+        .iter()
+        .zip(&wanted)
+        .filter(|(_, &w)| w)
+        .flat_map(|(t, _)| t.sources.iter().map(|s| s.n_bytes()))
+        .sum();
+    let mut sink = SafetensorsSink::new(files, plan.metadata.clone(), opts.direct_io, 0);
+    if !index {
+        sink = sink.without_index();
+    }
+    let kernel = MergeKernel::new(plan)?;
+    progress.start(total_read);
+    let result = run_pipeline(
+        &regions,
+        &kernel,
+        sink,
+        &PipelineOptions {
+            threads: opts.threads,
+            cancel: opts.cancel,
+            allow_nonfinite: plan.config.allow_nonfinite,
+            progress,
+        },
+    );
+    progress.finish();
+    result
 }
 
 /// Copies the newest checkpoint's config/tokenizer files into `dir`; `config.json`'s

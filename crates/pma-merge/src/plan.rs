@@ -205,18 +205,7 @@ impl MergePlan {
                 left_out: keys.count(Action::LeaveOut) + keys.count(Action::KeepNewest),
             });
         }
-        let sizes: Vec<u64> = tensors.iter().map(|t| t.spec.n_bytes()).collect();
-        let ranges = if config.single_file {
-            std::iter::once(0..tensors.len()).collect()
-        } else {
-            pma_format::plan_shards(&sizes, config.max_shard_bytes)
-        };
-        let n = ranges.len();
-        let shards = ranges
-            .into_iter()
-            .enumerate()
-            .map(|(i, r)| (pma_format::shard_file_name(i, n), r))
-            .collect();
+        let shards = layout_shards(&tensors, config.single_file, config.max_shard_bytes);
         let metadata = provenance(&inputs, &weights, &config);
         Ok(MergePlan {
             inputs,
@@ -330,6 +319,27 @@ impl MergePlan {
             keys: self.keys.summary(),
         }
     }
+}
+
+/// The output files of `tensors` (in write order): one bare file, or HF shards of at most
+/// `max_shard_bytes` each (a larger tensor gets a shard of its own).
+pub(crate) fn layout_shards(
+    tensors: &[PlannedTensor],
+    single_file: bool,
+    max_shard_bytes: u64,
+) -> Vec<(String, Range<usize>)> {
+    let sizes: Vec<u64> = tensors.iter().map(|t| t.spec.n_bytes()).collect();
+    let ranges = if single_file {
+        std::iter::once(0..tensors.len()).collect()
+    } else {
+        pma_format::plan_shards(&sizes, max_shard_bytes)
+    };
+    let n = ranges.len();
+    ranges
+        .into_iter()
+        .enumerate()
+        .map(|(i, r)| (pma_format::shard_file_name(i, n), r))
+        .collect()
 }
 
 /// Runs key selection over the newest member's entries, and checks that no older member holds

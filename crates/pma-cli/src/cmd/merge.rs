@@ -178,6 +178,19 @@ pub struct Args {
     /// Output: an HF checkpoint directory, or a file ending in .safetensors.
     #[arg(long, value_name = "OUT")]
     pub out: PathBuf,
+    /// Merge only part I (0-based) of a partitioned merge, writing its shards beside OUT for
+    /// --finalize; `auto` reads I (and K) from a Slurm array, a Kubernetes Indexed Job or
+    /// torchrun. Every part and the finalize take the same inputs, flags and --out.
+    #[arg(long, value_name = "I|auto", conflicts_with = "finalize")]
+    pub part: Option<String>,
+    /// Number of parts K of a partitioned merge (with --part; checked against the environment
+    /// with --part auto).
+    #[arg(long, value_name = "K")]
+    pub parts: Option<usize>,
+    /// Check the parts written by --part runs and publish OUT (same inputs, flags and --out;
+    /// the number of parts is read from their manifests).
+    #[arg(long)]
+    pub finalize: bool,
 }
 
 fn parse_dtype(s: &str) -> Result<FloatDtype, String> {
@@ -284,6 +297,9 @@ pub fn plan_from_args(args: &Args) -> anyhow::Result<(MergePlan, Vec<pma_merge::
 
 /// Runs `pma merge`.
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    if args.part.is_some() || args.parts.is_some() || args.finalize {
+        return super::merge_parts::run(args);
+    }
     let (plan, skipped) = plan_from_args(&args)?;
     if !args.quiet {
         for s in &skipped {

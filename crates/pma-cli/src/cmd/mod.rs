@@ -12,6 +12,7 @@ pub mod diff;
 pub mod eval;
 pub mod inspect;
 pub mod merge;
+pub mod merge_parts;
 pub mod render;
 #[cfg(feature = "lab")]
 pub mod train;

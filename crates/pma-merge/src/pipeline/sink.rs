@@ -69,6 +69,9 @@ pub struct SafetensorsSink {
     output: usize,
     current: usize,
     writer: Option<StreamWriter>,
+    /// Whether `finish` writes the shard index (off for one part of a partitioned merge, whose
+    /// files are only some of the output's).
+    index: bool,
 }
 
 impl SafetensorsSink {
@@ -99,7 +102,15 @@ impl SafetensorsSink {
             output,
             current: 0,
             writer: None,
+            index: true,
         }
+    }
+
+    /// The same sink, but writing no shard index: its files are part of an output whose index
+    /// is written elsewhere (see [`crate::partition`]).
+    pub fn without_index(mut self) -> SafetensorsSink {
+        self.index = false;
+        self
     }
 
     /// Finishes files until `file` is the open one.
@@ -140,7 +151,7 @@ impl Sink for SafetensorsSink {
         let last = self.files.len() - 1;
         self.advance_to(last)?;
         self.writer.take().expect("opened above").finish()?;
-        if self.files.len() > 1 {
+        if self.index && self.files.len() > 1 {
             let dir = self.files[0]
                 .path
                 .parent()

@@ -1,0 +1,603 @@
+//! Partitioned merges: one plan, its output files split among K processes (a Slurm array, a
+//! Kubernetes Indexed Job, torchrun ranks) on a shared filesystem, then one finalize step that
+//! checks and publishes the output.
+//!
+//! Every part builds the same [`MergePlan`] from headers alone and calls [`Partition::new`],
+//! which is a pure function of that plan and K:
+//! - when the plan has fewer output shards than parts, its shards are cut again at
+//!   `min(max_shard_bytes, ceil(tensor bytes / K))`, so every part has work (the output then
+//!   equals a single-process merge with that `--max-shard-size`, which reports carry);
+//! - shards go to parts greedily by bytes, largest first, each to the part with the fewest bytes
+//!   so far (ties: lower shard index, lower part index), so the assignment is deterministic;
+//! - the plan hash (SHA-256 of inputs, their file sizes and mtimes, weights, flags, every
+//!   tensor's layout, the shard layout and K) tells parts made from different plans apart.
+//!
+//! Part I writes its shards into `.OUT.pma-parts/part-I-of-K/` beside OUT, with a
+//! `manifest.json` (plan hash, file names, sizes and CRC-32s). The part directory is staged and
+//! published as a whole through [`StagedOutput`] with [`Publish::Replace`], so a retried part
+//! replaces its previous attempt atomically and a killed one leaves only a staging path (removed
+//! by the next attempt on the same host, and by the finalize).
+//!
+//! [`finalize`] reads K from the manifests, checks each against its own plan hash and every file
+//! against its size and checksum, then links the shards into a staged output, writes the shard
+//! index and sidecars, and publishes OUT atomically; the parts directory is removed last. The
+//! shard files' bytes depend only on the plan, so the result is bit-identical to
+//! [`crate::execute`] of the same plan.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use pma_format::atomic::{create_dir_all_synced, OutputKind, Publish};
+use pma_format::dtype::dtype_name;
+use pma_format::{StagedOutput, TensorSpec};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, Result};
+use crate::executor::{copy_sidecars, write_shard_files, ExecOptions};
+use crate::pipeline::ShardFile;
+use crate::plan::{layout_shards, MergePlan, PlanSummary};
+use crate::progress::Progress;
+
+/// Suffix of the shared staging directory beside OUT: `.NAME` + this.
+pub const PARTS_DIR_SUFFIX: &str = ".pma-parts";
+/// The manifest inside each part directory.
+pub const MANIFEST_FILE_NAME: &str = "manifest.json";
+/// Version of the manifest layout.
+const MANIFEST_SCHEMA: u32 = 1;
+
+/// The shared staging directory of the parts of output `out`: `.NAME.pma-parts` beside it, a
+/// name every part and the finalize derive from OUT alone.
+pub fn parts_dir(out: &Path) -> PathBuf {
+    let name = out
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let parent = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    parent.join(format!(".{name}{PARTS_DIR_SUFFIX}"))
+}
+
+fn part_dir_name(part: usize, parts: usize) -> String {
+    format!("part-{part}-of-{parts}")
+}
+
+/// Reads `part-I-of-K` back.
+fn parse_part_dir_name(name: &str) -> Option<(usize, usize)> {
+    let rest = name.strip_prefix("part-")?;
+    let (i, k) = rest.split_once("-of-")?;
+    Some((i.parse().ok()?, k.parse().ok()?))
+}
+
+/// Which output shards each part writes, and the hash every part and the finalize agree on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Partition {
+    /// Number of parts, K.
+    pub parts: usize,
+    /// `shards_of[i]`: indices into [`MergePlan::shards`] written by part `i`, ascending.
+    pub shards_of: Vec<Vec<usize>>,
+    /// Bytes (headers included) each part writes.
+    pub part_bytes: Vec<u64>,
+    /// Hex SHA-256 of the plan and K.
+    pub plan_hash: String,
+    /// Whether the plan's shards were cut again (smaller) so that every part has work.
+    pub resharded: bool,
+}
+
+impl Partition {
+    /// Partitions `plan` into `parts`, cutting its shards smaller first when it has fewer shards
+    /// than parts (see the module docs). A single-file output is one file: it has one part.
+    pub fn new(plan: &mut MergePlan, parts: usize) -> Result<Partition> {
+        if parts == 0 {
+            return Err(Error::InvalidPartCount {
+                parts,
+                reason: "there must be at least one part",
+            });
+        }
+        if plan.single_file && parts > 1 {
+            return Err(Error::InvalidPartCount {
+                parts,
+                reason: "a single-file output (OUT ending in .safetensors) is one file and cannot \
+                         be split; write an HF directory instead",
+            });
+        }
+        let mut resharded = false;
+        if plan.shards.len() < parts {
+            let total: u64 = plan.tensors.iter().map(|t| t.spec.n_bytes()).sum();
+            let per_part = total.div_ceil(parts as u64).max(1);
+            let max = plan.config.max_shard_bytes.min(per_part);
+            if max < plan.config.max_shard_bytes {
+                plan.config.max_shard_bytes = max;
+                plan.shards = layout_shards(&plan.tensors, plan.single_file, max);
+                resharded = true;
+            }
+        }
+        let shard_bytes: Vec<u64> = (0..plan.shards.len())
+            .map(|i| shard_file_bytes(plan, i))
+            .collect();
+        let mut order: Vec<usize> = (0..shard_bytes.len()).collect();
+        // Largest first; equal sizes in shard order (sort_by_key is stable).
+        order.sort_by_key(|&i| std::cmp::Reverse(shard_bytes[i]));
+        let mut shards_of = vec![Vec::new(); parts];
+        let mut part_bytes = vec![0u64; parts];
+        for i in order {
+            let lightest = (0..parts)
+                .min_by_key(|&p| (part_bytes[p], p))
+                .expect("parts > 0");
+            shards_of[lightest].push(i);
+            part_bytes[lightest] += shard_bytes[i];
+        }
+        for s in &mut shards_of {
+            s.sort_unstable();
+        }
+        Ok(Partition {
+            parts,
+            shards_of,
+            part_bytes,
+            plan_hash: plan_hash(plan, parts)?,
+            resharded,
+        })
+    }
+}
+
+/// Bytes of output shard `i`, header included.
+fn shard_file_bytes(plan: &MergePlan, i: usize) -> u64 {
+    let specs = plan.shard_specs(i);
+    pma_format::encode_header(&specs, &plan.metadata).len() as u64
+        + specs.iter().map(TensorSpec::n_bytes).sum::<u64>()
+}
+
+/// SHA-256 over everything the output bytes and their layout depend on: the provenance metadata
+/// (method, weights, dtype, input paths and steps, key selection), the weights' exact bits,
+/// the flags, each input file's size and mtime, every output tensor's name, shape, dtype, mode
+/// and source dtypes, the shard layout, and K.
+fn plan_hash(plan: &MergePlan, parts: usize) -> Result<String> {
+    let mut inputs = Vec::with_capacity(plan.inputs.len());
+    for input in &plan.inputs {
+        let store = input.store();
+        let files: BTreeSet<PathBuf> = plan
+            .tensors
+            .iter()
+            .map(|t| store.file_of_tensor(&t.spec.name))
+            .collect();
+        let mut stamps = Vec::with_capacity(files.len());
+        for f in files {
+            let meta = std::fs::metadata(&f).map_err(|e| pma_format::Error::Io {
+                path: f.clone(),
+                action: "reading metadata of",
+                source: e,
+            })?;
+            let mtime_ns = meta
+                .modified()
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_nanos());
+            stamps.push(serde_json::json!([
+                f.display().to_string(),
+                meta.len(),
+                mtime_ns.to_string()
+            ]));
+        }
+        inputs.push(serde_json::json!({
+            "root": store.root().display().to_string(),
+            "files": stamps,
+        }));
+    }
+    let tensors: Vec<serde_json::Value> = plan
+        .tensors
+        .iter()
+        .map(|t| {
+            serde_json::json!([
+                t.spec.name,
+                dtype_name(t.spec.dtype),
+                t.spec.shape,
+                t.mode,
+                t.sources
+                    .iter()
+                    .map(|s| dtype_name(s.dtype))
+                    .collect::<Vec<_>>(),
+            ])
+        })
+        .collect();
+    let record = serde_json::json!({
+        "schema": MANIFEST_SCHEMA,
+        "parts": parts,
+        "metadata": plan.metadata,
+        "weights_bits": plan.weights.values.iter().map(|w| w.to_bits()).collect::<Vec<_>>(),
+        "out_dtype": plan.config.out_dtype.map(|d| d.name()),
+        "allow_nonfinite": plan.config.allow_nonfinite,
+        "single_file": plan.single_file,
+        "max_shard_bytes": plan.config.max_shard_bytes,
+        "inputs": inputs,
+        "tensors": tensors,
+        "shards": plan.shards.iter().map(|(n, r)| serde_json::json!([n, r.start, r.end])).collect::<Vec<_>>(),
+    });
+    let mut hasher = Sha256::new();
+    hasher.update(record.to_string().as_bytes());
+    Ok(hex(&hasher.finalize()))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// One output file of a part, as its manifest records it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestFile {
+    /// File name (an output shard's name).
+    pub name: String,
+    /// Size in bytes.
+    pub n_bytes: u64,
+    /// CRC-32 (IEEE) of its bytes.
+    pub crc32: u32,
+}
+
+/// What a part leaves for the finalize: `manifest.json` in its part directory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartManifest {
+    /// Layout version of this file.
+    pub schema_version: u32,
+    /// This part, 0-based.
+    pub part: usize,
+    /// Number of parts, K.
+    pub parts: usize,
+    /// [`Partition::plan_hash`] of the plan the part computed.
+    pub plan_hash: String,
+    /// The files it wrote.
+    pub files: Vec<ManifestFile>,
+}
+
+/// What one part reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct PartReport {
+    /// This part, 0-based.
+    pub part: usize,
+    /// Number of parts.
+    pub parts: usize,
+    /// The part's directory (inside [`parts_dir`]).
+    pub dir: PathBuf,
+    /// Files written, with sizes and checksums.
+    pub files: Vec<ManifestFile>,
+    /// The plan hash every part and the finalize must share.
+    pub plan_hash: String,
+    /// The plan's shard size limit; lowered from the requested one when the plan had fewer
+    /// shards than parts (a single-process merge with this `--max-shard-size` is identical).
+    pub max_shard_bytes: u64,
+    /// Whether the shards were cut smaller so every part has work.
+    pub resharded: bool,
+    /// Tensor bytes read.
+    pub bytes_read: u64,
+    /// Wall time, in seconds.
+    pub elapsed_secs: f64,
+    /// NaN/Inf found with `allow_nonfinite`.
+    pub warnings: Vec<crate::NonFiniteWarning>,
+}
+
+/// What the finalize reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct FinalizeReport {
+    /// The plan that was executed (by the parts).
+    pub plan: PlanSummary,
+    /// Number of parts found.
+    pub parts: usize,
+    /// Where the output now is.
+    pub output: PathBuf,
+    /// Sidecar files copied from the newest checkpoint.
+    pub sidecars: Vec<String>,
+    /// Wall time of the finalize, in seconds.
+    pub elapsed_secs: f64,
+}
+
+/// Runs part `part` of `parts` of `plan` for output `out`: writes its shard files and manifest
+/// into its directory under [`parts_dir`]`(out)`, replacing a previous attempt atomically.
+pub fn execute_part(
+    plan: &mut MergePlan,
+    part: usize,
+    parts: usize,
+    out: &Path,
+    opts: &ExecOptions<'_>,
+    progress: &dyn Progress,
+) -> Result<PartReport> {
+    let started = std::time::Instant::now();
+    let pdir = parts_dir(out);
+    crate::placement::check_plan_output(plan, out)?;
+    crate::placement::check_plan_output(plan, &pdir)?;
+    if part >= parts {
+        return Err(Error::PartOutOfRange { part, parts });
+    }
+    // Fail before computing anything when the finalize could not publish.
+    if !opts.overwrite && pma_format::writer::output_occupied(out) {
+        return Err(pma_format::Error::OutputExists { path: out.into() }.into());
+    }
+    let partition = Partition::new(plan, parts)?;
+    create_dir_all_synced(&pdir)?;
+    let staged = StagedOutput::create(
+        &pdir.join(part_dir_name(part, parts)),
+        OutputKind::Dir,
+        Publish::Replace,
+    )?;
+    let files: Vec<ShardFile> = partition.shards_of[part]
+        .iter()
+        .map(|&i| {
+            let (name, range) = &plan.shards[i];
+            ShardFile {
+                path: staged.path().join(name),
+                tensors: range
+                    .clone()
+                    .map(|t| (t, plan.tensors[t].spec.clone()))
+                    .collect(),
+            }
+        })
+        .collect();
+    let paths: Vec<PathBuf> = files.iter().map(|f| f.path.clone()).collect();
+    let report = write_shard_files(plan, files, false, opts, progress)?;
+    let mut manifest_files = Vec::with_capacity(paths.len());
+    for path in &paths {
+        let (n_bytes, crc32) = checksum(path)?;
+        manifest_files.push(ManifestFile {
+            name: file_name(path),
+            n_bytes,
+            crc32,
+        });
+    }
+    let manifest = PartManifest {
+        schema_version: MANIFEST_SCHEMA,
+        part,
+        parts,
+        plan_hash: partition.plan_hash.clone(),
+        files: manifest_files,
+    };
+    let text = serde_json::to_vec_pretty(&manifest).expect("manifest serializes");
+    pma_format::write_file_synced(&staged.path().join(MANIFEST_FILE_NAME), &text)?;
+    staged.commit()?;
+    Ok(PartReport {
+        part,
+        parts,
+        dir: pdir.join(part_dir_name(part, parts)),
+        files: manifest.files,
+        plan_hash: partition.plan_hash,
+        max_shard_bytes: plan.config.max_shard_bytes,
+        resharded: partition.resharded,
+        bytes_read: report.read_bytes,
+        elapsed_secs: started.elapsed().as_secs_f64(),
+        warnings: report.warnings,
+    })
+}
+
+/// Checks the parts written for `out` against `plan` and publishes the output (see the module
+/// docs). Any missing, stale or corrupted part fails with an error naming it, and nothing is
+/// published.
+pub fn finalize(
+    plan: &mut MergePlan,
+    out: &Path,
+    opts: &ExecOptions<'_>,
+) -> Result<FinalizeReport> {
+    let started = std::time::Instant::now();
+    let pdir = parts_dir(out);
+    crate::placement::check_plan_output(plan, out)?;
+    let publish = Publish::overwrite_if(opts.overwrite);
+    if publish == Publish::Create && pma_format::writer::output_occupied(out) {
+        return Err(pma_format::Error::OutputExists { path: out.into() }.into());
+    }
+    let manifests = read_manifests(&pdir)?;
+    let parts = manifests.keys().next().map(|&(_, k)| k).unwrap_or(0);
+    let counts: BTreeSet<usize> = manifests.keys().map(|&(_, k)| k).collect();
+    if counts.len() > 1 {
+        return Err(Error::PartCountsDisagree {
+            dir: pdir,
+            counts: counts.into_iter().collect(),
+        });
+    }
+    let partition = Partition::new(plan, parts)?;
+    for part in 0..parts {
+        let dir = pdir.join(part_dir_name(part, parts));
+        let Some(manifest) = manifests.get(&(part, parts)) else {
+            return Err(Error::PartMissing {
+                dir: pdir,
+                part,
+                parts,
+            });
+        };
+        if manifest.plan_hash != partition.plan_hash {
+            return Err(Error::PartStale {
+                path: dir.join(MANIFEST_FILE_NAME),
+                part,
+                parts,
+            });
+        }
+        let expected: Vec<&str> = partition.shards_of[part]
+            .iter()
+            .map(|&i| plan.shards[i].0.as_str())
+            .collect();
+        let found: Vec<&str> = manifest.files.iter().map(|f| f.name.as_str()).collect();
+        if expected != found {
+            return Err(Error::PartCorrupt {
+                path: dir.join(MANIFEST_FILE_NAME),
+                reason: format!("lists files {found:?} but the plan gives this part {expected:?}"),
+            });
+        }
+        for f in &manifest.files {
+            let path = dir.join(&f.name);
+            let (n_bytes, crc32) = checksum(&path).map_err(|e| Error::PartCorrupt {
+                path: path.clone(),
+                reason: format!("cannot be read: {e}"),
+            })?;
+            if n_bytes != f.n_bytes {
+                return Err(Error::PartCorrupt {
+                    path,
+                    reason: format!("is {n_bytes} bytes but its manifest says {}", f.n_bytes),
+                });
+            }
+            if crc32 != f.crc32 {
+                return Err(Error::PartCorrupt {
+                    path,
+                    reason: format!(
+                        "has CRC-32 {crc32:08x} but its manifest says {:08x}",
+                        f.crc32
+                    ),
+                });
+            }
+        }
+    }
+
+    let kind = if plan.single_file {
+        OutputKind::File
+    } else {
+        OutputKind::Dir
+    };
+    let staged = StagedOutput::create(out, kind, publish)?;
+    for (part, shards) in partition.shards_of.iter().enumerate() {
+        let dir = pdir.join(part_dir_name(part, parts));
+        for &i in shards {
+            let name = &plan.shards[i].0;
+            let dst = if plan.single_file {
+                staged.path().to_path_buf()
+            } else {
+                staged.path().join(name)
+            };
+            // A link, not a move: if publishing fails, the parts are still there for a retry.
+            link_or_copy(&dir.join(name), &dst)?;
+        }
+    }
+    let mut sidecars = Vec::new();
+    if !plan.single_file {
+        if plan.shards.len() > 1 {
+            let listing: Vec<(String, Vec<&TensorSpec>)> = plan
+                .shards
+                .iter()
+                .map(|(name, range)| {
+                    (
+                        name.clone(),
+                        plan.tensors[range.clone()]
+                            .iter()
+                            .map(|t| &t.spec)
+                            .collect(),
+                    )
+                })
+                .collect();
+            pma_format::write_index(staged.path(), &listing)?;
+        }
+        let newest = &plan.inputs[plan.inputs.len() - 1];
+        sidecars = copy_sidecars(newest.store(), plan.config.out_dtype, staged.path())?;
+    }
+    staged.commit()?;
+    // The output is published; the parts are no longer needed. A failure here leaves only a
+    // hidden directory behind, not a wrong output.
+    let _ = std::fs::remove_dir_all(&pdir);
+    Ok(FinalizeReport {
+        plan: plan.summary(opts.threads.max(1)),
+        parts,
+        output: out.to_path_buf(),
+        sidecars,
+        elapsed_secs: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// Every part manifest under `pdir`, by (part, parts). Hidden entries (a part's staging path)
+/// are skipped.
+fn read_manifests(pdir: &Path) -> Result<BTreeMap<(usize, usize), PartManifest>> {
+    let no_parts = || Error::NoParts { dir: pdir.into() };
+    let entries = std::fs::read_dir(pdir).map_err(|_| no_parts())?;
+    let mut manifests = BTreeMap::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| io_error(pdir, "listing", e))?;
+        let name = entry.file_name();
+        let Some((part, parts)) = name.to_str().and_then(parse_part_dir_name) else {
+            continue;
+        };
+        let path = entry.path().join(MANIFEST_FILE_NAME);
+        let text = std::fs::read(&path).map_err(|e| Error::PartCorrupt {
+            path: path.clone(),
+            reason: format!("cannot be read: {e}"),
+        })?;
+        let manifest: PartManifest =
+            serde_json::from_slice(&text).map_err(|e| Error::PartCorrupt {
+                path: path.clone(),
+                reason: format!("is not a part manifest: {e}"),
+            })?;
+        if manifest.schema_version != MANIFEST_SCHEMA
+            || (manifest.part, manifest.parts) != (part, parts)
+        {
+            return Err(Error::PartCorrupt {
+                path,
+                reason: format!(
+                    "records part {} of {} (schema {}) but sits in {}",
+                    manifest.part,
+                    manifest.parts,
+                    manifest.schema_version,
+                    part_dir_name(part, parts)
+                ),
+            });
+        }
+        manifests.insert((part, parts), manifest);
+    }
+    if manifests.is_empty() {
+        return Err(no_parts());
+    }
+    Ok(manifests)
+}
+
+/// Size and CRC-32 of a file, read in 1 MiB blocks.
+fn checksum(path: &Path) -> Result<(u64, u32)> {
+    let mut f = std::fs::File::open(path).map_err(|e| io_error(path, "opening", e))?;
+    let mut hasher = crc32fast::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut n_bytes = 0u64;
+    loop {
+        let n = f.read(&mut buf).map_err(|e| io_error(path, "reading", e))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        n_bytes += n as u64;
+    }
+    Ok((n_bytes, hasher.finalize()))
+}
+
+/// Hard-links `src` to `dst` (same directory tree, no bytes copied); copies and fsyncs where
+/// the filesystem has no hard links.
+fn link_or_copy(src: &Path, dst: &Path) -> Result<()> {
+    if std::fs::hard_link(src, dst).is_ok() {
+        return Ok(());
+    }
+    std::fs::copy(src, dst).map_err(|e| io_error(dst, "copying into", e))?;
+    std::fs::File::open(dst)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| io_error(dst, "syncing", e))?;
+    Ok(())
+}
+
+fn io_error(path: &Path, action: &'static str, source: std::io::Error) -> Error {
+    pma_format::Error::Io {
+        path: path.into(),
+        action,
+        source,
+    }
+    .into()
+}
+
+fn file_name(path: &Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn part_dir_names_round_trip() {
+        assert_eq!(parse_part_dir_name(&part_dir_name(3, 16)), Some((3, 16)));
+        assert_eq!(parse_part_dir_name("part-x-of-4"), None);
+        assert_eq!(parse_part_dir_name(".part-1-of-4.pma-tmp-h-1-2"), None);
+        assert_eq!(
+            parts_dir(Path::new("/a/merged")),
+            Path::new("/a/.merged.pma-parts")
+        );
+        assert_eq!(parts_dir(Path::new("m")), Path::new("./.m.pma-parts"));
+    }
+}
