@@ -588,6 +588,105 @@ fn file_name(path: &Path) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::plan::{MergeConfig, MergeInput};
+    use crate::weights::WeightSpec;
+    use pma_format::{AnyCheckpoint, Dtype};
+
+    /// Two checkpoints of f32 tensors with these element counts, planned with SMA.
+    fn plan(dir: &Path, numels: &[u64], max_shard_bytes: u64, bf16_out: bool) -> MergePlan {
+        std::fs::create_dir_all(dir).unwrap();
+        let inputs = (0..2)
+            .map(|i| {
+                let path = dir.join(format!("ckpt-{i}.safetensors"));
+                let data: Vec<Vec<u8>> = numels
+                    .iter()
+                    .map(|&n| 1f32.to_le_bytes().repeat(n as usize))
+                    .collect();
+                let names: Vec<String> =
+                    (0..numels.len()).map(|t| format!("t{t}.weight")).collect();
+                let specs: Vec<(TensorSpec, &[u8])> = numels
+                    .iter()
+                    .zip(&data)
+                    .zip(&names)
+                    .map(|((&n, d), name)| {
+                        let spec = TensorSpec {
+                            name: name.clone(),
+                            dtype: Dtype::F32,
+                            shape: vec![n],
+                        };
+                        (spec, d.as_slice())
+                    })
+                    .collect();
+                pma_format::write_safetensors(&path, &specs, &BTreeMap::new()).unwrap();
+                MergeInput {
+                    step: Some(i),
+                    checkpoint: AnyCheckpoint::open(&path).unwrap(),
+                }
+            })
+            .collect();
+        let config = MergeConfig {
+            max_shard_bytes,
+            out_dtype: bf16_out.then_some(pma_format::FloatDtype::BF16),
+            ..Default::default()
+        };
+        MergePlan::build(inputs, WeightSpec::Sma.weights(2).unwrap(), config).unwrap()
+    }
+
+    #[test]
+    fn shards_go_to_the_lightest_part_largest_first() {
+        let d = tempfile::tempdir().unwrap();
+        // Shards of 400, 100, 300, 200 elements (one tensor each at 1000 bytes max).
+        let mut p = plan(d.path(), &[400, 100, 300, 200], 1000, false);
+        assert_eq!(p.shards.len(), 4);
+        let part = Partition::new(&mut p, 2).unwrap();
+        // 400 → part 0, 300 → part 1, 200 → part 1, 100 → part 0: 500 elements each.
+        assert_eq!(part.shards_of, vec![vec![0, 1], vec![2, 3]]);
+        assert!(!part.resharded);
+        // Equal tensor bytes; only the headers' offset digits differ.
+        assert!(part.part_bytes[0].abs_diff(part.part_bytes[1]) < 16);
+        // Deterministic: the same plan gives the same partition and hash.
+        let again = Partition::new(&mut p, 2).unwrap();
+        assert_eq!(part, again);
+        // K is part of the hash.
+        assert_ne!(Partition::new(&mut p, 3).unwrap().plan_hash, part.plan_hash);
+        // More parts than shards: the extra part is empty, not an error.
+        let five = Partition::new(&mut p, 5).unwrap();
+        assert_eq!(five.shards_of.iter().filter(|s| s.is_empty()).count(), 1);
+    }
+
+    #[test]
+    fn fewer_shards_than_parts_are_cut_smaller() {
+        let d = tempfile::tempdir().unwrap();
+        let mut p = plan(d.path(), &[100, 100, 100, 100, 100, 100], u64::MAX, false);
+        assert_eq!(p.shards.len(), 1);
+        let part = Partition::new(&mut p, 3).unwrap();
+        assert!(part.resharded);
+        assert_eq!(p.config.max_shard_bytes, 800); // 2400 bytes / 3
+        assert_eq!(p.shards.len(), 3);
+        assert!(part.shards_of.iter().all(|s| s.len() == 1));
+        assert!(matches!(
+            Partition::new(&mut p, 0),
+            Err(Error::InvalidPartCount { parts: 0, .. })
+        ));
+    }
+
+    #[test]
+    fn the_hash_tells_plans_apart() {
+        let d = tempfile::tempdir().unwrap();
+        let mut a = plan(&d.path().join("a"), &[10, 20], 1000, false);
+        let mut b = plan(&d.path().join("b"), &[10, 20], 1000, false);
+        let mut c = plan(&d.path().join("c"), &[10, 20], 1000, true);
+        assert_ne!(
+            Partition::new(&mut a, 1).unwrap().plan_hash,
+            Partition::new(&mut b, 1).unwrap().plan_hash,
+            "other input paths"
+        );
+        assert_ne!(
+            Partition::new(&mut b, 1).unwrap().plan_hash,
+            Partition::new(&mut c, 1).unwrap().plan_hash,
+            "another output dtype"
+        );
+    }
 
     #[test]
     fn part_dir_names_round_trip() {
