@@ -19,7 +19,7 @@ use serde::Serialize;
 use crate::error::{Error, Result};
 use crate::pipeline::{
     read_members, run_pipeline, Emitter, Job, Kernel, PipelineOptions, PipelineReport,
-    SafetensorsSink, Scratch, ShardFile,
+    SafetensorsSink, Scratch, ShardFile, Sink,
 };
 use crate::plan::{MergePlan, PlanSummary, TensorMode};
 use crate::progress::Progress;
@@ -100,7 +100,7 @@ pub fn execute(
         })
         .collect();
     let total_read: u64 = plan.bytes_read_per_input().iter().sum();
-    let report = write_shard_files(plan, files, true, opts, progress)?;
+    let report = write_shard_files(plan, files, true, None::<SafetensorsSink>, opts, progress)?;
 
     let mut sidecars = Vec::new();
     if !plan.single_file {
@@ -122,13 +122,15 @@ pub fn execute(
 }
 
 /// Merges the tensors of `files` (some or all of the plan's shards, each at its own path) and
-/// writes them, with the shard index when `index` is set and there is more than one file.
-/// Tensors of shards not in `files` are neither read nor computed: a part of a partitioned merge
-/// ([`crate::partition`]) runs this over its own shards.
-pub(crate) fn write_shard_files(
+/// writes them, with the shard index when `index` is set and there is more than one file;
+/// `also` sees every job's output too (after the file writer). Tensors of shards not in `files`
+/// are neither read nor computed: a part of a partitioned merge ([`crate::partition`]) runs
+/// this over its own shards.
+pub(crate) fn write_shard_files<S: Sink>(
     plan: &MergePlan,
     files: Vec<ShardFile>,
     index: bool,
+    also: S,
     opts: &ExecOptions<'_>,
     progress: &dyn Progress,
 ) -> Result<PipelineReport> {
@@ -161,7 +163,7 @@ pub(crate) fn write_shard_files(
     let result = run_pipeline(
         &regions,
         &kernel,
-        sink,
+        (sink, also),
         &PipelineOptions {
             threads: opts.threads,
             cancel: opts.cancel,

@@ -31,12 +31,13 @@ use std::path::{Path, PathBuf};
 use pma_format::atomic::{create_dir_all_synced, OutputKind, Publish};
 use pma_format::dtype::dtype_name;
 use pma_format::{StagedOutput, TensorSpec};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
 use crate::executor::{copy_sidecars, write_shard_files, ExecOptions};
-use crate::pipeline::ShardFile;
+use crate::pipeline::{Job, ShardFile, Sink};
 use crate::plan::{layout_shards, MergePlan, PlanSummary};
 use crate::progress::Progress;
 
@@ -333,14 +334,17 @@ pub fn execute_part(
         })
         .collect();
     let paths: Vec<PathBuf> = files.iter().map(|f| f.path.clone()).collect();
-    let report = write_shard_files(plan, files, false, opts, progress)?;
+    let mut crcs = ChecksumSink::new(plan, &files);
+    let report = write_shard_files(plan, files, false, &mut crcs, opts, progress)?;
     let mut manifest_files = Vec::with_capacity(paths.len());
-    for path in &paths {
-        let (n_bytes, crc32) = checksum(path)?;
+    for (path, hasher) in paths.iter().zip(crcs.hashers) {
+        let n_bytes = std::fs::metadata(path)
+            .map_err(|e| io_error(path, "reading metadata of", e))?
+            .len();
         manifest_files.push(ManifestFile {
             name: file_name(path),
             n_bytes,
-            crc32,
+            crc32: hasher.finalize(),
         });
     }
     let manifest = PartManifest {
@@ -392,6 +396,7 @@ pub fn finalize(
         });
     }
     let partition = Partition::new(plan, parts)?;
+    let mut to_verify: Vec<(PathBuf, u32)> = Vec::new();
     for part in 0..parts {
         let dir = pdir.join(part_dir_name(part, parts));
         let Some(manifest) = manifests.get(&(part, parts)) else {
@@ -421,27 +426,41 @@ pub fn finalize(
         }
         for f in &manifest.files {
             let path = dir.join(&f.name);
-            let (n_bytes, crc32) = checksum(&path).map_err(|e| Error::PartCorrupt {
-                path: path.clone(),
-                reason: format!("cannot be read: {e}"),
-            })?;
+            let n_bytes = std::fs::metadata(&path)
+                .map_err(|e| Error::PartCorrupt {
+                    path: path.clone(),
+                    reason: format!("cannot be read: {e}"),
+                })?
+                .len();
             if n_bytes != f.n_bytes {
                 return Err(Error::PartCorrupt {
                     path,
                     reason: format!("is {n_bytes} bytes but its manifest says {}", f.n_bytes),
                 });
             }
-            if crc32 != f.crc32 {
-                return Err(Error::PartCorrupt {
-                    path,
-                    reason: format!(
-                        "has CRC-32 {crc32:08x} but its manifest says {:08x}",
-                        f.crc32
-                    ),
-                });
-            }
+            to_verify.push((path, f.crc32));
         }
     }
+    // Reading the whole output back is the finalize's main cost; files are checked in parallel
+    // (a parallel filesystem serves several readers faster than one), and the first bad file in
+    // part order is reported.
+    let verified: Vec<Result<()>> = to_verify
+        .par_iter()
+        .map(|(path, expected)| {
+            let (_, crc32) = checksum(path).map_err(|e| Error::PartCorrupt {
+                path: path.clone(),
+                reason: format!("cannot be read: {e}"),
+            })?;
+            if crc32 != *expected {
+                return Err(Error::PartCorrupt {
+                    path: path.clone(),
+                    reason: format!("has CRC-32 {crc32:08x} but its manifest says {expected:08x}"),
+                });
+            }
+            Ok(())
+        })
+        .collect();
+    verified.into_iter().collect::<Result<()>>()?;
 
     let kind = if plan.single_file {
         OutputKind::File
@@ -494,6 +513,48 @@ pub fn finalize(
         sidecars,
         elapsed_secs: started.elapsed().as_secs_f64(),
     })
+}
+
+/// The CRC-32 of each of a part's files, computed from the bytes on their way to the file
+/// writer (each file's header first, then its tensors in write order, as the writer lays them
+/// out), so a part never reads its output back (written with `O_DIRECT`, it is not cached).
+struct ChecksumSink {
+    /// File of each output tensor; `None` for tensors of other parts.
+    file_of: Vec<Option<usize>>,
+    hashers: Vec<crc32fast::Hasher>,
+}
+
+impl ChecksumSink {
+    fn new(plan: &MergePlan, files: &[ShardFile]) -> ChecksumSink {
+        let mut file_of = vec![None; plan.tensors.len()];
+        let hashers = files
+            .iter()
+            .enumerate()
+            .map(|(i, f)| {
+                let specs: Vec<TensorSpec> = f.tensors.iter().map(|(_, s)| s.clone()).collect();
+                for (t, _) in &f.tensors {
+                    file_of[*t] = Some(i);
+                }
+                let mut h = crc32fast::Hasher::new();
+                h.update(&pma_format::encode_header(&specs, &plan.metadata));
+                h
+            })
+            .collect();
+        ChecksumSink { file_of, hashers }
+    }
+}
+
+impl Sink for &mut ChecksumSink {
+    fn write(&mut self, job: &Job<'_>, outputs: &[Vec<u8>]) -> Result<()> {
+        if let Some(Some(f)) = self.file_of.get(job.tensor) {
+            self.hashers[*f].update(&outputs[0]);
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// Every part manifest under `pdir`, by (part, parts). Hidden entries (a part's staging path)

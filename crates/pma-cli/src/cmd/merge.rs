@@ -346,14 +346,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     };
     let report = execute(&plan, &args.out, &opts, &bar)?;
     if !args.quiet {
-        for w in &report.warnings {
-            eprintln!(
-                "warning: {}: tensor '{}' has {} non-finite values (merged anyway)",
-                w.path.display(),
-                w.tensor,
-                w.count
-            );
-        }
+        warn_nonfinite(&report.warnings);
     }
     if args.json {
         print_json(&versioned(
@@ -363,6 +356,18 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         print_report(&report)?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Warns (stderr) about NaN/Inf merged through with `--allow-nonfinite`.
+pub(crate) fn warn_nonfinite(warnings: &[pma_merge::NonFiniteWarning]) {
+    for w in warnings {
+        eprintln!(
+            "warning: {}: tensor '{}' has {} non-finite values (merged anyway)",
+            w.path.display(),
+            w.tensor,
+            w.count
+        );
+    }
 }
 
 fn print_plan(s: &PlanSummary, out: &std::path::Path) -> std::io::Result<()> {

@@ -12,7 +12,7 @@ use std::process::ExitCode;
 use anyhow::bail;
 use pma_merge::{execute_part, finalize, ExecOptions, FinalizeReport, PartReport};
 
-use super::merge::{plan_from_args, Args};
+use super::merge::{plan_from_args, warn_nonfinite, Args};
 use super::render::{human, print_json, versioned};
 use super::UsageError;
 use crate::progress::{self, ByteBar};
@@ -195,14 +195,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             let report =
                 execute_part(&mut plan, choice.part, choice.parts, &args.out, &opts, &bar)?;
             if !args.quiet {
-                for w in &report.warnings {
-                    eprintln!(
-                        "warning: {}: tensor '{}' has {} non-finite values (merged anyway)",
-                        w.path.display(),
-                        w.tensor,
-                        w.count
-                    );
-                }
+                warn_nonfinite(&report.warnings);
                 if report.resharded {
                     eprintln!(
                         "note: the plan has fewer shards than parts, so shards are cut at {} \
