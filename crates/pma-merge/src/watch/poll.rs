@@ -6,7 +6,7 @@
 //! unless a newer one is complete, in which case the trainer abandoned it and it is skipped.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
@@ -20,7 +20,8 @@ use super::state::{
 };
 use super::wake::Wakeup;
 use crate::error::{Error, Result};
-use crate::series::{CheckpointEntry, CheckpointSeries};
+use crate::run_layout::discover_run;
+use crate::series::CheckpointEntry;
 
 /// Runs the watcher until `stop` is set (or, with `once`, until nothing more is ready).
 /// The flag is checked between updates: an update in progress always completes.
@@ -220,11 +221,22 @@ impl<'c> Watcher<'c> {
     ) -> Result<Vec<(u64, Option<PathBuf>, Found)>> {
         let last = self.state.last_step();
         let newer = |s: u64| last.is_none_or(|l| s > l);
-        let entries = match CheckpointSeries::discover(&self.config.run_dir) {
-            Ok(series) => series.entries,
-            Err(Error::EmptyRun { .. }) => Vec::new(),
+        // The run is read as `pma merge` reads it (torchtitan's `checkpoint/`, Megatron's and
+        // DeepSpeed's latest markers).
+        let run = match discover_run(&self.config.run_dir) {
+            Ok(run) => run,
+            Err(Error::EmptyRun { .. }) => return Ok(Vec::new()),
+            // A marker being rewritten (Megatron writes it in place): look again next poll.
+            Err(Error::BadLatestMarker { .. }) => return Ok(Vec::new()),
             Err(e) => return Err(e),
         };
+        let beyond: HashMap<u64, PathBuf> = run
+            .beyond_latest()
+            .into_iter()
+            .filter_map(|e| Some((e.step?, e.path.clone())))
+            .collect();
+        let marker = run.latest.as_ref().map(|m| m.path.clone());
+        let entries = run.series.entries;
         // step → (trainer path, pin): pins left by an earlier run count even if the trainer
         // has deleted its copy since.
         let mut candidates: BTreeMap<u64, (Option<PathBuf>, Option<PathBuf>)> = BTreeMap::new();
@@ -267,15 +279,22 @@ impl<'c> Watcher<'c> {
             });
             let status = match (pin, &source) {
                 (Some(pin), _) => Found::Pinned(pin),
-                (None, Some(path)) => match self.tracker.check(&self.config.run_dir, path, step) {
-                    Readiness::Ready(ckpt) => match pins::pin(&ckpt, step, &self.pins_dir()) {
-                        Ok((pin, kind)) => {
-                            sink(&WatchEvent::Pinned { step, kind });
-                            Found::Pinned(pin)
+                // The framework has not declared it complete: still being written.
+                (None, Some(path)) if beyond.contains_key(&step) => Found::Incomplete(format!(
+                    "newer than the latest complete checkpoint named in {}",
+                    marker.as_deref().unwrap_or(Path::new("")).display()
+                )),
+                (None, Some(path)) => match self.tracker.check(&run.checkpoints_dir, path, step) {
+                    Readiness::Ready(ckpt) => {
+                        match pins::pin(&ckpt, path, step, &self.pins_dir()) {
+                            Ok((pin, kind)) => {
+                                sink(&WatchEvent::Pinned { step, kind });
+                                Found::Pinned(pin)
+                            }
+                            // Rotated away between validation and pinning.
+                            Err(e) => Found::Incomplete(format!("vanished while pinning: {e}")),
                         }
-                        // Rotated away between validation and pinning.
-                        Err(e) => Found::Incomplete(format!("vanished while pinning: {e}")),
-                    },
+                    }
                     Readiness::Settling => Found::Settling,
                     Readiness::Incomplete(reason) => Found::Incomplete(reason),
                 },
