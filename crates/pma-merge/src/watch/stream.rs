@@ -6,6 +6,13 @@
 //! - incremental SMA: a running f64 sum `S_t = S_{t−1} + x_t − x_{t−N}` over the window, and the
 //!   output `S_t / n`.
 //!
+//! Members are read through [`TensorStore`], so they may be HF safetensors, torch DCP (any chunk
+//! layout, which may change from one member to the next) or torch.save; the output and the
+//! state are safetensors. An update carries the tensors a default `pma merge` writes
+//! ([`crate::keys::select_keys`]): float model weights are averaged, other model tensors copied
+//! from the newest, and training state (optimizer moments, step counters, bytes items) is left
+//! out.
+//!
 //! Each reads only the new checkpoint, the state (and for SMA the checkpoint leaving the window),
 //! so an update costs about one pass over the state. It runs on the same [`crate::pipeline`] as
 //! a merge: tensors are cut into jobs computed in parallel while the writer thread writes the
