@@ -7,7 +7,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{f32_bytes, pma, write_ckpt};
+use common::{f32_bytes, listing, pma, write_ckpt};
 use pma_format::Dtype;
 
 /// A sentence-transformers-like checkpoint of step `i`, with HF Trainer state beside it.
@@ -34,26 +34,6 @@ fn st_checkpoint(dir: &Path, i: usize, secret: &Path) {
         std::fs::write(&p, bytes).unwrap();
     }
     std::os::unix::fs::symlink(secret, dir.join("notes.txt")).unwrap();
-}
-
-/// Relative paths of every file and folder (`name/`) under `dir`, sorted.
-fn listing(dir: &Path) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap() {
-            let p = e.unwrap().path();
-            let rel = p.strip_prefix(dir).unwrap().display().to_string();
-            if p.symlink_metadata().unwrap().is_dir() {
-                out.push(rel + "/");
-                stack.push(p);
-            } else {
-                out.push(rel);
-            }
-        }
-    }
-    out.sort();
-    out
 }
 
 #[test]

@@ -12,7 +12,9 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{events, pma, read_tensors, Tensors};
+use common::{
+    events_of, listing, merge, output_steps, pma, python, read_tensors, torch_available, Tensors,
+};
 
 /// A committed DCP fixture run of pma-format.
 fn dcp_fixture(run: &str) -> PathBuf {
@@ -50,72 +52,40 @@ fn watch(run: &Path, out: &Path) -> assert_cmd::Command {
     c
 }
 
-fn merge(members: &[PathBuf], method: &[&str], out: &Path) {
-    pma()
-        .arg("merge")
-        .args(members)
-        .args(method)
-        .args(["--quiet", "--out"])
-        .arg(out)
-        .assert()
-        .success();
-}
-
-fn events_of(out: &Path, kind: &str) -> Vec<serde_json::Value> {
-    events(out)
-        .into_iter()
-        .filter(|e| e["event"] == kind)
-        .collect()
-}
-
-fn output_steps(out: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(out)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with("step-"))
-        .collect();
-    v.sort();
-    v
-}
-
 fn processed(out: &Path) -> serde_json::Value {
     let bytes = std::fs::read(out.join(".pma-watch/state.json")).unwrap();
     serde_json::from_slice::<serde_json::Value>(&bytes).unwrap()["processed"].clone()
 }
 
 /// Distance in units in the last place between two floats of one dtype, element by element;
-/// returns the largest.
+/// returns the largest. Other dtypes must be equal.
 fn max_ulps(dtype: pma_format::Dtype, a: &[u8], b: &[u8]) -> u64 {
     assert_eq!(a.len(), b.len());
-    let ordered = |bits: i64, sign: i64| if bits & sign != 0 { sign - bits } else { bits };
-    match dtype {
-        pma_format::Dtype::F32 => a
-            .chunks(4)
-            .zip(b.chunks(4))
-            .map(|(x, y)| {
-                let s = 1i64 << 31;
-                let x = ordered(u32::from_le_bytes(x.try_into().unwrap()) as i64, s);
-                let y = ordered(u32::from_le_bytes(y.try_into().unwrap()) as i64, s);
-                x.abs_diff(y)
-            })
-            .max()
-            .unwrap_or(0),
-        pma_format::Dtype::BF16 => a
-            .chunks(2)
-            .zip(b.chunks(2))
-            .map(|(x, y)| {
-                let s = 1i64 << 15;
-                let x = ordered(u16::from_le_bytes(x.try_into().unwrap()) as i64, s);
-                let y = ordered(u16::from_le_bytes(y.try_into().unwrap()) as i64, s);
-                x.abs_diff(y)
-            })
-            .max()
-            .unwrap_or(0),
+    let width = match dtype {
+        pma_format::Dtype::F32 => 4,
+        pma_format::Dtype::BF16 => 2,
         d => {
             assert_eq!(a, b, "{d:?} tensors are copied exactly");
-            0
+            return 0;
         }
-    }
+    };
+    // Sign-magnitude bits to a line where neighbouring floats are neighbouring integers.
+    let sign = 1i64 << (8 * width - 1);
+    let ordered = |c: &[u8]| {
+        let mut le = [0u8; 8];
+        le[..width].copy_from_slice(c);
+        let bits = i64::from_le_bytes(le);
+        if bits & sign != 0 {
+            sign - bits
+        } else {
+            bits
+        }
+    };
+    a.chunks(width)
+        .zip(b.chunks(width))
+        .map(|(x, y)| ordered(x).abs_diff(ordered(y)))
+        .max()
+        .unwrap_or(0)
 }
 
 /// Every tensor of `got` within `ulps` of `want`, with the same names, dtypes and shapes.
@@ -302,25 +272,10 @@ fn streaming_modes_read_dcp_members_and_carry_model_tensors_only() {
     );
 }
 
-fn python() -> String {
-    std::env::var("PMA_PYTHON").unwrap_or_else(|_| "python3".into())
-}
-
 /// Writes a torch.save run with torch (`tests/scripts/make_torch_run.py`), or returns false
 /// when torch is unavailable and not required.
 fn make_torch_run(run: &Path, n: usize, layout: &str) -> bool {
-    let has_torch = Command::new(python())
-        .args(["-c", "import torch"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !has_torch {
-        if std::env::var("PMA_REQUIRE_TORCH").as_deref() == Ok("1") {
-            panic!(
-                "PMA_REQUIRE_TORCH=1 but `{} -c 'import torch'` fails",
-                python()
-            );
-        }
-        eprintln!("SKIPPED: no torch in {} (set PMA_PYTHON)", python());
+    if !torch_available() {
         return false;
     }
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/scripts/make_torch_run.py");
@@ -337,26 +292,6 @@ fn make_torch_run(run: &Path, n: usize, layout: &str) -> bool {
         String::from_utf8_lossy(&out.stderr)
     );
     true
-}
-
-/// Relative paths of every file and folder (`name/`) under `dir`, sorted.
-fn listing(dir: &Path) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap() {
-            let p = e.unwrap().path();
-            let rel = p.strip_prefix(dir).unwrap().display().to_string();
-            if p.is_dir() {
-                out.push(rel + "/");
-                stack.push(p);
-            } else {
-                out.push(rel);
-            }
-        }
-    }
-    out.sort();
-    out
 }
 
 #[test]
