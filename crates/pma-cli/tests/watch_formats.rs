@@ -253,6 +253,35 @@ fn incomplete_dcp_checkpoints_are_never_taken() {
 }
 
 #[test]
+fn torchtitan_checkpoint_folder_is_watched() {
+    // torchtitan writes `checkpoint/step-N/` under its dump folder, which is what users pass.
+    let d = tempfile::tempdir().unwrap();
+    let dump = d.path().join("dump");
+    for step in [100, 200] {
+        copy_tree(
+            &dcp_fixture(&format!("run-single/step-{step:07}")),
+            &dump.join(format!("checkpoint/step-{step}")),
+        );
+    }
+    let out = d.path().join("out");
+    watch(&dump, &out)
+        .args(["--method", "sma", "--last", "1"])
+        .assert()
+        .success();
+    assert_eq!(output_steps(&out), ["step-0000100", "step-0000200"]);
+    let reference = d.path().join("ref");
+    merge(
+        &[dump.join("checkpoint/step-200")],
+        &["--method", "sma"],
+        &reference,
+    );
+    assert_eq!(
+        read_tensors(&out.join("step-0000200")),
+        read_tensors(&reference)
+    );
+}
+
+#[test]
 fn streaming_modes_read_dcp_members_and_carry_model_tensors_only() {
     let d = tempfile::tempdir().unwrap();
     // Incremental SMA over FSDP2 checkpoints that hold optimizer state and step counters.

@@ -284,7 +284,7 @@ impl<'c> Watcher<'c> {
                     "newer than the latest complete checkpoint named in {}",
                     marker.as_deref().unwrap_or(Path::new("")).display()
                 )),
-                (None, Some(path)) => match self.tracker.check(&run.checkpoints_dir, path, step) {
+                (None, Some(path)) => match self.tracker.check(&self.config.run_dir, path, step) {
                     Readiness::Ready(ckpt) => {
                         match pins::pin(&ckpt, path, step, &self.pins_dir()) {
                             Ok((pin, kind)) => {
