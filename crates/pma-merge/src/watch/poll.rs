@@ -6,7 +6,7 @@
 //! unless a newer one is complete, in which case the trainer abandoned it and it is skipped.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
@@ -230,12 +230,16 @@ impl<'c> Watcher<'c> {
             Err(Error::BadLatestMarker { .. }) => return Ok(Vec::new()),
             Err(e) => return Err(e),
         };
-        let beyond: HashMap<u64, PathBuf> = run
+        // Checkpoints the framework has not declared complete (non-empty only with a marker).
+        let beyond: HashSet<u64> = run
             .beyond_latest()
             .into_iter()
-            .filter_map(|e| Some((e.step?, e.path.clone())))
+            .filter_map(|e| e.step)
             .collect();
-        let marker = run.latest.as_ref().map(|m| m.path.clone());
+        let marker = run
+            .latest
+            .as_ref()
+            .map_or_else(String::new, |m| m.path.display().to_string());
         let entries = run.series.entries;
         // step → (trainer path, pin): pins left by an earlier run count even if the trainer
         // has deleted its copy since.
@@ -280,9 +284,8 @@ impl<'c> Watcher<'c> {
             let status = match (pin, &source) {
                 (Some(pin), _) => Found::Pinned(pin),
                 // The framework has not declared it complete: still being written.
-                (None, Some(path)) if beyond.contains_key(&step) => Found::Incomplete(format!(
-                    "newer than the latest complete checkpoint named in {}",
-                    marker.as_deref().unwrap_or(Path::new("")).display()
+                (None, Some(_)) if beyond.contains(&step) => Found::Incomplete(format!(
+                    "newer than the latest complete checkpoint named in {marker}"
                 )),
                 (None, Some(path)) => match self.tracker.check(&self.config.run_dir, path, step) {
                     Readiness::Ready(ckpt) => {
