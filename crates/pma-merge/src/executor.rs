@@ -13,7 +13,7 @@ use std::sync::atomic::AtomicBool;
 use pma_format::atomic::{OutputKind, Publish};
 use pma_format::dtype::{classify, count_nonfinite, encode_f64, weighted_sum};
 use pma_format::writer::DirectIo;
-use pma_format::{DtypeClass, FloatDtype, StagedOutput, TensorSource, TensorStore};
+use pma_format::{DtypeClass, FloatDtype, SidecarKind, StagedOutput, TensorSource, TensorStore};
 use serde::Serialize;
 
 use crate::error::{Error, Result};
@@ -48,8 +48,11 @@ pub struct MergeReport {
     pub plan: PlanSummary,
     /// Where the output now is.
     pub output: PathBuf,
-    /// Sidecar files copied from the newest checkpoint.
+    /// Sidecar files and folders (`name/`) copied from the newest checkpoint.
     pub sidecars: Vec<String>,
+    /// The newest checkpoint's files and folders not copied beside the output, and why.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub sidecars_skipped: Vec<SidecarSkipped>,
     /// NaN/Inf found with `allow_nonfinite`.
     pub warnings: Vec<NonFiniteWarning>,
     /// Wall time of the merge, in seconds.
@@ -117,7 +120,7 @@ pub fn execute(
     progress.finish();
     let report = result?;
 
-    let mut sidecars = Vec::new();
+    let mut sidecars = SidecarsCopied::default();
     if !plan.single_file {
         let newest = &plan.inputs[plan.inputs.len() - 1];
         sidecars = copy_sidecars(newest.store(), plan.config.out_dtype, staged.path())?;
@@ -128,7 +131,8 @@ pub fn execute(
     Ok(MergeReport {
         plan: plan.summary(report.threads),
         output: out.to_path_buf(),
-        sidecars,
+        sidecars: sidecars.copied,
+        sidecars_skipped: sidecars.skipped,
         warnings: report.warnings,
         elapsed_secs,
         read_bytes_per_sec: total_read as f64 / elapsed_secs.max(1e-9),
@@ -136,35 +140,91 @@ pub fn execute(
     })
 }
 
-/// Copies the newest checkpoint's config/tokenizer files into `dir`; `config.json`'s
-/// `torch_dtype` follows an explicit output dtype so `from_pretrained` loads the weights as they
-/// were written. Returns the names copied.
+/// A sidecar of the newest checkpoint that was not copied, and why (for the report).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SidecarSkipped {
+    /// Path relative to the checkpoint directory.
+    pub path: String,
+    /// Why it was left behind (training state, weights, a symlink leaving the checkpoint, ...).
+    pub reason: String,
+}
+
+/// What [`copy_sidecars`] did.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct SidecarsCopied {
+    /// Relative paths copied, folders with a trailing `/`, each before its contents.
+    pub copied: Vec<String>,
+    /// What was left behind, and why.
+    pub skipped: Vec<SidecarSkipped>,
+}
+
+/// Copies the newest checkpoint's sidecars into `dir`: every non-weight file and folder but
+/// training state, hidden folders and symlinks leaving the checkpoint
+/// ([`TensorStore::sidecar_plan`]). Folders are recreated and files copied through the kernel,
+/// never following a link out of the checkpoint ([`pma_format::copy_sidecar`]).
+/// `config.json`'s `torch_dtype` follows an explicit output dtype so `from_pretrained` loads the
+/// weights as they were written.
 pub(crate) fn copy_sidecars(
     newest: &dyn TensorStore,
     out_dtype: Option<FloatDtype>,
     dir: &Path,
-) -> Result<Vec<String>> {
-    let mut copied = Vec::new();
-    for src in newest.sidecars() {
-        let name = src
-            .file_name()
-            .expect("sidecar paths end in a file name")
-            .to_owned();
-        let dst = dir.join(&name);
-        copied.push(name.to_string_lossy().into_owned());
-        // Never follows a link out of the checkpoint (see pma_format::sidecar).
-        let text = pma_format::read_sidecar(newest.root(), &src)?;
-        if let (Some("config.json"), Some(dtype)) = (name.to_str(), out_dtype) {
-            if let Ok(serde_json::Value::Object(mut cfg)) = serde_json::from_slice(&text) {
-                cfg.insert("torch_dtype".into(), dtype.torch_name().into());
-                let bytes = serde_json::to_vec_pretty(&cfg).expect("JSON value serializes");
-                pma_format::write_file_synced(&dst, &bytes)?;
-                continue;
-            }
+) -> Result<SidecarsCopied> {
+    let io_error = |path: &Path, action, source| pma_format::Error::Io {
+        path: path.into(),
+        action,
+        source,
+    };
+    let plan = newest.sidecar_plan()?;
+    let root = newest.root();
+    let mut done = SidecarsCopied {
+        skipped: plan
+            .skipped
+            .iter()
+            .map(|s| SidecarSkipped {
+                path: s.path.to_string_lossy().into_owned(),
+                reason: s.reason.to_string(),
+            })
+            .collect(),
+        ..SidecarsCopied::default()
+    };
+    for entry in &plan.copy {
+        let (src, dst) = (root.join(&entry.path), dir.join(&entry.path));
+        let name = entry.path.to_string_lossy().into_owned();
+        if entry.kind == SidecarKind::Dir {
+            std::fs::create_dir(&dst).map_err(|e| io_error(&dst, "creating", e))?;
+            done.copied.push(name + "/");
+            continue;
         }
-        pma_format::write_file_synced(&dst, &text)?;
+        let rewrite = match (entry.path == Path::new("config.json"), out_dtype) {
+            (true, Some(dtype)) => {
+                // Never follows a link out of the checkpoint (see pma_format::sidecar).
+                let text = pma_format::read_sidecar(root, &src)?;
+                match serde_json::from_slice(&text) {
+                    Ok(serde_json::Value::Object(mut cfg)) => {
+                        cfg.insert("torch_dtype".into(), dtype.torch_name().into());
+                        let bytes = serde_json::to_vec_pretty(&cfg).expect("JSON value serializes");
+                        pma_format::write_file_synced(&dst, &bytes)?;
+                        true
+                    }
+                    _ => false,
+                }
+            }
+            _ => false,
+        };
+        if !rewrite {
+            pma_format::copy_sidecar(root, &src, &dst)?;
+        }
+        done.copied.push(name);
     }
-    Ok(copied)
+    // The output's own directory is synced when it is committed; the folders made here hold
+    // entries of their own.
+    for entry in plan.copy.iter().filter(|e| e.kind == SidecarKind::Dir) {
+        let sub = dir.join(&entry.path);
+        std::fs::File::open(&sub)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| io_error(&sub, "syncing", e))?;
+    }
+    Ok(done)
 }
 
 /// The merge's compute kernel: the weighted average of float tensors, the exact copy of the rest.

@@ -40,7 +40,7 @@ pub mod watch;
 pub mod weights;
 
 pub use error::{Error, Result};
-pub use executor::{execute, ExecOptions, MergeReport, NonFiniteWarning};
+pub use executor::{execute, ExecOptions, MergeReport, NonFiniteWarning, SidecarSkipped};
 pub use keys::{select_keys, Action, KeyEntry, KeySelection, KeySelectionConfig};
 pub use keys::{KeyGroup, KeySummary};
 pub use placement::{check_output_placement, check_plan_output};

@@ -445,5 +445,11 @@ fn print_report(r: &MergeReport) -> std::io::Result<()> {
         human(r.read_bytes_per_sec as u64),
         human(r.plan.bytes_written),
     )?;
+    if !r.sidecars.is_empty() {
+        outln!("  copied beside it: {}", r.sidecars.join(", "))?;
+    }
+    for s in &r.sidecars_skipped {
+        outln!("  left out: {} ({})", s.path, s.reason)?;
+    }
     Ok(())
 }
