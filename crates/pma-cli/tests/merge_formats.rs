@@ -625,3 +625,99 @@ fn keep_state_with_an_hf_output_warns_and_writes_the_model() {
         "--keep-state newest, HF output",
     );
 }
+
+/// Copies a directory tree (files and folders only).
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let dst = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_tree(&e.path(), &dst);
+        } else {
+            std::fs::copy(e.path(), &dst).unwrap();
+        }
+    }
+}
+
+fn planned_paths(plan: &serde_json::Value) -> Vec<String> {
+    plan["plan"]["inputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| {
+            let p = PathBuf::from(i["path"].as_str().unwrap());
+            p.file_name().unwrap().to_string_lossy().into_owned()
+        })
+        .collect()
+}
+
+#[test]
+fn run_discovery_honours_the_latest_marker_and_torchtitan_folders() {
+    let d = tempfile::tempdir().unwrap();
+    // Megatron: iter_0000400 exists but the tracker says 300, so it may still be being written.
+    let run = d.path().join("megatron");
+    for m in members("run-megatron") {
+        copy_tree(&m, &run.join(m.file_name().unwrap()));
+    }
+    std::fs::write(run.join("latest_checkpointed_iteration.txt"), "300\n").unwrap();
+    let out = d.path().join("out.safetensors");
+    let plan = pma_json(&[
+        &"merge",
+        &"--run",
+        &run,
+        &"--method",
+        &"sma",
+        &"--dry-run",
+        &"--json",
+        &"--out",
+        &out,
+    ]);
+    assert_eq!(
+        planned_paths(&plan),
+        ["iter_0000100", "iter_0000200", "iter_0000300"]
+    );
+    let (_, err) = pma_out(
+        &[
+            &"merge",
+            &"--run",
+            &run,
+            &"--method",
+            &"sma",
+            &"--dry-run",
+            &"--out",
+            &out,
+        ],
+        0,
+    );
+    assert!(
+        err.contains("iter_0000400") && err.contains("latest marker"),
+        "{err}"
+    );
+
+    // torchtitan: the run dir holds checkpoint/step-N.
+    let titan = d.path().join("titan");
+    for m in members("run-fsdp2") {
+        let step = m
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .replace("step-0000", "step-");
+        copy_tree(&m, &titan.join("checkpoint").join(step));
+    }
+    let plan = pma_json(&[
+        &"merge",
+        &"--run",
+        &titan,
+        &"--method",
+        &"sma",
+        &"--dry-run",
+        &"--json",
+        &"--out",
+        &out,
+    ]);
+    assert_eq!(
+        planned_paths(&plan),
+        ["step-100", "step-200", "step-300", "step-400"]
+    );
+}

@@ -150,8 +150,6 @@ fn dcp_windowed_sma_is_bit_identical_to_pma_merge_and_the_torch_reference() {
 /// torchtitan-like FSDP2 checkpoints hold optimizer state and a per-step `train_state.step`:
 /// a windowed watch merges the model weights only, as `pma merge` does by default.
 #[test]
-#[ignore = "needs key selection in MergePlan::build (branch h-sel): until then the merge plans \
-            train_state.step, which differs per step; un-ignore when it lands"]
 fn dcp_windowed_watch_merges_model_weights_only() {
     let d = tempfile::tempdir().unwrap();
     let run = dcp_run(d.path(), "run-fsdp2");

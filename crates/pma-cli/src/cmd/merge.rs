@@ -6,9 +6,10 @@ use std::process::ExitCode;
 use anyhow::{bail, Context};
 use pma_format::FloatDtype;
 use pma_merge::{
-    check_output_placement, check_plan_output, execute, parse_byte_size, parse_token_count,
-    resolve_threads, Action, CheckpointSeries, ExecOptions, KeySelectionConfig, KeySummary,
-    MergeConfig, MergePlan, MergeReport, PlanSummary, Selection, WeightSpec, DEFAULT_EMA_ALPHA,
+    check_output_placement, check_plan_output, discover_run, execute, parse_byte_size,
+    parse_token_count, resolve_threads, Action, CheckpointSeries, ExecOptions, KeySelectionConfig,
+    KeySummary, MergeConfig, MergePlan, MergeReport, PlanSummary, Selection, WeightSpec,
+    DEFAULT_EMA_ALPHA,
 };
 
 use super::render::{human, print_json, versioned};
@@ -257,8 +258,28 @@ impl OutputArgs {
 /// Builds the selection, weights and config from arguments; opens the checkpoints.
 pub fn plan_from_args(args: &Args) -> anyhow::Result<(MergePlan, Vec<pma_merge::Skipped>)> {
     let selection = args.select.selection()?;
+    // Checkpoints newer than a framework's latest-complete marker (Megatron's
+    // latest_checkpointed_iteration.txt, DeepSpeed's latest) may still be being written.
+    let mut unfinished = Vec::new();
     let (series, from_run) = match (&args.run, args.checkpoints.is_empty()) {
-        (Some(run), true) => (CheckpointSeries::discover(run)?, true),
+        (Some(run), true) => {
+            let mut found = discover_run(run)?;
+            let beyond: Vec<PathBuf> = found
+                .beyond_latest()
+                .iter()
+                .map(|e| e.path.clone())
+                .collect();
+            if let Some(marker) = &found.latest {
+                for path in &beyond {
+                    unfinished.push(pma_merge::Skipped {
+                        path: path.clone(),
+                        reason: format!("newer than the latest marker {}", marker.path.display()),
+                    });
+                }
+            }
+            found.series.entries.retain(|e| !beyond.contains(&e.path));
+            (found.series, true)
+        }
         (None, false) => (CheckpointSeries::from_paths(&args.checkpoints), false),
         (Some(_), false) => bail!(UsageError(
             "give either checkpoints or --run, not both".into()
@@ -271,7 +292,8 @@ pub fn plan_from_args(args: &Args) -> anyhow::Result<(MergePlan, Vec<pma_merge::
     if let Some(run) = &args.run {
         check_output_placement(&args.out, &[run.as_path()])?;
     }
-    let (inputs, skipped) = selection.select(&series, from_run)?.into_inputs();
+    let (inputs, mut skipped) = selection.select(&series, from_run)?.into_inputs();
+    skipped.extend(unfinished);
     let weights = spec.weights(inputs.len())?;
     let config = MergeConfig {
         keys: args.keys.config(),
