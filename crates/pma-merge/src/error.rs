@@ -214,6 +214,19 @@ pub enum Error {
         /// Its content (at most the first 64 characters).
         content: String,
     },
+    /// A DCP output was asked for with a bare `.safetensors` output path.
+    #[error("a DCP output is a directory; give an output path not ending in .safetensors, or --format hf")]
+    DcpSingleFile,
+    /// `keep_state_newest` cannot copy an entry of the newest member byte for byte.
+    #[error("{}: cannot keep entry '{entry}' of the newest checkpoint: {reason}", path.display())]
+    KeepStateNotCopyable {
+        /// The newest checkpoint.
+        path: PathBuf,
+        /// The entry.
+        entry: String,
+        /// Why it cannot be copied.
+        reason: String,
+    },
 }
 
 /// `Result` with this crate's [`Error`].

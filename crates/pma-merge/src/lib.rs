@@ -24,6 +24,7 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod dcp_output;
 pub mod diff;
 mod error;
 pub mod executor;
@@ -39,10 +40,12 @@ pub mod threads;
 pub mod watch;
 pub mod weights;
 
+pub use dcp_output::verbatim_entries;
 pub use error::{Error, Result};
 pub use executor::{execute, ExecOptions, MergeReport, NonFiniteWarning};
 pub use keys::{select_keys, Action, KeyEntry, KeySelection, KeySelectionConfig};
 pub use placement::{check_output_placement, check_plan_output};
+pub use plan::OutputFormat;
 pub use plan::{MergeConfig, MergeInput, MergePlan, PlanSummary, DEFAULT_MAX_SHARD_BYTES};
 pub use progress::{NoProgress, Progress};
 pub use run_layout::{discover_run, LatestHint, RunDiscovery};

@@ -294,6 +294,7 @@ pub(crate) fn merge(
         max_shard_bytes: options::max_shard_bytes(max_shard_size.as_ref())?,
         single_file: out.extension().is_some_and(|e| e == "safetensors"),
         allow_nonfinite,
+        ..MergeConfig::default()
     };
     let threads = options::threads(threads)?;
 

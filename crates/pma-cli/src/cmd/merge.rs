@@ -8,7 +8,7 @@ use pma_format::FloatDtype;
 use pma_merge::{
     check_output_placement, check_plan_output, execute, parse_byte_size, parse_token_count,
     resolve_threads, CheckpointSeries, ExecOptions, MergeConfig, MergePlan, MergeReport,
-    PlanSummary, Selection, WeightSpec, DEFAULT_EMA_ALPHA,
+    OutputFormat, PlanSummary, Selection, WeightSpec, DEFAULT_EMA_ALPHA,
 };
 
 use super::render::{human, print_json, versioned};
@@ -110,6 +110,25 @@ pub struct OutputArgs {
     pub allow_nonfinite: bool,
 }
 
+/// Output format of `pma merge`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum FormatArg {
+    /// Hugging Face safetensors: a sharded directory, or one file when --out ends in .safetensors.
+    Hf,
+    /// A torch.distributed.checkpoint directory that `dcp.load` reads, with the newest
+    /// checkpoint's chunk layout (one chunk per tensor if the newest is not DCP).
+    Dcp,
+}
+
+impl From<FormatArg> for OutputFormat {
+    fn from(f: FormatArg) -> OutputFormat {
+        match f {
+            FormatArg::Hf => OutputFormat::Hf,
+            FormatArg::Dcp => OutputFormat::Dcp,
+        }
+    }
+}
+
 /// Arguments of `pma merge`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -128,6 +147,10 @@ pub struct Args {
     /// Replace an existing output.
     #[arg(long)]
     pub overwrite: bool,
+    /// Output format (default: dcp when the newest checkpoint is DCP and --out does not end in
+    /// .safetensors, hf otherwise).
+    #[arg(long, value_enum)]
+    pub format: Option<FormatArg>,
     /// Print the plan without reading tensor data.
     #[arg(long)]
     pub dry_run: bool,
@@ -206,6 +229,7 @@ impl OutputArgs {
             max_shard_bytes: self.max_shard_size,
             single_file: out.extension().is_some_and(|e| e == "safetensors"),
             allow_nonfinite: self.allow_nonfinite,
+            ..MergeConfig::default()
         }
     }
 
@@ -234,7 +258,15 @@ pub fn plan_from_args(args: &Args) -> anyhow::Result<(MergePlan, Vec<pma_merge::
     }
     let (inputs, skipped) = selection.select(&series, from_run)?.into_inputs();
     let weights = spec.weights(inputs.len())?;
-    let plan = MergePlan::build(inputs, weights, args.output.config(&args.out))?;
+    let mut config = args.output.config(&args.out);
+    config.format = args.format.map(OutputFormat::from);
+    if config.format == Some(OutputFormat::Dcp) && config.single_file {
+        bail!(UsageError(format!(
+            "--format dcp writes a directory, but --out {} ends in .safetensors",
+            args.out.display()
+        )));
+    }
+    let plan = MergePlan::build(inputs, weights, config)?;
     check_plan_output(&plan, &args.out)?;
     Ok((plan, skipped))
 }
@@ -320,10 +352,10 @@ fn print_plan(s: &PlanSummary, out: &std::path::Path) -> std::io::Result<()> {
     outln!(
         "output: {} ({})",
         out.display(),
-        if s.single_file {
-            "single file"
-        } else {
-            "HF directory"
+        match (s.format, s.single_file) {
+            (OutputFormat::Dcp, _) => "DCP directory, newest checkpoint's chunk layout",
+            (OutputFormat::Hf, true) => "single file",
+            (OutputFormat::Hf, false) => "HF directory",
         }
     )?;
     outln!("  files: {}", s.files.join(", "))?;
@@ -344,10 +376,11 @@ fn print_plan(s: &PlanSummary, out: &std::path::Path) -> std::io::Result<()> {
 
 fn print_report(r: &MergeReport) -> std::io::Result<()> {
     outln!(
-        "merged {} checkpoints ({}) -> {} in {:.2}s, {}/s read, {} written",
+        "merged {} checkpoints ({}) -> {} ({}) in {:.2}s, {}/s read, {} written",
         r.plan.inputs.len(),
         r.plan.method_label(),
         r.output.display(),
+        r.plan.format.name(),
         r.elapsed_secs,
         human(r.read_bytes_per_sec as u64),
         human(r.plan.bytes_written),
