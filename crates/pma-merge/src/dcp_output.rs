@@ -28,11 +28,25 @@ use crate::plan::MergePlan;
 pub const SINGLE_RANK_FILE: &str = "__0_0.distcp";
 
 /// Bytes a tensor item adds to its data, at most: the zip headers of a torch.save archive
-/// (seven entries, 64-byte alignment, ZIP64 records) and its `data.pkl`. Our items add about
-/// 1.3 KiB; torch's own about 1.6 KiB.
+/// (64-byte alignment, ZIP64 records) and its `data.pkl`. Our items add about 0.7 KiB, torch's
+/// own about 1.6 KiB.
 const ITEM_OVERHEAD_BYTES: u64 = 4096;
-/// `.metadata` bytes per item, at most, besides the key itself.
-const METADATA_BYTES_PER_ITEM: u64 = 512;
+/// `.metadata` bytes per item, at most, besides its key (which `.metadata` holds twice: in the
+/// entry and in the item's index). About 450 are used.
+const METADATA_BYTES_PER_ITEM: u64 = 1024;
+
+/// An upper bound on the `.metadata` of `layout`.
+pub(crate) fn metadata_bound(layout: &DcpLayout) -> u64 {
+    let chunks = layout
+        .tensors
+        .iter()
+        .flat_map(|t| t.chunks.iter().map(move |_| t.fqn.len()));
+    let verbatim = layout.verbatim.iter().map(|v| v.fqn.len());
+    chunks
+        .chain(verbatim)
+        .map(|fqn_bytes| METADATA_BYTES_PER_ITEM + 2 * fqn_bytes as u64)
+        .sum()
+}
 
 /// The entries of the newest member a DCP output copies byte for byte, in the newest member's
 /// order: with `keep_state_newest`, every entry of the newest DCP member that is not one of the
@@ -229,23 +243,20 @@ pub fn file_names(plan: &MergePlan) -> Vec<String> {
 /// `.metadata` entry, the kept items and the kept files.
 pub fn estimated_bytes(plan: &MergePlan) -> u64 {
     let mut total = 0u64;
-    let mut n_items = 0u64;
     for (i, t) in plan.tensors.iter().enumerate() {
         let elem_bytes = pma_format::dtype::dtype_bits(t.spec.dtype) / 8;
         for c in plan.dcp_chunks(i) {
-            total += c.region.numel() * elem_bytes + ITEM_OVERHEAD_BYTES;
-            n_items += 1;
+            let meta = METADATA_BYTES_PER_ITEM + 2 * t.spec.name.len() as u64;
+            total += c.region.numel() * elem_bytes + ITEM_OVERHEAD_BYTES + meta;
         }
-        total += t.spec.name.len() as u64;
     }
     for v in verbatim_items(plan).unwrap_or_default() {
-        total += v.length + v.fqn.len() as u64;
-        n_items += 1;
+        total += v.length + METADATA_BYTES_PER_ITEM + 2 * v.fqn.len() as u64;
     }
     for f in state_files(plan).unwrap_or_default() {
         total += std::fs::metadata(&f).map_or(0, |m| m.len());
     }
-    total + n_items * METADATA_BYTES_PER_ITEM
+    total
 }
 
 /// A `pma-format` I/O error on `path`, in this crate's error.
@@ -256,4 +267,114 @@ pub(crate) fn io_error(path: &Path, action: &'static str, source: std::io::Error
         source,
     }
     .into()
+}
+
+#[cfg(test)]
+mod tests {
+    use pma_format::{classify_key, EntryRole};
+
+    use super::*;
+    use crate::plan::{MergeConfig, OutputFormat};
+    use crate::{CheckpointSeries, Selection, WeightSpec};
+
+    fn fixture_plan(run: &str, keep_state: bool, model_only: bool) -> MergePlan {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../pma-format/tests/fixtures/dcp")
+            .join(run);
+        let series = CheckpointSeries::discover(&dir).unwrap();
+        let (inputs, _) = Selection::default()
+            .select(&series, true)
+            .unwrap()
+            .into_inputs();
+        let weights = WeightSpec::Sma.weights(inputs.len()).unwrap();
+        let config = MergeConfig {
+            keep_state_newest: keep_state,
+            ..MergeConfig::default()
+        };
+        let mut plan = MergePlan::build(inputs, weights, config).unwrap();
+        if model_only {
+            // What default key selection plans: the model tensors only.
+            plan.tensors
+                .retain(|t| classify_key(&t.spec.name) == EntryRole::Model);
+        }
+        plan
+    }
+
+    #[test]
+    fn verbatim_entries_are_the_newest_entries_not_merged_and_only_with_keep_state() {
+        let plan = fixture_plan("run-fsdp2", false, true);
+        assert_eq!(plan.output_format(), OutputFormat::Dcp);
+        assert!(verbatim_entries(&plan).is_empty());
+        assert!(dcp_layout(&plan).unwrap().verbatim.is_empty());
+
+        let plan = fixture_plan("run-fsdp2", true, true);
+        let kept = verbatim_entries(&plan);
+        let newest = plan.inputs[3].checkpoint.as_dcp().unwrap();
+        let want: Vec<&str> = newest
+            .entries()
+            .iter()
+            .map(DcpEntry::fqn)
+            .filter(|f| classify_key(f) == EntryRole::TrainingState || f.contains("dataloader"))
+            .collect();
+        assert_eq!(kept, want);
+        assert!(kept.iter().any(|k| k.ends_with(".exp_avg")));
+        assert!(kept.iter().any(|k| k == "lr_scheduler.last_epoch"));
+        // One item per chunk of a kept tensor, each from the file the newest keeps it in.
+        let layout = dcp_layout(&plan).unwrap();
+        let n_items: usize = newest
+            .entries()
+            .iter()
+            .filter(|e| kept.iter().any(|k| k == e.fqn()))
+            .map(|e| match e {
+                DcpEntry::Tensor(t) => t.chunks.len(),
+                DcpEntry::Bytes(_) => 1,
+            })
+            .sum();
+        assert_eq!(layout.verbatim.len(), n_items);
+    }
+
+    #[test]
+    fn keep_state_of_a_safetensors_serialized_newest_is_refused_naming_the_entry() {
+        let plan = fixture_plan("run-safetensors", true, true);
+        match dcp_layout(&plan) {
+            Err(Error::KeepStateNotCopyable { entry, .. }) => {
+                assert!(entry.starts_with("train_state."), "{entry}")
+            }
+            other => panic!("expected KeepStateNotCopyable, got {other:?}"),
+        }
+        // Its bytes items are torch.save zips like any other: a plan that keeps only those
+        // (every tensor planned) is fine.
+        let plan = fixture_plan("run-safetensors", true, false);
+        let layout = dcp_layout(&plan).unwrap();
+        assert!(layout
+            .verbatim
+            .iter()
+            .all(|v| v.kind == VerbatimKind::Bytes));
+        assert!(!layout.verbatim.is_empty());
+    }
+
+    #[test]
+    fn estimate_bounds_the_bytes_written() {
+        let tmp = tempfile::tempdir().unwrap();
+        for (run, keep) in [("run-single", false), ("run-megatron", true)] {
+            let plan = fixture_plan(run, keep, true);
+            let estimate = plan.bytes_written();
+            let out = tmp.path().join(run);
+            let report = crate::execute(
+                &plan,
+                &out,
+                &crate::ExecOptions::default(),
+                &crate::NoProgress,
+            )
+            .unwrap();
+            let written = report.plan.bytes_written;
+            assert!(estimate >= written, "{run}: {estimate} < {written}");
+            // ... and not by much: a few KiB per item.
+            assert!(
+                estimate < written + 8192 * 64,
+                "{run}: {estimate} vs {written}"
+            );
+            assert_eq!(report.plan.files, file_names(&plan));
+        }
+    }
 }

@@ -158,7 +158,7 @@ fn execute_dcp(
     let staged = StagedOutput::create(out, OutputKind::Dir, publish)?;
     let writer = pma_format::dcp_out::DcpWriter::create(staged.path(), layout)?;
     // The writer has planned every item, so the data files' sizes are exact; `.metadata` is
-    // bounded by the estimate's per-item allowance.
+    // bounded.
     let data_bytes: u64 = writer.planned_files().iter().map(|(_, n)| n).sum();
     let state_bytes: u64 = state_files
         .iter()
@@ -172,8 +172,7 @@ fn execute_dcp(
             region: writer.layout().tensors[t].chunks[c].region.clone(),
         })
         .collect();
-    let needed =
-        data_bytes + state_bytes + 512 * (order.len() + writer.layout().verbatim.len()) as u64;
+    let needed = data_bytes + state_bytes + crate::dcp_output::metadata_bound(writer.layout());
     let available = pma_format::available_bytes(staged.path())?;
     if available < needed {
         return Err(pma_format::Error::NoSpace {
