@@ -48,14 +48,20 @@ pub(crate) fn metadata_bound(layout: &DcpLayout) -> u64 {
         .sum()
 }
 
+/// Whether the output keeps the newest member's state (`--keep-state newest`): the one place
+/// that reads the setting.
+fn keeps_state(plan: &MergePlan) -> bool {
+    plan.config.keep_state_newest
+}
+
 /// The entries of the newest member a DCP output copies byte for byte, in the newest member's
 /// order: with `keep_state_newest`, every entry of the newest DCP member that is not one of the
 /// plan's tensors; otherwise none (a model-only output).
 ///
-/// This is the one place that decides what is kept. When key selection is part of the plan,
-/// this becomes the entries whose action is "keep newest".
+/// This is the one place that decides which entries are kept. When key selection is part of
+/// the plan, this becomes the entries whose action is "keep newest".
 pub fn verbatim_entries(plan: &MergePlan) -> Vec<String> {
-    if !plan.config.keep_state_newest {
+    if !keeps_state(plan) {
         return Vec::new();
     }
     let Some(newest) = plan.inputs[plan.inputs.len() - 1].checkpoint.as_dcp() else {
@@ -165,7 +171,7 @@ fn verbatim_items(plan: &MergePlan) -> Result<Vec<VerbatimItem>> {
 /// hidden, such as Megatron's `common.pt` and `metadata.json`; sorted. A symlink is copied only
 /// if it resolves to a file inside the checkpoint. Folders are not copied.
 pub fn state_files(plan: &MergePlan) -> Result<Vec<PathBuf>> {
-    if !plan.config.keep_state_newest {
+    if !keeps_state(plan) {
         return Ok(Vec::new());
     }
     let Some(newest) = plan.inputs[plan.inputs.len() - 1].checkpoint.as_dcp() else {

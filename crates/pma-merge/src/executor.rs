@@ -20,10 +20,11 @@ use serde::Serialize;
 use crate::dcp_output::io_error;
 use crate::error::{Error, Result};
 use crate::pipeline::{
-    read_members, run_pipeline, Emitter, Job, Kernel, PipelineOptions, SafetensorsSink, Scratch,
-    ShardFile,
+    read_members, Emitter, Job, Kernel, PipelineOptions, SafetensorsSink, Scratch, ShardFile,
 };
-use crate::pipeline::{run_pipeline_ordered, DcpSink, OutputRegion};
+use crate::pipeline::{
+    run_pipeline_ordered, tensor_major, DcpSink, OutputRegion, PipelineReport, Sink,
+};
 use crate::plan::{MergePlan, OutputFormat, PlanSummary, TensorMode};
 use crate::progress::Progress;
 
@@ -108,20 +109,8 @@ pub fn execute(
     let sink = SafetensorsSink::new(files, plan.metadata.clone(), opts.direct_io, 0);
     let kernel = MergeKernel::new(plan)?;
     let total_read: u64 = plan.bytes_read_per_input().iter().sum();
-    progress.start(total_read);
-    let result = run_pipeline(
-        &plan.job_regions(),
-        &kernel,
-        sink,
-        &PipelineOptions {
-            threads: opts.threads,
-            cancel: opts.cancel,
-            allow_nonfinite: plan.config.allow_nonfinite,
-            progress,
-        },
-    );
-    progress.finish();
-    let report = result?;
+    let order = tensor_major(&plan.job_regions());
+    let report = run_merge(plan, &order, &kernel, sink, opts, progress)?;
 
     let mut sidecars = Vec::new();
     if !plan.single_file {
@@ -140,6 +129,32 @@ pub fn execute(
         read_bytes_per_sec: total_read as f64 / elapsed_secs.max(1e-9),
         stale_staging,
     })
+}
+
+/// Runs the merge kernel over `order` into `sink`, reporting progress over the plan's input
+/// bytes.
+fn run_merge<S: Sink>(
+    plan: &MergePlan,
+    order: &[OutputRegion],
+    kernel: &MergeKernel<'_>,
+    sink: S,
+    opts: &ExecOptions<'_>,
+    progress: &dyn Progress,
+) -> Result<PipelineReport> {
+    progress.start(plan.bytes_read_per_input().iter().sum());
+    let result = run_pipeline_ordered(
+        order,
+        kernel,
+        sink,
+        &PipelineOptions {
+            threads: opts.threads,
+            cancel: opts.cancel,
+            allow_nonfinite: plan.config.allow_nonfinite,
+            progress,
+        },
+    );
+    progress.finish();
+    result
 }
 
 /// [`execute`] into a DCP directory: the plan's tensors with the newest member's chunk layout,
@@ -164,14 +179,7 @@ fn execute_dcp(
         .iter()
         .map(|f| std::fs::metadata(f).map_or(0, |m| m.len()))
         .sum();
-    let order: Vec<OutputRegion> = writer
-        .chunk_order()
-        .into_iter()
-        .map(|(t, c)| OutputRegion {
-            tensor: t,
-            region: writer.layout().tensors[t].chunks[c].region.clone(),
-        })
-        .collect();
+    let order = DcpSink::job_order(&writer);
     let needed = data_bytes + state_bytes + crate::dcp_output::metadata_bound(writer.layout());
     let available = pma_format::available_bytes(staged.path())?;
     if available < needed {
@@ -183,20 +191,14 @@ fn execute_dcp(
         .into());
     }
     let total_read: u64 = plan.bytes_read_per_input().iter().sum();
-    progress.start(total_read);
-    let result = run_pipeline_ordered(
+    let report = run_merge(
+        plan,
         &order,
         &kernel,
         DcpSink::new(writer, 0),
-        &PipelineOptions {
-            threads: opts.threads,
-            cancel: opts.cancel,
-            allow_nonfinite: plan.config.allow_nonfinite,
-            progress,
-        },
-    );
-    progress.finish();
-    let report = result?;
+        opts,
+        progress,
+    )?;
     let sidecars = crate::dcp_output::copy_state_files(&state_files, staged.path())?;
     let metadata_path = staged.path().join(pma_format::dcp_out::METADATA_FILE_NAME);
     let metadata_bytes = std::fs::metadata(&metadata_path)

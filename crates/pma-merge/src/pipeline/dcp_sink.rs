@@ -13,7 +13,7 @@
 
 use pma_format::dcp_out::DcpWriter;
 
-use super::{Job, Sink};
+use super::{Job, OutputRegion, Sink};
 use crate::error::Result;
 
 /// Writes one of each job's outputs into a DCP checkpoint, chunk by chunk, in the writer's
@@ -33,6 +33,19 @@ impl DcpSink {
             writer: Some(writer),
             output,
         }
+    }
+
+    /// The output regions of `writer`'s layout in the order it writes them (file by file):
+    /// the order to run the pipeline in for this sink.
+    pub fn job_order(writer: &DcpWriter) -> Vec<OutputRegion> {
+        writer
+            .chunk_order()
+            .into_iter()
+            .map(|(t, c)| OutputRegion {
+                tensor: t,
+                region: writer.layout().tensors[t].chunks[c].region.clone(),
+            })
+            .collect()
     }
 
     fn writer(&mut self) -> &mut DcpWriter {
@@ -97,7 +110,7 @@ mod tests {
 
     use super::*;
     use crate::pipeline::{
-        run_pipeline_ordered, Emitter, Kernel, OutputRegion, PipelineOptions, Scratch, JOB_ELEMS,
+        run_pipeline_ordered, Emitter, Kernel, PipelineOptions, Scratch, JOB_ELEMS,
     };
 
     /// Element i (global, 1-D) of tensor t is the f32 value t·10⁷ + i.
@@ -161,14 +174,7 @@ mod tests {
         };
         let dir = tempfile::tempdir().unwrap();
         let writer = DcpWriter::create(dir.path(), layout).unwrap();
-        let order: Vec<OutputRegion> = writer
-            .chunk_order()
-            .into_iter()
-            .map(|(t, c)| OutputRegion {
-                tensor: t,
-                region: writer.layout().tensors[t].chunks[c].region.clone(),
-            })
-            .collect();
+        let order = DcpSink::job_order(&writer);
         let opts = PipelineOptions {
             threads: 3,
             cancel: None,
