@@ -502,3 +502,84 @@ fn hf_run_writes_dcp_on_request_with_one_chunk_per_tensor() {
         .success();
     assert!(hf.join("model.safetensors").is_file());
 }
+
+#[test]
+fn failed_dcp_merge_leaves_nothing_and_overwrite_replaces_atomically() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = tmp.path().join("step-100");
+    let b = tmp.path().join("step-200");
+    let f32s = |v: &[f32]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
+    common::write_ckpt(
+        &a,
+        &[(
+            "w",
+            pma_format::Dtype::F32,
+            vec![4],
+            f32s(&[1.0, 2.0, 3.0, 4.0]),
+        )],
+    );
+    common::write_ckpt(
+        &b,
+        &[(
+            "w",
+            pma_format::Dtype::F32,
+            vec![4],
+            f32s(&[1.0, f32::NAN, 3.0, 4.0]),
+        )],
+    );
+    let merged = tmp.path().join("out");
+    let listing = || -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(tmp.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    // A NaN fails the merge after the DCP writer has started: no output, no staging left.
+    let o = pma()
+        .args(["merge", "--method", "sma", "--format", "dcp"])
+        .arg(&a)
+        .arg(&b)
+        .arg("--out")
+        .arg(&merged)
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("non-finite"));
+    assert_eq!(listing(), ["step-100", "step-200"]);
+
+    // An existing output is refused, then replaced whole with --overwrite.
+    std::fs::create_dir(&merged).unwrap();
+    std::fs::write(merged.join("stale.txt"), b"old").unwrap();
+    let merge = |extra: &[&str]| {
+        pma()
+            .args([
+                "merge",
+                "--method",
+                "sma",
+                "--format",
+                "dcp",
+                "--allow-nonfinite",
+            ])
+            .args(extra)
+            .arg(&a)
+            .arg(&a)
+            .arg("--out")
+            .arg(&merged)
+            .output()
+            .unwrap()
+    };
+    assert!(!merge(&[]).status.success());
+    assert!(merged.join("stale.txt").exists());
+    assert!(merge(&["--overwrite"]).status.success());
+    assert!(!merged.join("stale.txt").exists());
+    let got = DcpCheckpoint::open(&merged).unwrap();
+    let w = got.tensor("w").unwrap();
+    let mut scratch = Vec::new();
+    assert_eq!(
+        w.read(&Region::full(&[4]), 0..4, &mut scratch).unwrap(),
+        f32s(&[1.0, 2.0, 3.0, 4.0]).as_slice()
+    );
+    assert_eq!(listing(), ["out", "step-100", "step-200"]);
+}
