@@ -30,7 +30,7 @@ pub const SINGLE_RANK_FILE: &str = "__0_0.distcp";
 /// Bytes a tensor item adds to its data, at most: the zip headers of a torch.save archive
 /// (64-byte alignment, ZIP64 records) and its `data.pkl`. Our items add about 0.7 KiB, torch's
 /// own about 1.6 KiB.
-const ITEM_OVERHEAD_BYTES: u64 = 4096;
+const ITEM_OVERHEAD_BYTES: u64 = 2048;
 /// `.metadata` bytes per item, at most, besides its key (which `.metadata` holds twice: in the
 /// entry and in the item's index). About 450 are used.
 const METADATA_BYTES_PER_ITEM: u64 = 1024;
