@@ -241,8 +241,21 @@ fn megatron_run_merges_to_dcp_through_the_cli_by_default() {
     assert!(stdout.contains("(dcp)"), "{stdout}");
     assert_matches_expected(&out, &run.join("expected/ema0.2-n4.safetensors"), false);
     assert_newest_layout(&out, &run);
-    // Model-only without keep-state: none of the newest's other files.
-    assert!(!out.join("common.pt").exists() && !out.join("metadata.json").exists());
+    // Model-only entries, but Megatron's loader needs metadata.json and common.pt to open the
+    // directory at all: they come from the newest member, unchanged.
+    let newest = run.join("iter_0000400");
+    for f in ["common.pt", "metadata.json"] {
+        assert_eq!(
+            std::fs::read(out.join(f)).unwrap(),
+            std::fs::read(newest.join(f)).unwrap(),
+            "{f}"
+        );
+    }
+    assert_eq!(
+        DcpCheckpoint::open(&out).unwrap().entries().len(),
+        9,
+        "model tensors only"
+    );
 
     // --format hf exports the same merge as safetensors.
     let hf = tmp.path().join("merged.safetensors");
@@ -285,12 +298,13 @@ fn megatron_run_merges_to_dcp_through_the_cli_by_default() {
         .iter()
         .map(|f| f.as_str().unwrap())
         .collect();
-    let (last, data) = files.split_last().unwrap();
-    assert_eq!(*last, ".metadata");
+    // Data files, then .metadata, then the files Megatron's loader needs.
+    assert_eq!(files.len(), 7, "{files:?}");
     assert!(
-        data.len() == 4 && data.iter().all(|f| f.ends_with(".distcp")),
+        files[..4].iter().all(|f| f.ends_with(".distcp")),
         "{files:?}"
     );
+    assert_eq!(files[4..], [".metadata", "common.pt", "metadata.json"]);
 }
 
 /// Every entry the output has beyond `model` is the newest member's entry, item for item,

@@ -12,8 +12,15 @@
 //! and scheduler state, dataloader and train-state bytes) is copied item by item from the newest
 //! member ([`VerbatimItem`]: each `TORCH_SAVE` item is a self-contained torch.save archive, so
 //! only its place in `.metadata` changes), and so are the newest checkpoint directory's files
-//! that are not DCP data ([`state_files`]: Megatron's `common.pt` and `metadata.json`). Without
-//! it the output is model-only.
+//! that are not DCP data ([`state_files`]). Without it the output's entries are the model's
+//! only.
+//!
+//! One exception: Megatron's `torch_dist` loader reads `metadata.json` (which backend wrote the
+//! directory) and `common.pt` (the run's `args`, iteration, scheduler) before any tensor, and
+//! refuses a directory without them. So a DCP output of a Megatron checkpoint always carries
+//! both, copied from the newest member ([`MEGATRON_FILES`]); starting from the merge with
+//! `--finetune --no-load-optim --no-load-rng` ignores the iteration and scheduler in
+//! `common.pt`.
 
 use std::path::{Path, PathBuf};
 
@@ -22,6 +29,10 @@ use pma_format::dcp_out::{DcpLayout, DcpTensor, VerbatimItem, VerbatimKind};
 
 use crate::error::{Error, Result};
 use crate::plan::MergePlan;
+
+/// The files of a Megatron `torch_dist` checkpoint directory its loader cannot do without;
+/// a DCP output whose newest member has both always gets them.
+pub const MEGATRON_FILES: [&str; 2] = ["common.pt", "metadata.json"];
 
 /// The one data file of a DCP output whose newest member has no chunk layout (not DCP): rank 0's
 /// first file, as torch names it.
@@ -166,17 +177,17 @@ fn verbatim_items(plan: &MergePlan) -> Result<Vec<VerbatimItem>> {
     Ok(items)
 }
 
-/// The newest DCP member's files that a kept-state output copies: with `keep_state_newest`,
+/// The newest DCP member's files that the DCP output copies, sorted: with `keep_state_newest`,
 /// every regular file of its directory that is not DCP data (`.metadata`, `*.distcp`) and not
-/// hidden, such as Megatron's `common.pt` and `metadata.json`; sorted. A symlink is copied only
-/// if it resolves to a file inside the checkpoint. Folders are not copied.
+/// hidden; without it, Megatron's [`MEGATRON_FILES`] when the directory has both. A symlink is
+/// copied only if it resolves to a file inside the checkpoint. Folders are not copied.
 pub fn state_files(plan: &MergePlan) -> Result<Vec<PathBuf>> {
-    if !keeps_state(plan) {
-        return Ok(Vec::new());
-    }
     let Some(newest) = plan.inputs[plan.inputs.len() - 1].checkpoint.as_dcp() else {
         return Ok(Vec::new());
     };
+    let megatron = MEGATRON_FILES
+        .iter()
+        .all(|f| newest.dir().join(f).is_file());
     let dir = newest.dir();
     let read = std::fs::read_dir(dir).map_err(|e| io_error(dir, "listing", e))?;
     let mut files = Vec::new();
@@ -185,6 +196,10 @@ pub fn state_files(plan: &MergePlan) -> Result<Vec<PathBuf>> {
         let name = entry.file_name();
         let name_str = name.to_string_lossy();
         if name_str.starts_with('.') || name_str.ends_with(".distcp") {
+            continue;
+        }
+        let needed = megatron && MEGATRON_FILES.contains(&name_str.as_ref());
+        if !keeps_state(plan) && !needed {
             continue;
         }
         let path = entry.path();
