@@ -58,13 +58,14 @@ fn torch_python(test: &str) -> Option<String> {
     None
 }
 
-/// The checkpoints of a run, oldest first.
+/// The DCP directories of a run's checkpoints, oldest first (`stepN/model_and_optim` for
+/// OLMo-core, `checkpoint-N/pytorch_model_fsdp_0` for accelerate).
 fn members(run: &Path) -> Vec<PathBuf> {
     CheckpointSeries::discover(run)
         .unwrap()
         .entries
         .iter()
-        .map(|e| e.path.clone())
+        .map(|e| pma_format::find_dcp_dir(&e.path).unwrap_or_else(|| e.path.clone()))
         .collect()
 }
 
@@ -72,11 +73,24 @@ fn members(run: &Path) -> Vec<PathBuf> {
 /// `out` must give the reference merge of the members bit for bit (and so must a Shard(0)
 /// DTensor load on N ranks).
 fn torch_verify(py: &str, method: &str, out: &Path, run: &Path, ranks: Option<usize>) {
+    torch_verify_with(py, method, out, run, ranks, &[]);
+}
+
+/// [`torch_verify`] with extra `dcp_reference.py` options (`--prefix model.`).
+fn torch_verify_with(
+    py: &str,
+    method: &str,
+    out: &Path,
+    run: &Path,
+    ranks: Option<usize>,
+    extra: &[&str],
+) {
     let mut cmd = Command::new(py);
     cmd.arg(tools().join("dcp_reference.py"))
         .args(["verify", method])
         .arg(out)
-        .args(members(run));
+        .args(members(run))
+        .args(extra);
     if let Some(n) = ranks {
         cmd.args(["--ranks", &n.to_string()]);
     }
@@ -474,6 +488,32 @@ fn fresh_torch_run_resharded_2_to_4_round_trips() {
         merge_dcp(&run, spec, false, &out);
         assert_newest_layout(&out, &run);
         torch_verify(&py, method, &out, &run, Some(4));
+    }
+}
+
+#[test]
+fn olmo_and_accelerate_layouts_round_trip_through_torch() {
+    let Some(py) = torch_python("olmo_and_accelerate_layouts_round_trip_through_torch") else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    // Keys under `model.`: OLMo-core's stepN/model_and_optim (its .metadata pickles OLMo-core's
+    // own _StorageInfo; ours is torch's, which stock dcp.load reads without olmo_core) and
+    // accelerate's checkpoint-N/pytorch_model_fsdp_0.
+    for layout in ["olmo", "accelerate"] {
+        let run = tmp.path().join(layout);
+        let o = Command::new(&py)
+            .arg(tools().join("make_dcp_run.py"))
+            .arg(&run)
+            .args(["--n", "2", "--layout", layout, "--world-size", "2"])
+            .args(["--layers", "1", "--seed", "5"])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let out = tmp.path().join(format!("{layout}-merged"));
+        merge_dcp(&run, ema(), false, &out);
+        assert_newest_layout(&out, &run);
+        torch_verify_with(&py, "ema:0.2", &out, &run, None, &["--prefix", "model."]);
     }
 }
 
