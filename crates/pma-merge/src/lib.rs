@@ -7,7 +7,9 @@
 //! 2. A [`WeightSpec`] (SMA, EMA, WMA or explicit) gives the [`Weights`]; they and a
 //!    [`MergeConfig`] turn the inputs into a [`MergePlan`], which validates names, shapes and dtypes from headers alone and fixes the
 //!    output layout. This is what `--dry-run` shows.
-//! 3. [`execute`] streams the plan to disk with bounded memory and returns a [`MergeReport`].
+//! 3. [`execute`] streams the plan to disk with bounded memory and returns a [`MergeReport`]:
+//!    HF safetensors, or a torch DCP directory with the newest member's chunk layout
+//!    ([`OutputFormat`], [`dcp_output`]).
 //!
 //! The same crate computes `inspect` statistics ([`inspect`]) and checkpoint distances
 //! ([`diff`]).

@@ -56,7 +56,8 @@ pub struct MergeConfig {
     /// scheduler state, dataloader bytes) and its non-DCP files (`common.pt`,
     /// `metadata.json`) byte for byte, so training can resume from the merge. Without it the
     /// output is model-only. Which entries that covers is decided by
-    /// [`crate::dcp_output::verbatim_entries`].
+    /// [`crate::dcp_output::verbatim_entries`]. (Stands in for key selection's own
+    /// `--keep-state newest` setting until the plan carries it.)
     pub keep_state_newest: bool,
 }
 

@@ -160,7 +160,8 @@ pub struct Args {
     /// No progress bar, no warnings on stderr.
     #[arg(long, short)]
     pub quiet: bool,
-    /// Output: an HF checkpoint directory, or a file ending in .safetensors.
+    /// Output: an HF checkpoint directory, a file ending in .safetensors, or (--format dcp) a
+    /// DCP checkpoint directory.
     #[arg(long, value_name = "OUT")]
     pub out: PathBuf,
 }
