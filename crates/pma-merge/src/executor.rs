@@ -1,11 +1,12 @@
 //! The merge executor: a [`MergePlan`] run through the streaming [`crate::pipeline`] into a
-//! staged HF output.
+//! staged HF or DCP output.
 //!
 //! Its kernel computes every element independently, `acc = 0; acc += w_i · x_i` for i = 1..N
 //! (oldest first, no fused multiply-add), then rounds once; integer and BOOL tensors must be
 //! identical in every input and are copied. Inputs are read through each member's
 //! [`TensorSource`], so the kernel does not know the input format; the output goes through a
-//! [`SafetensorsSink`] into a [`StagedOutput`] that appears only when complete and durable.
+//! [`SafetensorsSink`] (HF) or a [`DcpSink`] (DCP, jobs in the DCP writer's chunk order, see
+//! [`crate::dcp_output`]) into a [`StagedOutput`] that appears only when complete and durable.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
@@ -16,12 +17,15 @@ use pma_format::writer::DirectIo;
 use pma_format::{DtypeClass, FloatDtype, SidecarKind, StagedOutput, TensorSource, TensorStore};
 use serde::Serialize;
 
+use crate::dcp_output::io_error;
 use crate::error::{Error, Result};
 use crate::pipeline::{
-    read_members, run_pipeline, Emitter, Job, Kernel, PipelineOptions, SafetensorsSink, Scratch,
-    ShardFile,
+    read_members, Emitter, Job, Kernel, PipelineOptions, SafetensorsSink, Scratch, ShardFile,
 };
-use crate::plan::{MergePlan, PlanSummary, TensorMode};
+use crate::pipeline::{
+    run_pipeline_ordered, tensor_major, DcpSink, OutputRegion, PipelineReport, Sink,
+};
+use crate::plan::{MergePlan, OutputFormat, PlanSummary, TensorMode};
 use crate::progress::Progress;
 
 pub use crate::pipeline::{
@@ -80,6 +84,9 @@ pub fn execute(
     if publish == Publish::Create && pma_format::writer::output_occupied(out) {
         return Err(pma_format::Error::OutputExists { path: out.into() }.into());
     }
+    if plan.output_format() == OutputFormat::Dcp {
+        return execute_dcp(plan, out, publish, opts, progress, started);
+    }
     plan.check_space(out)?;
     let kind = if plan.single_file {
         OutputKind::File
@@ -105,20 +112,8 @@ pub fn execute(
     let sink = SafetensorsSink::new(files, plan.metadata.clone(), opts.direct_io, 0);
     let kernel = MergeKernel::new(plan)?;
     let total_read: u64 = plan.bytes_read_per_input().iter().sum();
-    progress.start(total_read);
-    let result = run_pipeline(
-        &plan.job_regions(),
-        &kernel,
-        sink,
-        &PipelineOptions {
-            threads: opts.threads,
-            cancel: opts.cancel,
-            allow_nonfinite: plan.config.allow_nonfinite,
-            progress,
-        },
-    );
-    progress.finish();
-    let report = result?;
+    let order = tensor_major(&plan.job_regions());
+    let report = run_merge(plan, &order, &kernel, sink, opts, progress)?;
 
     let mut sidecars = SidecarsCopied::default();
     if !plan.single_file {
@@ -133,6 +128,96 @@ pub fn execute(
         output: out.to_path_buf(),
         sidecars: sidecars.copied,
         sidecars_skipped: sidecars.skipped,
+        warnings: report.warnings,
+        elapsed_secs,
+        read_bytes_per_sec: total_read as f64 / elapsed_secs.max(1e-9),
+        stale_staging,
+    })
+}
+
+/// Runs the merge kernel over `order` into `sink`, reporting progress over the plan's input
+/// bytes.
+fn run_merge<S: Sink>(
+    plan: &MergePlan,
+    order: &[OutputRegion],
+    kernel: &MergeKernel<'_>,
+    sink: S,
+    opts: &ExecOptions<'_>,
+    progress: &dyn Progress,
+) -> Result<PipelineReport> {
+    progress.start(plan.bytes_read_per_input().iter().sum());
+    let result = run_pipeline_ordered(
+        order,
+        kernel,
+        sink,
+        &PipelineOptions {
+            threads: opts.threads,
+            cancel: opts.cancel,
+            allow_nonfinite: plan.config.allow_nonfinite,
+            progress,
+        },
+    );
+    progress.finish();
+    result
+}
+
+/// [`execute`] into a DCP directory: the plan's tensors with the newest member's chunk layout,
+/// plus the kept entries and files of [`crate::dcp_output`].
+fn execute_dcp(
+    plan: &MergePlan,
+    out: &Path,
+    publish: Publish,
+    opts: &ExecOptions<'_>,
+    progress: &dyn Progress,
+    started: std::time::Instant,
+) -> Result<MergeReport> {
+    let layout = crate::dcp_output::dcp_layout(plan)?;
+    let state_files = crate::dcp_output::state_files(plan)?;
+    let kernel = MergeKernel::new(plan)?;
+    let staged = StagedOutput::create(out, OutputKind::Dir, publish)?;
+    let writer = pma_format::dcp_out::DcpWriter::create(staged.path(), layout)?;
+    // The writer has planned every item, so the data files' sizes are exact; `.metadata` is
+    // bounded.
+    let data_bytes: u64 = writer.planned_files().iter().map(|(_, n)| n).sum();
+    let state_bytes: u64 = state_files
+        .iter()
+        .map(|f| std::fs::metadata(f).map_or(0, |m| m.len()))
+        .sum();
+    let order = DcpSink::job_order(&writer);
+    let needed = data_bytes + state_bytes + crate::dcp_output::metadata_bound(writer.layout());
+    let available = pma_format::available_bytes(staged.path())?;
+    if available < needed {
+        return Err(pma_format::Error::NoSpace {
+            path: staged.path().into(),
+            needed,
+            available,
+        }
+        .into());
+    }
+    let total_read: u64 = plan.bytes_read_per_input().iter().sum();
+    let report = run_merge(
+        plan,
+        &order,
+        &kernel,
+        DcpSink::new(writer, 0),
+        opts,
+        progress,
+    )?;
+    let sidecars = crate::dcp_output::copy_state_files(&state_files, staged.path())?;
+    let metadata_path = staged.path().join(pma_format::dcp_out::METADATA_FILE_NAME);
+    let metadata_bytes = std::fs::metadata(&metadata_path)
+        .map_err(|e| io_error(&metadata_path, "reading metadata of", e))?
+        .len();
+    let stale_staging = staged.stale_kept().to_vec();
+    staged.commit()?;
+    let elapsed_secs = started.elapsed().as_secs_f64();
+    let mut summary = plan.summary(report.threads);
+    summary.bytes_written = data_bytes + metadata_bytes + state_bytes;
+    Ok(MergeReport {
+        plan: summary,
+        output: out.to_path_buf(),
+        sidecars,
+        sidecars_skipped: Vec::new(),
         warnings: report.warnings,
         elapsed_secs,
         read_bytes_per_sec: total_read as f64 / elapsed_secs.max(1e-9),

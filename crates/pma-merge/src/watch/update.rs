@@ -207,6 +207,8 @@ impl Watcher<'_> {
             max_shard_bytes: config.max_shard_bytes,
             single_file: false,
             allow_nonfinite: config.allow_nonfinite,
+            // watch writes safetensors whatever its members are.
+            format: Some(crate::OutputFormat::Hf),
             ..MergeConfig::default()
         };
         let mut plan = MergePlan::build(inputs, weights, merge_config)?;
