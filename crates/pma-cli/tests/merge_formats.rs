@@ -721,3 +721,60 @@ fn run_discovery_honours_the_latest_marker_and_torchtitan_folders() {
         ["step-100", "step-200", "step-300", "step-400"]
     );
 }
+
+#[test]
+fn a_damaged_dcp_member_is_one_clear_error_or_skipped_in_a_run() {
+    let d = tempfile::tempdir().unwrap();
+    let run = d.path().join("run");
+    for m in members("run-single") {
+        copy_tree(&m, &run.join(m.file_name().unwrap()));
+    }
+    // Truncate the newest member's .metadata: a trainer killed mid-save, or a bad copy.
+    let md = run.join("step-0000400/.metadata");
+    let bytes = std::fs::read(&md).unwrap();
+    std::fs::write(&md, &bytes[..bytes.len() / 2]).unwrap();
+    let out = d.path().join("out");
+    let paths: Vec<PathBuf> = (1..=4)
+        .map(|i| run.join(format!("step-0000{i}00")))
+        .collect();
+    let (_, err) = pma_out(
+        &[
+            &"merge",
+            &paths[0],
+            &paths[1],
+            &paths[2],
+            &paths[3],
+            &"--method",
+            &"sma",
+            &"--out",
+            &out,
+        ],
+        1,
+    );
+    assert!(
+        err.contains("step-0000400") && err.contains(".metadata"),
+        "{err}"
+    );
+    assert_eq!(err.matches("error").count(), 1, "one error: {err}");
+    assert!(!out.exists(), "no output after an error");
+    // In a run, the damaged checkpoint is passed over with a warning, never merged.
+    let (_, err) = pma_out(
+        &[
+            &"merge",
+            &"--run",
+            &run,
+            &"--method",
+            &"sma",
+            &"--out",
+            &out,
+        ],
+        0,
+    );
+    assert!(
+        err.contains("skipping") && err.contains("step-0000400"),
+        "{err}"
+    );
+    // DCP in, DCP out: the merge of the three intact checkpoints.
+    let merged = DcpCheckpoint::open(&out).unwrap();
+    assert!(merged.tensors().count() > 0);
+}

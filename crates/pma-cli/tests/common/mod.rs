@@ -140,13 +140,14 @@ pub fn output_steps(out: &Path) -> Vec<String> {
     v
 }
 
-/// `pma merge` of explicit checkpoints into `out`.
+/// `pma merge` of explicit checkpoints into an HF output at `out`.
 pub fn merge(members: &[PathBuf], method: &[&str], out: &Path) {
     pma()
         .arg("merge")
         .args(members)
         .args(method)
-        .args(["--quiet", "--out"])
+        // HF whatever the members' format, to compare with watch's HF outputs.
+        .args(["--format", "hf", "--quiet", "--out"])
         .arg(out)
         .assert()
         .success();
