@@ -17,7 +17,7 @@ use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::Command as StdCommand;
 
-use common::{pma, read_tensors, Tensors};
+use common::{copy_tree, pma, python, read_tensors, torch_available, Tensors};
 use pma_format::{DcpCheckpoint, Dtype, Region, TensorSource};
 
 const RUNS: [&str; 5] = [
@@ -280,7 +280,7 @@ fn include_optimizer_merges_it_exactly() {
         assert!(bytes == &want, "{name}: differs from the f64 reference");
     }
     // And against torch's own reader with tools/reference_merge.py, where torch is here.
-    if !has_torch() {
+    if !torch_available() {
         return;
     }
     let ref_dir = tmp.path().join("ref");
@@ -519,31 +519,9 @@ fn inspect_and_diff_read_dcp() {
     assert_eq!(v["diff"]["tensors"].as_array().unwrap().len(), 12);
 }
 
-fn python() -> String {
-    std::env::var("PMA_PYTHON").unwrap_or_else(|_| "python3".into())
-}
-
-/// Whether torch is importable; panics when it is not but `PMA_REQUIRE_TORCH=1`.
-fn has_torch() -> bool {
-    let ok = StdCommand::new(python())
-        .args(["-c", "import torch, safetensors, numpy"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        if std::env::var("PMA_REQUIRE_TORCH").as_deref() == Ok("1") {
-            panic!(
-                "PMA_REQUIRE_TORCH=1 but `{} -c 'import torch, safetensors, numpy'` fails",
-                python()
-            );
-        }
-        eprintln!("SKIPPED: no torch in {} (set PMA_PYTHON)", python());
-    }
-    ok
-}
-
 #[test]
 fn torch_save_runs_merge_exactly() {
-    if !has_torch() {
+    if !torch_available() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -624,20 +602,6 @@ fn keep_state_with_an_hf_output_warns_and_writes_the_model() {
         &read_tensors(&run.join("expected/sma-n4.safetensors")),
         "--keep-state newest, HF output",
     );
-}
-
-/// Copies a directory tree (files and folders only).
-fn copy_tree(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        let dst = to.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_tree(&e.path(), &dst);
-        } else {
-            std::fs::copy(e.path(), &dst).unwrap();
-        }
-    }
 }
 
 fn planned_paths(plan: &serde_json::Value) -> Vec<String> {

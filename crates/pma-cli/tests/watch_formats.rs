@@ -13,7 +13,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::{
-    events_of, listing, merge, output_steps, pma, python, read_tensors, torch_available, Tensors,
+    copy_tree, events_of, listing, merge, output_steps, pma, python, read_tensors, torch_available,
+    Tensors,
 };
 
 /// A committed DCP fixture run of pma-format.
@@ -21,20 +22,6 @@ fn dcp_fixture(run: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../pma-format/tests/fixtures/dcp")
         .join(run)
-}
-
-/// Copies a directory tree (files and folders only).
-fn copy_tree(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        let dst = to.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_tree(&e.path(), &dst);
-        } else {
-            std::fs::copy(e.path(), &dst).unwrap();
-        }
-    }
 }
 
 /// A copy of fixture run `name` as a trainer's run dir, without its `expected/` merges.

@@ -184,17 +184,31 @@ pub fn python() -> String {
 /// in CI.
 pub fn torch_available() -> bool {
     let has_torch = std::process::Command::new(python())
-        .args(["-c", "import torch"])
+        .args(["-c", "import torch, safetensors, numpy"])
         .output()
         .is_ok_and(|o| o.status.success());
     if !has_torch {
         if std::env::var("PMA_REQUIRE_TORCH").as_deref() == Ok("1") {
             panic!(
-                "PMA_REQUIRE_TORCH=1 but `{} -c 'import torch'` fails",
+                "PMA_REQUIRE_TORCH=1 but `{} -c 'import torch, safetensors, numpy'` fails",
                 python()
             );
         }
         eprintln!("SKIPPED: no torch in {} (set PMA_PYTHON)", python());
     }
     has_torch
+}
+
+/// Copies a directory tree (files and folders only).
+pub fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let dst = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_tree(&e.path(), &dst);
+        } else {
+            std::fs::copy(e.path(), &dst).unwrap();
+        }
+    }
 }
