@@ -17,7 +17,7 @@ use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::Command as StdCommand;
 
-use common::{pma, read_tensors, Tensors};
+use common::{copy_tree, pma, python, read_tensors, torch_available, Tensors};
 use pma_format::{DcpCheckpoint, Dtype, Region, TensorSource};
 
 const RUNS: [&str; 5] = [
@@ -280,7 +280,7 @@ fn include_optimizer_merges_it_exactly() {
         assert!(bytes == &want, "{name}: differs from the f64 reference");
     }
     // And against torch's own reader with tools/reference_merge.py, where torch is here.
-    if !has_torch() {
+    if !torch_available() {
         return;
     }
     let ref_dir = tmp.path().join("ref");
@@ -519,31 +519,9 @@ fn inspect_and_diff_read_dcp() {
     assert_eq!(v["diff"]["tensors"].as_array().unwrap().len(), 12);
 }
 
-fn python() -> String {
-    std::env::var("PMA_PYTHON").unwrap_or_else(|_| "python3".into())
-}
-
-/// Whether torch is importable; panics when it is not but `PMA_REQUIRE_TORCH=1`.
-fn has_torch() -> bool {
-    let ok = StdCommand::new(python())
-        .args(["-c", "import torch, safetensors, numpy"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        if std::env::var("PMA_REQUIRE_TORCH").as_deref() == Ok("1") {
-            panic!(
-                "PMA_REQUIRE_TORCH=1 but `{} -c 'import torch, safetensors, numpy'` fails",
-                python()
-            );
-        }
-        eprintln!("SKIPPED: no torch in {} (set PMA_PYTHON)", python());
-    }
-    ok
-}
-
 #[test]
 fn torch_save_runs_merge_exactly() {
-    if !has_torch() {
+    if !torch_available() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -624,4 +602,143 @@ fn keep_state_with_an_hf_output_warns_and_writes_the_model() {
         &read_tensors(&run.join("expected/sma-n4.safetensors")),
         "--keep-state newest, HF output",
     );
+}
+
+fn planned_paths(plan: &serde_json::Value) -> Vec<String> {
+    plan["plan"]["inputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| {
+            let p = PathBuf::from(i["path"].as_str().unwrap());
+            p.file_name().unwrap().to_string_lossy().into_owned()
+        })
+        .collect()
+}
+
+#[test]
+fn run_discovery_honours_the_latest_marker_and_torchtitan_folders() {
+    let d = tempfile::tempdir().unwrap();
+    // Megatron: iter_0000400 exists but the tracker says 300, so it may still be being written.
+    let run = d.path().join("megatron");
+    for m in members("run-megatron") {
+        copy_tree(&m, &run.join(m.file_name().unwrap()));
+    }
+    std::fs::write(run.join("latest_checkpointed_iteration.txt"), "300\n").unwrap();
+    let out = d.path().join("out.safetensors");
+    let plan = pma_json(&[
+        &"merge",
+        &"--run",
+        &run,
+        &"--method",
+        &"sma",
+        &"--dry-run",
+        &"--json",
+        &"--out",
+        &out,
+    ]);
+    assert_eq!(
+        planned_paths(&plan),
+        ["iter_0000100", "iter_0000200", "iter_0000300"]
+    );
+    let (_, err) = pma_out(
+        &[
+            &"merge",
+            &"--run",
+            &run,
+            &"--method",
+            &"sma",
+            &"--dry-run",
+            &"--out",
+            &out,
+        ],
+        0,
+    );
+    assert!(
+        err.contains("iter_0000400") && err.contains("latest marker"),
+        "{err}"
+    );
+
+    // torchtitan: the run dir holds checkpoint/step-N.
+    let titan = d.path().join("titan");
+    for m in members("run-fsdp2") {
+        let step = m
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .replace("step-0000", "step-");
+        copy_tree(&m, &titan.join("checkpoint").join(step));
+    }
+    let plan = pma_json(&[
+        &"merge",
+        &"--run",
+        &titan,
+        &"--method",
+        &"sma",
+        &"--dry-run",
+        &"--json",
+        &"--out",
+        &out,
+    ]);
+    assert_eq!(
+        planned_paths(&plan),
+        ["step-100", "step-200", "step-300", "step-400"]
+    );
+}
+
+#[test]
+fn a_damaged_dcp_member_is_one_clear_error_or_skipped_in_a_run() {
+    let d = tempfile::tempdir().unwrap();
+    let run = d.path().join("run");
+    for m in members("run-single") {
+        copy_tree(&m, &run.join(m.file_name().unwrap()));
+    }
+    // Truncate the newest member's .metadata: a trainer killed mid-save, or a bad copy.
+    let md = run.join("step-0000400/.metadata");
+    let bytes = std::fs::read(&md).unwrap();
+    std::fs::write(&md, &bytes[..bytes.len() / 2]).unwrap();
+    let out = d.path().join("out");
+    let paths: Vec<PathBuf> = (1..=4)
+        .map(|i| run.join(format!("step-0000{i}00")))
+        .collect();
+    let (_, err) = pma_out(
+        &[
+            &"merge",
+            &paths[0],
+            &paths[1],
+            &paths[2],
+            &paths[3],
+            &"--method",
+            &"sma",
+            &"--out",
+            &out,
+        ],
+        1,
+    );
+    assert!(
+        err.contains("step-0000400") && err.contains(".metadata"),
+        "{err}"
+    );
+    assert_eq!(err.matches("error").count(), 1, "one error: {err}");
+    assert!(!out.exists(), "no output after an error");
+    // In a run, the damaged checkpoint is passed over with a warning, never merged.
+    let (_, err) = pma_out(
+        &[
+            &"merge",
+            &"--run",
+            &run,
+            &"--method",
+            &"sma",
+            &"--out",
+            &out,
+        ],
+        0,
+    );
+    assert!(
+        err.contains("skipping") && err.contains("step-0000400"),
+        "{err}"
+    );
+    // DCP in, DCP out: the merge of the three intact checkpoints.
+    let merged = DcpCheckpoint::open(&out).unwrap();
+    assert!(merged.tensors().count() > 0);
 }

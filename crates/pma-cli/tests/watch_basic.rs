@@ -6,7 +6,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::{bytes_f32, events, pma, read_tensors, wait_for, write_ckpt};
+use common::{bytes_f32, events_of, merge, output_steps, pma, read_tensors, wait_for, write_ckpt};
 use pma_format::Dtype;
 
 /// Deterministic pseudo-random f32s (xorshift), spread over several binades like real weights.
@@ -68,23 +68,6 @@ fn watch(run: &Path, out: &Path) -> assert_cmd::Command {
     c
 }
 
-fn events_of(out: &Path, kind: &str) -> Vec<serde_json::Value> {
-    events(out)
-        .into_iter()
-        .filter(|e| e["event"] == kind)
-        .collect()
-}
-
-fn output_steps(out: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(out)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with("step-"))
-        .collect();
-    v.sort();
-    v
-}
-
 fn state(out: &Path) -> serde_json::Value {
     try_state(out).expect("state.json exists and parses")
 }
@@ -95,18 +78,6 @@ fn try_state(out: &Path) -> Option<serde_json::Value> {
 
 fn processed(out: &Path) -> serde_json::Value {
     try_state(out).map_or(serde_json::Value::Null, |s| s["processed"].clone())
-}
-
-/// `pma merge` of explicit checkpoints into `out`.
-fn merge(members: &[PathBuf], method: &[&str], out: &Path) {
-    pma()
-        .arg("merge")
-        .args(members)
-        .args(method)
-        .args(["--quiet", "--out"])
-        .arg(out)
-        .assert()
-        .success();
 }
 
 #[test]

@@ -14,12 +14,15 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::file::SafetensorsFile;
 use crate::header::{TensorInfo, MAX_HEADER_BYTES};
+use crate::sidecar_policy::{plan_sidecars, SidecarPlan};
 
 /// Name of the single-file weights in an HF directory.
 pub const SINGLE_FILE_NAME: &str = "model.safetensors";
 /// Name of the shard index in an HF directory.
 pub const INDEX_FILE_NAME: &str = "model.safetensors.index.json";
-/// Non-weight files that travel with a model and are copied from the newest input.
+/// The config and tokenizer files every HF model directory may hold. Merges no longer copy by
+/// this list (it dropped `vocab.txt`, `modules.json`, `1_Pooling/`, custom `*.py`, ...): they
+/// copy everything but weights and training state, see [`crate::sidecar_policy`].
 pub const SIDECAR_FILES: &[&str] = &[
     "config.json",
     "generation_config.json",
@@ -286,16 +289,24 @@ impl Checkpoint {
         self.tensors.iter().map(|t| t.info.numel()).sum()
     }
 
-    /// The sidecar files (config, tokenizer, ...) present next to the weights.
+    /// The sidecars (config, tokenizer, custom code, module folders, ...) beside the weights,
+    /// files and folders, each folder before its contents: every entry of
+    /// [`Checkpoint::sidecar_plan`]'s copy list. Empty when that walk fails.
     pub fn sidecars(&self) -> Vec<PathBuf> {
+        self.sidecar_plan()
+            .map(|plan| plan.copy.iter().map(|s| self.root.join(&s.path)).collect())
+            .unwrap_or_default()
+    }
+
+    /// What a merge copies beside its output, and what it leaves behind and why: every
+    /// non-weight file and folder of the checkpoint directory except training state, hidden
+    /// folders and symlinks that leave it ([`crate::plan_sidecars`]). A bare `.safetensors`
+    /// file has no sidecars.
+    pub fn sidecar_plan(&self) -> Result<SidecarPlan> {
         if self.layout == Layout::File {
-            return Vec::new();
+            return Ok(SidecarPlan::default());
         }
-        SIDECAR_FILES
-            .iter()
-            .map(|n| self.root.join(n))
-            .filter(|p| p.is_file())
-            .collect()
+        plan_sidecars(&self.root)
     }
 }
 

@@ -64,8 +64,10 @@ pub use layout::{detect_checkpoint, CheckpointFormat, DetectedCheckpoint, Framew
 pub use member::{AnyCheckpoint, StoreEntry};
 pub use region::{Region, TensorSource};
 pub use safetensors::Dtype;
-pub use sidecar::read_sidecar;
-pub use sidecar_policy::{plan_sidecars, SidecarPlan};
+pub use sidecar::{copy_sidecar, read_sidecar};
+pub use sidecar_policy::{
+    plan_sidecars, Sidecar, SidecarKind, SidecarPlan, SkipReason, SkippedSidecar,
+};
 pub use source::{LogicalTensor, SafetensorsTensor, TensorStore};
 pub use torch_save::{TorchSaveCheckpoint, TorchSaveFile, TorchSaveTensor};
 pub use writer::{

@@ -11,6 +11,7 @@ use crate::dcp::{DcpCheckpoint, DcpEntry, EntryRole};
 use crate::error::Result;
 use crate::layout::{detect_checkpoint, CheckpointFormat, Framework};
 use crate::region::TensorSource;
+use crate::sidecar_policy::SidecarPlan;
 use crate::source::{LogicalTensor, TensorStore};
 use crate::torch_save::TorchSaveCheckpoint;
 use crate::{classify_key, Dtype};
@@ -167,6 +168,10 @@ impl TensorStore for AnyCheckpoint {
     fn sidecars(&self) -> Vec<PathBuf> {
         self.inner().sidecars()
     }
+
+    fn sidecar_plan(&self) -> Result<SidecarPlan> {
+        self.inner().sidecar_plan()
+    }
 }
 
 impl TensorStore for DcpCheckpoint {
@@ -241,18 +246,25 @@ impl TensorStore for TorchSaveCheckpoint {
         Some(Box::new(self.tensor(name)?.source.clone()))
     }
 
-    /// The non-weight files of a `pytorch_model.bin` directory (config, tokenizer, ...); none
-    /// for a bare file.
+    /// The sidecars of a `pytorch_model.bin` directory (config, tokenizer, custom code, module
+    /// folders, ...: see [`TensorStore::sidecar_plan`]); none for a bare file. Empty when the
+    /// walk fails.
     fn sidecars(&self) -> Vec<PathBuf> {
         let root = self.root();
+        self.sidecar_plan()
+            .map(|plan| plan.copy.iter().map(|s| root.join(&s.path)).collect())
+            .unwrap_or_default()
+    }
+
+    /// Every non-weight file and folder of a `pytorch_model.bin` directory except training
+    /// state ([`crate::plan_sidecars`]). A bare `.bin` / `.pt` file (DeepSpeed, Megatron
+    /// legacy) has none: the folder around it is the framework's, not the model's.
+    fn sidecar_plan(&self) -> Result<SidecarPlan> {
+        let root = self.root();
         if !root.is_dir() {
-            return Vec::new();
+            return Ok(SidecarPlan::default());
         }
-        crate::SIDECAR_FILES
-            .iter()
-            .map(|n| root.join(n))
-            .filter(|p| p.is_file())
-            .collect()
+        crate::plan_sidecars(root)
     }
 }
 

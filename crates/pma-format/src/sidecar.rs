@@ -46,11 +46,12 @@ pub fn resolve_sidecar(root: &Path, path: &Path) -> Result<PathBuf> {
     Ok(resolved)
 }
 
-/// Reads sidecar `path` of checkpoint `root` (see the module docs for what is refused).
-pub fn read_sidecar(root: &Path, path: &Path) -> Result<Vec<u8>> {
+/// Opens sidecar `path` of checkpoint `root` for reading (see the module docs for what is
+/// refused) and returns it with its length.
+fn open_sidecar(root: &Path, path: &Path) -> Result<(std::fs::File, u64)> {
     use std::os::unix::fs::OpenOptionsExt;
     let resolved = resolve_sidecar(root, path)?;
-    let mut file = std::fs::OpenOptions::new()
+    let file = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW)
         .open(&resolved)
@@ -73,12 +74,36 @@ pub fn read_sidecar(root: &Path, path: &Path) -> Result<Vec<u8>> {
             ),
         });
     }
-    let mut bytes = Vec::with_capacity(meta.len() as usize);
-    file.by_ref()
-        .take(MAX_SIDECAR_BYTES)
+    Ok((file, meta.len()))
+}
+
+/// Reads sidecar `path` of checkpoint `root` (see the module docs for what is refused).
+pub fn read_sidecar(root: &Path, path: &Path) -> Result<Vec<u8>> {
+    let (file, n_bytes) = open_sidecar(root, path)?;
+    let mut bytes = Vec::with_capacity(n_bytes as usize);
+    file.take(MAX_SIDECAR_BYTES)
         .read_to_end(&mut bytes)
         .map_err(|e| Error::io(path, "reading", e))?;
     Ok(bytes)
+}
+
+/// Copies sidecar `path` of checkpoint `root` into `dst`, a new file (`O_EXCL`: nothing is
+/// overwritten), and fsyncs it; refuses what [`read_sidecar`] refuses. The bytes go through
+/// the kernel (`copy_file_range`), so a large sidecar (a tokenizer, a module's own weights)
+/// never sits in memory. Returns the bytes copied.
+pub fn copy_sidecar(root: &Path, path: &Path, dst: &Path) -> Result<u64> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let (file, _) = open_sidecar(root, path)?;
+    let mut to = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .open(dst)
+        .map_err(|e| Error::io(dst, "creating", e))?;
+    let n_bytes = std::io::copy(&mut file.take(MAX_SIDECAR_BYTES), &mut to)
+        .map_err(|e| Error::io(dst, "copying into", e))?;
+    to.sync_all().map_err(|e| Error::io(dst, "syncing", e))?;
+    Ok(n_bytes)
 }
 
 #[cfg(test)]
@@ -122,5 +147,26 @@ mod tests {
         std::fs::create_dir(snap.join("merges.txt")).unwrap();
         let e = read_sidecar(&snap, &snap.join("merges.txt")).unwrap_err();
         assert!(matches!(e, Error::UnsafeSidecar { .. }), "{e}");
+    }
+
+    #[test]
+    fn copy_sidecar_refuses_escaping_links_and_existing_targets() {
+        let d = tempfile::tempdir().unwrap();
+        let ckpt = d.path().join("ckpt");
+        std::fs::create_dir_all(&ckpt).unwrap();
+        std::fs::write(ckpt.join("vocab.txt"), b"[PAD]\nhello\n").unwrap();
+        std::fs::write(d.path().join("secret"), b"key").unwrap();
+        std::os::unix::fs::symlink("../secret", ckpt.join("notes.txt")).unwrap();
+        let dst = d.path().join("vocab.txt");
+        assert_eq!(
+            copy_sidecar(&ckpt, &ckpt.join("vocab.txt"), &dst).unwrap(),
+            12
+        );
+        assert_eq!(std::fs::read(&dst).unwrap(), b"[PAD]\nhello\n");
+        let e = copy_sidecar(&ckpt, &ckpt.join("vocab.txt"), &dst).unwrap_err();
+        assert!(e.to_string().contains("creating"), "{e}");
+        let e = copy_sidecar(&ckpt, &ckpt.join("notes.txt"), &d.path().join("n")).unwrap_err();
+        assert!(matches!(e, Error::UnsafeSidecar { .. }), "{e}");
+        assert!(!d.path().join("n").exists());
     }
 }

@@ -8,7 +8,12 @@
 //! - the weights and their indexes, which the merge writes itself (`*.safetensors`, their
 //!   `.index.json`, `pytorch_model*.bin`, DCP `.distcp` / `.metadata`, DeepSpeed and Megatron
 //!   `.pt` model files, and the framework folders that hold them: `model_and_optim/`,
-//!   `pytorch_model_fsdp_0/`, `global_step*/`, `iter_*/`, `mp_rank_*/`);
+//!   `pytorch_model_fsdp_0/`, `global_step*/`, `iter_*/`, `mp_rank_*/`); HF weight files
+//!   count as the model's only in the checkpoint directory itself: inside a module folder
+//!   (sentence-transformers' `2_Dense/model.safetensors`) they belong to a module the merge
+//!   does not write, and are copied with it;
+//! - the same model in another format (`*.onnx`, `*.gguf`, `tf_model.h5`,
+//!   `flax_model.msgpack`, `openvino_model.*`), stale beside merged weights;
 //! - training state (`optimizer.pt`, `scheduler.pt`, `scaler.pt`, `rng_state*.pth`,
 //!   `trainer_state.json`, `training_args.bin`, DeepSpeed `*_optim_states.pt`, Megatron
 //!   `common.pt`, optimizer shard folders `optimizer*/`, OLMo-core's `train/` beside
@@ -62,6 +67,9 @@ pub enum SkipReason {
     Weights,
     /// Optimizer, scheduler, RNG or trainer state.
     TrainingState,
+    /// The model's weights in another format (ONNX, GGUF, TF, Flax, OpenVINO), which would
+    /// not match the merged weights.
+    StaleWeights,
     /// A run-level pointer to the latest checkpoint.
     RunPointer,
     /// A hidden folder (VCS, cache, a writer's staging folder).
@@ -85,6 +93,9 @@ impl fmt::Display for SkipReason {
         match self {
             SkipReason::Weights => write!(f, "weights (the merge writes them)"),
             SkipReason::TrainingState => write!(f, "training state"),
+            SkipReason::StaleWeights => {
+                write!(f, "weights in another format (stale after the merge)")
+            }
             SkipReason::RunPointer => write!(f, "run-level pointer to the latest checkpoint"),
             SkipReason::Hidden => write!(f, "hidden folder"),
             SkipReason::LeavesCheckpoint { target } => {
@@ -120,18 +131,34 @@ pub struct SidecarPlan {
     pub skipped: Vec<SkippedSidecar>,
 }
 
-/// Classifies a file name; `None` means "a sidecar".
-fn skip_file(name: &str) -> Option<SkipReason> {
-    let weights = name.ends_with(".safetensors")
+/// Classifies a file name; `None` means "a sidecar". `top_level` is whether it lies in the
+/// checkpoint directory itself: HF weight files in a module folder (sentence-transformers'
+/// `2_Dense/model.safetensors`) belong to a module the merge does not write, so they are
+/// copied like the rest of that folder.
+fn skip_file(name: &str, top_level: bool) -> Option<SkipReason> {
+    let hf_weights = name.ends_with(".safetensors")
         || name.ends_with(".safetensors.index.json")
         || (name.starts_with("pytorch_model")
-            && (name.ends_with(".bin") || name.ends_with(".bin.index.json")))
+            && (name.ends_with(".bin") || name.ends_with(".bin.index.json")));
+    let weights = (top_level && hf_weights)
         || name.ends_with(".distcp")
         || name == ".metadata"
         || name == "model_optim_rng.pt"
         || (name.starts_with("mp_rank_") && name.ends_with("_model_states.pt"));
     if weights {
         return Some(SkipReason::Weights);
+    }
+    // The same model in another format: written from the unmerged weights, so stale (and
+    // silently wrong) beside a merged output.
+    let stale = [".onnx", ".onnx_data", ".gguf", ".ot", ".mlmodel"]
+        .iter()
+        .any(|ext| name.ends_with(ext))
+        || matches!(
+            name,
+            "tf_model.h5" | "flax_model.msgpack" | "openvino_model.bin" | "openvino_model.xml"
+        );
+    if stale {
+        return Some(SkipReason::StaleWeights);
     }
     let state = matches!(
         name,
@@ -285,7 +312,9 @@ fn walk(
                 .as_ref()
                 .and_then(|t| t.file_name())
                 .map(|n| n.to_string_lossy().into_owned());
-            let by_name = skip_file(&name).or_else(|| target_name.as_deref().and_then(skip_file));
+            let top_level = rel_dir.as_os_str().is_empty();
+            let by_name = skip_file(&name, top_level)
+                .or_else(|| target_name.and_then(|t| skip_file(&t, top_level)));
             if let Some(reason) = by_name {
                 skip(reason);
                 continue;
@@ -378,6 +407,55 @@ mod tests {
                 "model.safetensors".to_string(),
                 "weights (the merge writes them)".to_string()
             )]
+        );
+    }
+
+    #[test]
+    fn module_weights_are_copied_other_formats_are_not() {
+        let dir = tempfile::tempdir().unwrap();
+        tree(
+            dir.path(),
+            &[
+                "model.safetensors",
+                "modules.json",
+                "2_Dense/config.json",
+                "2_Dense/model.safetensors",
+                "onnx/model.onnx",
+                "onnx/model.onnx_data",
+                "openvino/openvino_model.bin",
+                "openvino/openvino_model.xml",
+                "tf_model.h5",
+                "model.gguf",
+            ],
+        );
+        let plan = plan_sidecars(dir.path()).unwrap();
+        assert_eq!(
+            copied(&plan),
+            [
+                "2_Dense/",
+                "2_Dense/config.json",
+                "2_Dense/model.safetensors",
+                "modules.json",
+                "onnx/",
+                "openvino/",
+            ]
+        );
+        let stale: Vec<String> = plan
+            .skipped
+            .iter()
+            .filter(|s| s.reason == SkipReason::StaleWeights)
+            .map(|s| s.path.to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(
+            stale,
+            [
+                "model.gguf",
+                "onnx/model.onnx",
+                "onnx/model.onnx_data",
+                "openvino/openvino_model.bin",
+                "openvino/openvino_model.xml",
+                "tf_model.h5",
+            ]
         );
     }
 

@@ -18,6 +18,7 @@ use crate::error::{Error, Result};
 use crate::file::SafetensorsFile;
 use crate::header::TensorInfo;
 use crate::region::{Region, TensorSource};
+use crate::sidecar_policy::{Sidecar, SidecarKind, SidecarPlan};
 use crate::Dtype;
 
 /// A tensor as a merge plans with it: what it is, not where its bytes are.
@@ -63,6 +64,32 @@ pub trait TensorStore: Send + Sync + std::fmt::Debug {
 
     /// Non-weight files (config, tokenizer, ...) that travel with the model.
     fn sidecars(&self) -> Vec<PathBuf>;
+
+    /// What [`TensorStore::sidecars`] copies, as a plan relative to [`TensorStore::root`] with
+    /// what is left behind and why ([`crate::plan_sidecars`]). The default lists
+    /// [`TensorStore::sidecars`] and skips nothing; a walk that fails is an error here, where
+    /// `sidecars` can only come back empty.
+    fn sidecar_plan(&self) -> Result<SidecarPlan> {
+        let root = self.root();
+        let copy = self
+            .sidecars()
+            .into_iter()
+            .map(|p| Sidecar {
+                kind: if p.is_dir() {
+                    SidecarKind::Dir
+                } else {
+                    SidecarKind::File
+                },
+                path: p
+                    .strip_prefix(root)
+                    .map_or_else(|_| p.clone(), Path::to_path_buf),
+            })
+            .collect();
+        Ok(SidecarPlan {
+            copy,
+            skipped: Vec::new(),
+        })
+    }
 }
 
 impl TensorStore for Checkpoint {
@@ -90,6 +117,10 @@ impl TensorStore for Checkpoint {
 
     fn sidecars(&self) -> Vec<PathBuf> {
         Checkpoint::sidecars(self)
+    }
+
+    fn sidecar_plan(&self) -> Result<SidecarPlan> {
+        Checkpoint::sidecar_plan(self)
     }
 }
 

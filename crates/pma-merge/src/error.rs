@@ -223,6 +223,19 @@ pub enum Error {
         /// Entries not merged or copied.
         left_out: usize,
     },
+    /// A DCP output was asked for with a bare `.safetensors` output path.
+    #[error("a DCP output is a directory; give an output path not ending in .safetensors, or --format hf")]
+    DcpSingleFile,
+    /// `keep_state_newest` cannot copy an entry of the newest member byte for byte.
+    #[error("{}: cannot keep entry '{entry}' of the newest checkpoint: {reason}", path.display())]
+    KeepStateNotCopyable {
+        /// The newest checkpoint.
+        path: PathBuf,
+        /// The entry.
+        entry: String,
+        /// Why it cannot be copied.
+        reason: String,
+    },
     /// A partitioned merge's part count is unusable.
     #[error("{parts} parts: {reason}")]
     InvalidPartCount {

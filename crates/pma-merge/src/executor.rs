@@ -1,11 +1,12 @@
 //! The merge executor: a [`MergePlan`] run through the streaming [`crate::pipeline`] into a
-//! staged HF output.
+//! staged HF or DCP output.
 //!
 //! Its kernel computes every element independently, `acc = 0; acc += w_i · x_i` for i = 1..N
 //! (oldest first, no fused multiply-add), then rounds once; integer and BOOL tensors must be
 //! identical in every input and are copied. Inputs are read through each member's
 //! [`TensorSource`], so the kernel does not know the input format; the output goes through a
-//! [`SafetensorsSink`] into a [`StagedOutput`] that appears only when complete and durable.
+//! [`SafetensorsSink`] (HF) or a [`DcpSink`] (DCP, jobs in the DCP writer's chunk order, see
+//! [`crate::dcp_output`]) into a [`StagedOutput`] that appears only when complete and durable.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
@@ -13,15 +14,18 @@ use std::sync::atomic::AtomicBool;
 use pma_format::atomic::{OutputKind, Publish};
 use pma_format::dtype::{classify, count_nonfinite, encode_f64, weighted_sum};
 use pma_format::writer::DirectIo;
-use pma_format::{DtypeClass, FloatDtype, Region, StagedOutput, TensorSource, TensorStore};
+use pma_format::{DtypeClass, FloatDtype, SidecarKind, StagedOutput, TensorSource, TensorStore};
 use serde::Serialize;
 
+use crate::dcp_output::io_error;
 use crate::error::{Error, Result};
 use crate::pipeline::{
-    read_members, run_pipeline, Emitter, Job, Kernel, PipelineOptions, PipelineReport,
-    SafetensorsSink, Scratch, ShardFile, Sink,
+    read_members, Emitter, Job, Kernel, PipelineOptions, SafetensorsSink, Scratch, ShardFile,
 };
-use crate::plan::{MergePlan, PlanSummary, TensorMode};
+use crate::pipeline::{
+    run_pipeline_ordered, tensor_major, DcpSink, OutputRegion, PipelineReport, Sink,
+};
+use crate::plan::{MergePlan, OutputFormat, PlanSummary, TensorMode};
 use crate::progress::Progress;
 
 pub use crate::pipeline::{
@@ -48,8 +52,11 @@ pub struct MergeReport {
     pub plan: PlanSummary,
     /// Where the output now is.
     pub output: PathBuf,
-    /// Sidecar files copied from the newest checkpoint.
+    /// Sidecar files and folders (`name/`) copied from the newest checkpoint.
     pub sidecars: Vec<String>,
+    /// The newest checkpoint's files and folders not copied beside the output, and why.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub sidecars_skipped: Vec<SidecarSkipped>,
     /// NaN/Inf found with `allow_nonfinite`.
     pub warnings: Vec<NonFiniteWarning>,
     /// Wall time of the merge, in seconds.
@@ -77,6 +84,9 @@ pub fn execute(
     if publish == Publish::Create && pma_format::writer::output_occupied(out) {
         return Err(pma_format::Error::OutputExists { path: out.into() }.into());
     }
+    if plan.output_format() == OutputFormat::Dcp {
+        return execute_dcp(plan, out, publish, opts, progress, started);
+    }
     plan.check_space(out)?;
     let kind = if plan.single_file {
         OutputKind::File
@@ -99,10 +109,13 @@ pub fn execute(
                 .collect(),
         })
         .collect();
+    let sink = SafetensorsSink::new(files, plan.metadata.clone(), opts.direct_io, 0);
+    let kernel = MergeKernel::new(plan)?;
     let total_read: u64 = plan.bytes_read_per_input().iter().sum();
-    let report = write_shard_files(plan, files, true, None::<SafetensorsSink>, opts, progress)?;
+    let order = tensor_major(&plan.job_regions());
+    let report = run_merge(plan, &order, &kernel, sink, opts, progress)?;
 
-    let mut sidecars = Vec::new();
+    let mut sidecars = SidecarsCopied::default();
     if !plan.single_file {
         let newest = &plan.inputs[plan.inputs.len() - 1];
         sidecars = copy_sidecars(newest.store(), plan.config.out_dtype, staged.path())?;
@@ -113,7 +126,8 @@ pub fn execute(
     Ok(MergeReport {
         plan: plan.summary(report.threads),
         output: out.to_path_buf(),
-        sidecars,
+        sidecars: sidecars.copied,
+        sidecars_skipped: sidecars.skipped,
         warnings: report.warnings,
         elapsed_secs,
         read_bytes_per_sec: total_read as f64 / elapsed_secs.max(1e-9),
@@ -141,29 +155,36 @@ pub(crate) fn write_shard_files<S: Sink>(
         }
     }
     // A tensor with no regions gets no jobs, so it is never read.
-    let regions: Vec<Vec<Region>> = plan
+    let regions: Vec<Vec<pma_format::Region>> = plan
         .job_regions()
         .into_iter()
         .zip(&wanted)
         .map(|(r, &w)| if w { r } else { Vec::new() })
         .collect();
-    let total_read: u64 = plan
-        .tensors
-        .iter()
-        .zip(&wanted)
-        .filter(|(_, &w)| w)
-        .flat_map(|(t, _)| t.sources.iter().map(|s| s.n_bytes()))
-        .sum();
     let mut sink = SafetensorsSink::new(files, plan.metadata.clone(), opts.direct_io, 0);
     if !index {
         sink = sink.without_index();
     }
     let kernel = MergeKernel::new(plan)?;
-    progress.start(total_read);
-    let result = run_pipeline(
-        &regions,
-        &kernel,
-        (sink, also),
+    let order = tensor_major(&regions);
+    run_merge(plan, &order, &kernel, (sink, also), opts, progress)
+}
+
+/// Runs the merge kernel over `order` into `sink`, reporting progress over the plan's input
+/// bytes.
+fn run_merge<S: Sink>(
+    plan: &MergePlan,
+    order: &[OutputRegion],
+    kernel: &MergeKernel<'_>,
+    sink: S,
+    opts: &ExecOptions<'_>,
+    progress: &dyn Progress,
+) -> Result<PipelineReport> {
+    progress.start(plan.bytes_read_per_input().iter().sum());
+    let result = run_pipeline_ordered(
+        order,
+        kernel,
+        sink,
         &PipelineOptions {
             threads: opts.threads,
             cancel: opts.cancel,
@@ -175,35 +196,155 @@ pub(crate) fn write_shard_files<S: Sink>(
     result
 }
 
-/// Copies the newest checkpoint's config/tokenizer files into `dir`; `config.json`'s
-/// `torch_dtype` follows an explicit output dtype so `from_pretrained` loads the weights as they
-/// were written. Returns the names copied.
+/// [`execute`] into a DCP directory: the plan's tensors with the newest member's chunk layout,
+/// plus the kept entries and files of [`crate::dcp_output`].
+fn execute_dcp(
+    plan: &MergePlan,
+    out: &Path,
+    publish: Publish,
+    opts: &ExecOptions<'_>,
+    progress: &dyn Progress,
+    started: std::time::Instant,
+) -> Result<MergeReport> {
+    let layout = crate::dcp_output::dcp_layout(plan)?;
+    let state_files = crate::dcp_output::state_files(plan)?;
+    let kernel = MergeKernel::new(plan)?;
+    let staged = StagedOutput::create(out, OutputKind::Dir, publish)?;
+    let writer = pma_format::dcp_out::DcpWriter::create(staged.path(), layout)?;
+    // The writer has planned every item, so the data files' sizes are exact; `.metadata` is
+    // bounded.
+    let data_bytes: u64 = writer.planned_files().iter().map(|(_, n)| n).sum();
+    let state_bytes: u64 = state_files
+        .iter()
+        .map(|f| std::fs::metadata(f).map_or(0, |m| m.len()))
+        .sum();
+    let order = DcpSink::job_order(&writer);
+    let needed = data_bytes + state_bytes + crate::dcp_output::metadata_bound(writer.layout());
+    let available = pma_format::available_bytes(staged.path())?;
+    if available < needed {
+        return Err(pma_format::Error::NoSpace {
+            path: staged.path().into(),
+            needed,
+            available,
+        }
+        .into());
+    }
+    let total_read: u64 = plan.bytes_read_per_input().iter().sum();
+    let report = run_merge(
+        plan,
+        &order,
+        &kernel,
+        DcpSink::new(writer, 0),
+        opts,
+        progress,
+    )?;
+    let sidecars = crate::dcp_output::copy_state_files(&state_files, staged.path())?;
+    let metadata_path = staged.path().join(pma_format::dcp_out::METADATA_FILE_NAME);
+    let metadata_bytes = std::fs::metadata(&metadata_path)
+        .map_err(|e| io_error(&metadata_path, "reading metadata of", e))?
+        .len();
+    let stale_staging = staged.stale_kept().to_vec();
+    staged.commit()?;
+    let elapsed_secs = started.elapsed().as_secs_f64();
+    let mut summary = plan.summary(report.threads);
+    summary.bytes_written = data_bytes + metadata_bytes + state_bytes;
+    Ok(MergeReport {
+        plan: summary,
+        output: out.to_path_buf(),
+        sidecars,
+        sidecars_skipped: Vec::new(),
+        warnings: report.warnings,
+        elapsed_secs,
+        read_bytes_per_sec: total_read as f64 / elapsed_secs.max(1e-9),
+        stale_staging,
+    })
+}
+
+/// A sidecar of the newest checkpoint that was not copied, and why (for the report).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SidecarSkipped {
+    /// Path relative to the checkpoint directory.
+    pub path: String,
+    /// Why it was left behind (training state, weights, a symlink leaving the checkpoint, ...).
+    pub reason: String,
+}
+
+/// What [`copy_sidecars`] did.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct SidecarsCopied {
+    /// Relative paths copied, folders with a trailing `/`, each before its contents.
+    pub copied: Vec<String>,
+    /// What was left behind, and why.
+    pub skipped: Vec<SidecarSkipped>,
+}
+
+/// Copies the newest checkpoint's sidecars into `dir`: every non-weight file and folder but
+/// training state, hidden folders and symlinks leaving the checkpoint
+/// ([`TensorStore::sidecar_plan`]). Folders are recreated and files copied through the kernel,
+/// never following a link out of the checkpoint ([`pma_format::copy_sidecar`]).
+/// `config.json`'s `torch_dtype` follows an explicit output dtype so `from_pretrained` loads the
+/// weights as they were written.
 pub(crate) fn copy_sidecars(
     newest: &dyn TensorStore,
     out_dtype: Option<FloatDtype>,
     dir: &Path,
-) -> Result<Vec<String>> {
-    let mut copied = Vec::new();
-    for src in newest.sidecars() {
-        let name = src
-            .file_name()
-            .expect("sidecar paths end in a file name")
-            .to_owned();
-        let dst = dir.join(&name);
-        copied.push(name.to_string_lossy().into_owned());
-        // Never follows a link out of the checkpoint (see pma_format::sidecar).
-        let text = pma_format::read_sidecar(newest.root(), &src)?;
-        if let (Some("config.json"), Some(dtype)) = (name.to_str(), out_dtype) {
-            if let Ok(serde_json::Value::Object(mut cfg)) = serde_json::from_slice(&text) {
-                cfg.insert("torch_dtype".into(), dtype.torch_name().into());
-                let bytes = serde_json::to_vec_pretty(&cfg).expect("JSON value serializes");
-                pma_format::write_file_synced(&dst, &bytes)?;
-                continue;
-            }
+) -> Result<SidecarsCopied> {
+    let io_error = |path: &Path, action, source| pma_format::Error::Io {
+        path: path.into(),
+        action,
+        source,
+    };
+    let plan = newest.sidecar_plan()?;
+    let root = newest.root();
+    let mut done = SidecarsCopied {
+        skipped: plan
+            .skipped
+            .iter()
+            .map(|s| SidecarSkipped {
+                path: s.path.to_string_lossy().into_owned(),
+                reason: s.reason.to_string(),
+            })
+            .collect(),
+        ..SidecarsCopied::default()
+    };
+    for entry in &plan.copy {
+        let (src, dst) = (root.join(&entry.path), dir.join(&entry.path));
+        let name = entry.path.to_string_lossy().into_owned();
+        if entry.kind == SidecarKind::Dir {
+            std::fs::create_dir(&dst).map_err(|e| io_error(&dst, "creating", e))?;
+            done.copied.push(name + "/");
+            continue;
         }
-        pma_format::write_file_synced(&dst, &text)?;
+        let rewrite = match (entry.path == Path::new("config.json"), out_dtype) {
+            (true, Some(dtype)) => {
+                // Never follows a link out of the checkpoint (see pma_format::sidecar).
+                let text = pma_format::read_sidecar(root, &src)?;
+                match serde_json::from_slice(&text) {
+                    Ok(serde_json::Value::Object(mut cfg)) => {
+                        cfg.insert("torch_dtype".into(), dtype.torch_name().into());
+                        let bytes = serde_json::to_vec_pretty(&cfg).expect("JSON value serializes");
+                        pma_format::write_file_synced(&dst, &bytes)?;
+                        true
+                    }
+                    _ => false,
+                }
+            }
+            _ => false,
+        };
+        if !rewrite {
+            pma_format::copy_sidecar(root, &src, &dst)?;
+        }
+        done.copied.push(name);
     }
-    Ok(copied)
+    // The output's own directory is synced when it is committed; the folders made here hold
+    // entries of their own.
+    for entry in plan.copy.iter().filter(|e| e.kind == SidecarKind::Dir) {
+        let sub = dir.join(&entry.path);
+        std::fs::File::open(&sub)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| io_error(&sub, "syncing", e))?;
+    }
+    Ok(done)
 }
 
 /// The merge's compute kernel: the weighted average of float tensors, the exact copy of the rest.

@@ -7,7 +7,9 @@
 //! 2. A [`WeightSpec`] (SMA, EMA, WMA or explicit) gives the [`Weights`]; they and a
 //!    [`MergeConfig`] turn the inputs into a [`MergePlan`], which validates names, shapes and dtypes from headers alone and fixes the
 //!    output layout. This is what `--dry-run` shows.
-//! 3. [`execute`] streams the plan to disk with bounded memory and returns a [`MergeReport`].
+//! 3. [`execute`] streams the plan to disk with bounded memory and returns a [`MergeReport`]:
+//!    HF safetensors, or a torch DCP directory with the newest member's chunk layout
+//!    ([`OutputFormat`], [`dcp_output`]).
 //!
 //! The same crate computes `inspect` statistics ([`inspect`]) and checkpoint distances
 //! ([`diff`]).
@@ -24,6 +26,7 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod dcp_output;
 pub mod diff;
 mod error;
 pub mod executor;
@@ -40,12 +43,14 @@ pub mod threads;
 pub mod watch;
 pub mod weights;
 
+pub use dcp_output::verbatim_entries;
 pub use error::{Error, Result};
-pub use executor::{execute, ExecOptions, MergeReport, NonFiniteWarning};
+pub use executor::{execute, ExecOptions, MergeReport, NonFiniteWarning, SidecarSkipped};
 pub use keys::{select_keys, Action, KeyEntry, KeySelection, KeySelectionConfig};
 pub use keys::{KeyGroup, KeySummary};
 pub use partition::{execute_part, finalize, FinalizeReport, PartReport, Partition};
 pub use placement::{check_output_placement, check_plan_output};
+pub use plan::OutputFormat;
 pub use plan::{MergeConfig, MergeInput, MergePlan, PlanSummary, DEFAULT_MAX_SHARD_BYTES};
 pub use progress::{NoProgress, Progress};
 pub use run_layout::{discover_run, LatestHint, RunDiscovery};

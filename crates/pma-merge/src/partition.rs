@@ -98,6 +98,13 @@ impl Partition {
                 reason: "there must be at least one part",
             });
         }
+        if plan.output_format() == crate::plan::OutputFormat::Dcp {
+            return Err(Error::InvalidPartCount {
+                parts,
+                reason: "a DCP output cannot be partitioned yet; partition an HF output \
+                         (--format hf)",
+            });
+        }
         if plan.single_file && parts > 1 {
             return Err(Error::InvalidPartCount {
                 parts,
@@ -500,7 +507,7 @@ pub fn finalize(
             pma_format::write_index(staged.path(), &listing)?;
         }
         let newest = &plan.inputs[plan.inputs.len() - 1];
-        sidecars = copy_sidecars(newest.store(), plan.config.out_dtype, staged.path())?;
+        sidecars = copy_sidecars(newest.store(), plan.config.out_dtype, staged.path())?.copied;
     }
     staged.commit()?;
     // The output is published; the parts are no longer needed. A failure here leaves only a

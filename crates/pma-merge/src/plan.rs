@@ -61,6 +61,29 @@ pub struct MergeConfig {
     pub allow_nonfinite: bool,
     /// Which entries are merged, copied, kept or left out (default: model weights only).
     pub keys: KeySelectionConfig,
+    /// Output format; `None` follows the input (see [`MergePlan::output_format`]).
+    pub format: Option<OutputFormat>,
+}
+
+/// The format a merge writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OutputFormat {
+    /// Hugging Face safetensors: a sharded directory, or one bare file.
+    Hf,
+    /// A torch.distributed.checkpoint directory with the newest member's chunk layout (one
+    /// chunk per tensor when the newest member is not DCP), `TORCH_SAVE` items.
+    Dcp,
+}
+
+impl OutputFormat {
+    /// `"hf"` or `"dcp"`, as the `--format` flag spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            OutputFormat::Hf => "hf",
+            OutputFormat::Dcp => "dcp",
+        }
+    }
 }
 
 impl Default for MergeConfig {
@@ -71,6 +94,7 @@ impl Default for MergeConfig {
             single_file: false,
             allow_nonfinite: false,
             keys: KeySelectionConfig::default(),
+            format: None,
         }
     }
 }
@@ -155,6 +179,8 @@ pub struct PlanSummary {
     pub files: Vec<String>,
     /// Whether the output is a bare file.
     pub single_file: bool,
+    /// Output format.
+    pub format: OutputFormat,
     /// Number of tensors.
     pub n_tensors: usize,
     /// Number of parameters.
@@ -178,6 +204,9 @@ impl MergePlan {
     ) -> Result<MergePlan> {
         if inputs.is_empty() {
             return Err(Error::InvalidWeights("no checkpoints to merge".into()));
+        }
+        if config.format == Some(OutputFormat::Dcp) && config.single_file {
+            return Err(Error::DcpSingleFile);
         }
         if inputs.len() != weights.len() {
             return Err(Error::InvalidWeights(format!(
@@ -219,13 +248,60 @@ impl MergePlan {
         })
     }
 
-    /// The output regions of every tensor, in write order: each tensor is one region covering
-    /// all of it (an HF output stores whole tensors).
+    /// The output regions of every tensor: for HF, one region covering each tensor (an HF
+    /// output stores whole tensors); for DCP, the tensor's output chunks ([`Self::dcp_chunks`]).
     pub fn job_regions(&self) -> Vec<Vec<Region>> {
-        self.tensors
-            .iter()
-            .map(|t| vec![Region::full(&t.spec.shape)])
-            .collect()
+        match self.output_format() {
+            OutputFormat::Hf => self
+                .tensors
+                .iter()
+                .map(|t| vec![Region::full(&t.spec.shape)])
+                .collect(),
+            OutputFormat::Dcp => (0..self.tensors.len())
+                .map(|t| self.dcp_chunks(t).into_iter().map(|c| c.region).collect())
+                .collect(),
+        }
+    }
+
+    /// The format this plan writes: [`MergeConfig::format`] if set; otherwise a bare
+    /// `.safetensors` file when one was asked for, DCP when the newest member is DCP, and HF
+    /// safetensors otherwise (DCP in gives DCP out; safetensors and torch.save give HF).
+    pub fn output_format(&self) -> OutputFormat {
+        match self.config.format {
+            Some(f) => f,
+            None if self.single_file => OutputFormat::Hf,
+            None if self.inputs[self.inputs.len() - 1]
+                .checkpoint
+                .as_dcp()
+                .is_some() =>
+            {
+                OutputFormat::Dcp
+            }
+            None => OutputFormat::Hf,
+        }
+    }
+
+    /// The chunks of output tensor `tensor` in a DCP output: the newest member's chunk boxes,
+    /// each in the file (`__R_K.distcp`) the newest member keeps it in, so the trainer reloads
+    /// with the parallelism it saved with. When the newest member is not DCP there is no layout
+    /// to follow, and the tensor is one chunk in `__0_0.distcp` (`dcp.load` reshards on load).
+    pub fn dcp_chunks(&self, tensor: usize) -> Vec<pma_format::dcp_out::DcpChunk> {
+        let spec = &self.tensors[tensor].spec;
+        let newest = &self.inputs[self.inputs.len() - 1].checkpoint;
+        match newest.as_dcp().and_then(|d| d.tensor(&spec.name)) {
+            Some(t) => t
+                .chunks
+                .iter()
+                .map(|c| pma_format::dcp_out::DcpChunk {
+                    region: c.region.clone(),
+                    file: c.storage.relative_path.clone(),
+                })
+                .collect(),
+            None => vec![pma_format::dcp_out::DcpChunk {
+                region: Region::full(&spec.shape),
+                file: crate::dcp_output::SINGLE_RANK_FILE.into(),
+            }],
+        }
     }
 
     /// Tensor specs of shard `i`, in write order.
@@ -236,8 +312,12 @@ impl MergePlan {
             .collect()
     }
 
-    /// Bytes written, headers included.
+    /// Bytes written, headers included (for a DCP output, an upper bound: see
+    /// [`crate::dcp_output::estimated_bytes`]).
     pub fn bytes_written(&self) -> u64 {
+        if self.output_format() == OutputFormat::Dcp {
+            return crate::dcp_output::estimated_bytes(self);
+        }
         (0..self.shards.len())
             .map(|i| {
                 let specs = self.shard_specs(i);
@@ -309,8 +389,12 @@ impl MergePlan {
                 })
                 .collect(),
             output_dtypes,
-            files: self.shards.iter().map(|(n, _)| n.clone()).collect(),
+            files: match self.output_format() {
+                OutputFormat::Hf => self.shards.iter().map(|(n, _)| n.clone()).collect(),
+                OutputFormat::Dcp => crate::dcp_output::file_names(self),
+            },
             single_file: self.single_file,
+            format: self.output_format(),
             n_tensors: self.tensors.len(),
             n_params: self.tensors.iter().map(PlannedTensor::numel).sum(),
             bytes_read: per_input.iter().sum(),

@@ -6,9 +6,10 @@ use std::process::ExitCode;
 use anyhow::{bail, Context};
 use pma_format::FloatDtype;
 use pma_merge::{
-    check_output_placement, check_plan_output, execute, parse_byte_size, parse_token_count,
-    resolve_threads, Action, CheckpointSeries, ExecOptions, KeySelectionConfig, KeySummary,
-    MergeConfig, MergePlan, MergeReport, PlanSummary, Selection, WeightSpec, DEFAULT_EMA_ALPHA,
+    check_output_placement, check_plan_output, discover_run, execute, parse_byte_size,
+    parse_token_count, resolve_threads, Action, CheckpointSeries, ExecOptions, KeySelectionConfig,
+    KeySummary, MergeConfig, MergePlan, MergeReport, OutputFormat, PlanSummary, Selection,
+    WeightSpec, DEFAULT_EMA_ALPHA,
 };
 
 use super::render::{human, print_json, versioned};
@@ -145,6 +146,25 @@ impl KeyArgs {
     }
 }
 
+/// Output format of `pma merge`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum FormatArg {
+    /// Hugging Face safetensors: a sharded directory, or one file when --out ends in .safetensors.
+    Hf,
+    /// A torch.distributed.checkpoint directory that `dcp.load` reads, with the newest
+    /// checkpoint's chunk layout (one chunk per tensor if the newest is not DCP).
+    Dcp,
+}
+
+impl From<FormatArg> for OutputFormat {
+    fn from(f: FormatArg) -> OutputFormat {
+        match f {
+            FormatArg::Hf => OutputFormat::Hf,
+            FormatArg::Dcp => OutputFormat::Dcp,
+        }
+    }
+}
+
 /// Arguments of `pma merge`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -166,6 +186,10 @@ pub struct Args {
     /// Replace an existing output.
     #[arg(long)]
     pub overwrite: bool,
+    /// Output format (default: dcp when the newest checkpoint is DCP and --out does not end in
+    /// .safetensors, hf otherwise).
+    #[arg(long, value_enum)]
+    pub format: Option<FormatArg>,
     /// Print the plan without reading tensor data.
     #[arg(long)]
     pub dry_run: bool,
@@ -175,7 +199,8 @@ pub struct Args {
     /// No progress bar, no warnings on stderr.
     #[arg(long, short)]
     pub quiet: bool,
-    /// Output: an HF checkpoint directory, or a file ending in .safetensors.
+    /// Output: an HF checkpoint directory, a file ending in .safetensors, or (--format dcp) a
+    /// DCP checkpoint directory.
     #[arg(long, value_name = "OUT")]
     pub out: PathBuf,
     /// Merge only part I (0-based) of a partitioned merge, writing its shards beside OUT for
@@ -257,7 +282,7 @@ impl OutputArgs {
             max_shard_bytes: self.max_shard_size,
             single_file: out.extension().is_some_and(|e| e == "safetensors"),
             allow_nonfinite: self.allow_nonfinite,
-            keys: KeySelectionConfig::default(),
+            ..MergeConfig::default()
         }
     }
 
@@ -270,8 +295,28 @@ impl OutputArgs {
 /// Builds the selection, weights and config from arguments; opens the checkpoints.
 pub fn plan_from_args(args: &Args) -> anyhow::Result<(MergePlan, Vec<pma_merge::Skipped>)> {
     let selection = args.select.selection()?;
+    // Checkpoints newer than a framework's latest-complete marker (Megatron's
+    // latest_checkpointed_iteration.txt, DeepSpeed's latest) may still be being written.
+    let mut unfinished = Vec::new();
     let (series, from_run) = match (&args.run, args.checkpoints.is_empty()) {
-        (Some(run), true) => (CheckpointSeries::discover(run)?, true),
+        (Some(run), true) => {
+            let mut found = discover_run(run)?;
+            let beyond: Vec<PathBuf> = found
+                .beyond_latest()
+                .iter()
+                .map(|e| e.path.clone())
+                .collect();
+            if let Some(marker) = &found.latest {
+                for path in &beyond {
+                    unfinished.push(pma_merge::Skipped {
+                        path: path.clone(),
+                        reason: format!("newer than the latest marker {}", marker.path.display()),
+                    });
+                }
+            }
+            found.series.entries.retain(|e| !beyond.contains(&e.path));
+            (found.series, true)
+        }
         (None, false) => (CheckpointSeries::from_paths(&args.checkpoints), false),
         (Some(_), false) => bail!(UsageError(
             "give either checkpoints or --run, not both".into()
@@ -284,12 +329,20 @@ pub fn plan_from_args(args: &Args) -> anyhow::Result<(MergePlan, Vec<pma_merge::
     if let Some(run) = &args.run {
         check_output_placement(&args.out, &[run.as_path()])?;
     }
-    let (inputs, skipped) = selection.select(&series, from_run)?.into_inputs();
+    let (inputs, mut skipped) = selection.select(&series, from_run)?.into_inputs();
+    skipped.extend(unfinished);
     let weights = spec.weights(inputs.len())?;
-    let config = MergeConfig {
+    let mut config = MergeConfig {
         keys: args.keys.config(),
         ..args.output.config(&args.out)
     };
+    config.format = args.format.map(OutputFormat::from);
+    if config.format == Some(OutputFormat::Dcp) && config.single_file {
+        bail!(UsageError(format!(
+            "--format dcp writes a directory, but --out {} ends in .safetensors",
+            args.out.display()
+        )));
+    }
     let plan = MergePlan::build(inputs, weights, config)?;
     check_plan_output(&plan, &args.out)?;
     Ok((plan, skipped))
@@ -317,7 +370,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         }
     }
     let kept = plan.keys.count(Action::KeepNewest);
-    if !args.quiet && kept > 0 {
+    if !args.quiet && kept > 0 && plan.output_format() == OutputFormat::Hf {
         // An HF output holds tensors only; training state travels in a DCP output.
         eprintln!(
             "warning: --keep-state newest: the {kept} training-state entries it keeps are not \
@@ -398,10 +451,10 @@ fn print_plan(s: &PlanSummary, out: &std::path::Path) -> std::io::Result<()> {
     outln!(
         "output: {} ({})",
         out.display(),
-        if s.single_file {
-            "single file"
-        } else {
-            "HF directory"
+        match (s.format, s.single_file) {
+            (OutputFormat::Dcp, _) => "DCP directory, newest checkpoint's chunk layout",
+            (OutputFormat::Hf, true) => "single file",
+            (OutputFormat::Hf, false) => "HF directory",
         }
     )?;
     outln!("  files: {}", s.files.join(", "))?;
@@ -458,13 +511,20 @@ fn print_keys(k: &KeySummary) -> std::io::Result<()> {
 
 fn print_report(r: &MergeReport) -> std::io::Result<()> {
     outln!(
-        "merged {} checkpoints ({}) -> {} in {:.2}s, {}/s read, {} written",
+        "merged {} checkpoints ({}) -> {} ({}) in {:.2}s, {}/s read, {} written",
         r.plan.inputs.len(),
         r.plan.method_label(),
         r.output.display(),
+        r.plan.format.name(),
         r.elapsed_secs,
         human(r.read_bytes_per_sec as u64),
         human(r.plan.bytes_written),
     )?;
+    if !r.sidecars.is_empty() {
+        outln!("  copied beside it: {}", r.sidecars.join(", "))?;
+    }
+    for s in &r.sidecars_skipped {
+        outln!("  left out: {} ({})", s.path, s.reason)?;
+    }
     Ok(())
 }

@@ -19,7 +19,9 @@ use super::render::{human, print_json_line, versioned};
 /// Arguments of `pma watch`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// The training run's directory (step-1000/, checkpoint-1000/, iter_0001000/, ...).
+    /// The training run's directory (step-1000/, checkpoint-1000/, iter_0001000/,
+    /// global_step1000/, torchtitan's checkpoint/step-1000/, ...), in HF safetensors, torch DCP
+    /// or torch.save; outputs are HF safetensors.
     #[arg(value_name = "RUN_DIR")]
     pub run_dir: PathBuf,
     /// Where merged checkpoints go, as step-XXXXXXX/ (the watcher's state is in .pma-watch/).

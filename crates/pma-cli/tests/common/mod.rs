@@ -120,3 +120,95 @@ pub fn wait_for(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
     }
     false
 }
+
+/// The events of one kind (`merged`, `waiting`, ...) in the event log.
+pub fn events_of(out: &Path, kind: &str) -> Vec<serde_json::Value> {
+    events(out)
+        .into_iter()
+        .filter(|e| e["event"] == kind)
+        .collect()
+}
+
+/// The `step-*` outputs in a watch output dir, sorted.
+pub fn output_steps(out: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("step-"))
+        .collect();
+    v.sort();
+    v
+}
+
+/// `pma merge` of explicit checkpoints into an HF output at `out`.
+pub fn merge(members: &[PathBuf], method: &[&str], out: &Path) {
+    pma()
+        .arg("merge")
+        .args(members)
+        .args(method)
+        // HF whatever the members' format, to compare with watch's HF outputs.
+        .args(["--format", "hf", "--quiet", "--out"])
+        .arg(out)
+        .assert()
+        .success();
+}
+
+/// Relative paths of every file and folder (`name/`, a symlink counted as a file) under
+/// `dir`, sorted.
+pub fn listing(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            let rel = p.strip_prefix(dir).unwrap().display().to_string();
+            if p.symlink_metadata().unwrap().is_dir() {
+                out.push(rel + "/");
+                stack.push(p);
+            } else {
+                out.push(rel);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// The python that has torch (`PMA_PYTHON`, default `python3`).
+pub fn python() -> String {
+    std::env::var("PMA_PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
+/// Whether [`python`] imports torch. Without it a test prints SKIPPED and passes, unless
+/// `PMA_REQUIRE_TORCH=1` (as CI sets), where this panics: a test that needs torch never skips
+/// in CI.
+pub fn torch_available() -> bool {
+    let has_torch = std::process::Command::new(python())
+        .args(["-c", "import torch, safetensors, numpy"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_torch {
+        if std::env::var("PMA_REQUIRE_TORCH").as_deref() == Ok("1") {
+            panic!(
+                "PMA_REQUIRE_TORCH=1 but `{} -c 'import torch, safetensors, numpy'` fails",
+                python()
+            );
+        }
+        eprintln!("SKIPPED: no torch in {} (set PMA_PYTHON)", python());
+    }
+    has_torch
+}
+
+/// Copies a directory tree (files and folders only).
+pub fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let dst = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_tree(&e.path(), &dst);
+        } else {
+            std::fs::copy(e.path(), &dst).unwrap();
+        }
+    }
+}

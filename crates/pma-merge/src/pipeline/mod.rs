@@ -1,8 +1,9 @@
 //! The streaming pipeline every merge and watch update runs on: jobs → compute kernel → ordered
 //! writer. Bounded memory, every core busy, disk writes overlapped.
 //!
-//! Output tensors are cut along their regions ([`Region`]: today one region covering each tensor;
-//! a DCP output cuts each tensor into the newest member's chunks) into jobs of at most
+//! Output tensors are cut along their regions ([`Region`]: one region covering each tensor for
+//! safetensors; the newest member's chunks for a DCP output), taken in the order the sink writes
+//! them ([`OutputRegion`]: tensor by tensor, or a DCP output's file by file), into jobs of at most
 //! [`JOB_ELEMS`] elements ([`cut_jobs`]). A batch of jobs is computed in parallel on a rayon pool
 //! by the caller's [`Kernel`] while a dedicated writer thread hands the previous batch, job by
 //! job in order, to the caller's [`Sink`], and the kernel is asked to prefetch the next
@@ -26,6 +27,7 @@
 //! [`pma_format::TensorStore`]) and let the kernel read through it; to plug in a new output,
 //! implement [`Sink`].
 
+mod dcp_sink;
 mod sink;
 
 use std::collections::{HashMap, VecDeque};
@@ -41,6 +43,7 @@ use serde::Serialize;
 use crate::error::{Error, Result};
 use crate::progress::Progress;
 
+pub use dcp_sink::DcpSink;
 pub use sink::{SafetensorsSink, ShardFile, Sink};
 
 /// Elements per job: the unit of parallel work and of page release.
@@ -78,20 +81,52 @@ pub struct Job<'r> {
     pub last_of_tensor: bool,
 }
 
-/// Cuts every output tensor (in write order), region by region, into jobs of at most
-/// [`JOB_ELEMS`] elements. `regions[t]` are tensor `t`'s output regions, in write order.
-pub fn cut_jobs(regions: &[Vec<Region>]) -> impl Iterator<Item = Job<'_>> + '_ {
-    regions.iter().enumerate().flat_map(|(tensor, rs)| {
-        let last_region = rs.iter().rposition(|r| r.numel() > 0);
-        rs.iter().enumerate().flat_map(move |(ri, region)| {
-            let n = region.numel();
-            let n_jobs = n.div_ceil(JOB_ELEMS);
-            (0..n_jobs).map(move |j| Job {
+/// One region of one output tensor: the unit of write order. A merge writes its regions in
+/// whatever order its [`Sink`] needs: tensor by tensor for safetensors ([`tensor_major`]), file
+/// by file for a DCP output, whose files interleave the chunks of many tensors.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutputRegion {
+    /// Index of the output tensor.
+    pub tensor: usize,
+    /// The region of that tensor.
+    pub region: Region,
+}
+
+/// The regions of every tensor, tensor by tensor: `regions[t]` are tensor `t`'s output
+/// regions, in write order.
+pub fn tensor_major(regions: &[Vec<Region>]) -> Vec<OutputRegion> {
+    regions
+        .iter()
+        .enumerate()
+        .flat_map(|(tensor, rs)| {
+            rs.iter().map(move |region| OutputRegion {
                 tensor,
-                region,
-                elems: j * JOB_ELEMS..((j + 1) * JOB_ELEMS).min(n),
-                last_of_tensor: Some(ri) == last_region && j + 1 == n_jobs,
+                region: region.clone(),
             })
+        })
+        .collect()
+}
+
+/// Cuts every output region, in the order given, into jobs of at most [`JOB_ELEMS`] elements.
+/// A tensor's regions may be interleaved with other tensors'; its last job is the last job of
+/// its last non-empty region in this order.
+pub fn cut_jobs(order: &[OutputRegion]) -> impl Iterator<Item = Job<'_>> + '_ {
+    let n_tensors = order.iter().map(|r| r.tensor + 1).max().unwrap_or(0);
+    let mut last_region = vec![None; n_tensors];
+    for (i, r) in order.iter().enumerate() {
+        if r.region.numel() > 0 {
+            last_region[r.tensor] = Some(i);
+        }
+    }
+    order.iter().enumerate().flat_map(move |(ri, r)| {
+        let n = r.region.numel();
+        let n_jobs = n.div_ceil(JOB_ELEMS);
+        let last = last_region[r.tensor] == Some(ri);
+        (0..n_jobs).map(move |j| Job {
+            tensor: r.tensor,
+            region: &r.region,
+            elems: j * JOB_ELEMS..((j + 1) * JOB_ELEMS).min(n),
+            last_of_tensor: last && j + 1 == n_jobs,
         })
     })
 }
@@ -223,10 +258,21 @@ struct JobOutput<'r> {
     read_bytes: u64,
 }
 
-/// Runs every job of `regions` through `kernel`, in parallel, and hands their outputs to `sink`
-/// in job order; finishes the sink when all jobs are written.
+/// Runs every job of `regions` (tensor by tensor, see [`tensor_major`]) through `kernel`, in
+/// parallel, and hands their outputs to `sink` in job order; finishes the sink when all jobs are
+/// written.
 pub fn run_pipeline<K: Kernel, S: Sink>(
     regions: &[Vec<Region>],
+    kernel: &K,
+    sink: S,
+    opts: &PipelineOptions<'_>,
+) -> Result<PipelineReport> {
+    run_pipeline_ordered(&tensor_major(regions), kernel, sink, opts)
+}
+
+/// [`run_pipeline`] over regions in an order the caller chooses (a DCP output's file order).
+pub fn run_pipeline_ordered<K: Kernel, S: Sink>(
+    order: &[OutputRegion],
     kernel: &K,
     mut sink: S,
     opts: &PipelineOptions<'_>,
@@ -259,8 +305,7 @@ pub fn run_pipeline<K: Kernel, S: Sink>(
             }
             Ok(())
         });
-        let computed =
-            pool.install(|| compute_batches(regions, kernel, threads, opts, buffers, &tx));
+        let computed = pool.install(|| compute_batches(order, kernel, threads, opts, buffers, &tx));
         // The channel closes after this store, so the writer sees it once its loop ends.
         all_computed.store(computed.is_ok(), Ordering::Release);
         drop(tx);
@@ -275,7 +320,7 @@ pub fn run_pipeline<K: Kernel, S: Sink>(
 }
 
 fn compute_batches<'r, K: Kernel>(
-    regions: &'r [Vec<Region>],
+    order: &'r [OutputRegion],
     kernel: &K,
     threads: usize,
     opts: &PipelineOptions<'_>,
@@ -283,7 +328,7 @@ fn compute_batches<'r, K: Kernel>(
     tx: &mpsc::SyncSender<Vec<JobOutput<'r>>>,
 ) -> Result<PipelineReport> {
     let batch_len = threads * JOBS_PER_THREAD;
-    let mut all = cut_jobs(regions);
+    let mut all = cut_jobs(order);
     // Batches whose input pages have been requested but not yet computed.
     let mut ahead: VecDeque<Vec<Job<'r>>> = VecDeque::new();
     let mut refill = |ahead: &mut VecDeque<Vec<Job<'r>>>| {
@@ -429,7 +474,7 @@ mod tests {
                 },
             ],
         ];
-        let jobs: Vec<(usize, Range<u64>, bool)> = cut_jobs(&regions)
+        let jobs: Vec<(usize, Range<u64>, bool)> = cut_jobs(&tensor_major(&regions))
             .map(|j| (j.tensor, j.elems, j.last_of_tensor))
             .collect();
         assert_eq!(
@@ -439,6 +484,50 @@ mod tests {
                 (2, 0..JOB_ELEMS, false),
                 (2, JOB_ELEMS..JOB_ELEMS + 1, false),
                 (2, 0..2, true),
+            ]
+        );
+    }
+
+    #[test]
+    fn interleaved_regions_mark_each_tensors_last_job() {
+        // A DCP output's file order: tensor 0's first chunk, tensor 1's, then their second ones.
+        let r = |o: u64, n: u64| Region {
+            offsets: vec![o],
+            sizes: vec![n],
+        };
+        let order = vec![
+            OutputRegion {
+                tensor: 0,
+                region: r(0, 2),
+            },
+            OutputRegion {
+                tensor: 1,
+                region: r(0, 3),
+            },
+            OutputRegion {
+                tensor: 0,
+                region: r(2, 2),
+            },
+            OutputRegion {
+                tensor: 1,
+                region: r(3, 0),
+            },
+            OutputRegion {
+                tensor: 1,
+                region: r(3, JOB_ELEMS + 1),
+            },
+        ];
+        let jobs: Vec<(usize, u64, Range<u64>, bool)> = cut_jobs(&order)
+            .map(|j| (j.tensor, j.region.offsets[0], j.elems, j.last_of_tensor))
+            .collect();
+        assert_eq!(
+            jobs,
+            vec![
+                (0, 0, 0..2, false),
+                (1, 0, 0..3, false),
+                (0, 2, 0..2, true),
+                (1, 3, 0..JOB_ELEMS, false),
+                (1, 3, JOB_ELEMS..JOB_ELEMS + 1, true),
             ]
         );
     }

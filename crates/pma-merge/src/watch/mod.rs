@@ -4,15 +4,20 @@
 //! date in an output directory, one `step-XXXXXXX/` per update, named after the newest member.
 //! Checkpoints are processed one at a time, in step order, each exactly once:
 //!
-//! 1. discovery and completeness ([`ready`]): a checkpoint counts once it has settled, carries
-//!    its ready marker and validates;
-//! 2. pinning ([`pins`]): its files are hard-linked into the state dir at once, so the trainer's
-//!    rotation cannot take a window member away;
+//! 1. discovery and completeness ([`ready`]): the run is read as `pma merge` reads it
+//!    ([`crate::discover_run`]: step-named folders, torchtitan's `checkpoint/`, and nothing
+//!    newer than Megatron's or DeepSpeed's latest marker); a checkpoint counts once it has
+//!    settled, carries its ready marker and validates in its format (HF safetensors, torch DCP
+//!    or torch.save, through [`pma_format::AnyCheckpoint`]);
+//! 2. pinning ([`pins`]): its weight files (shards, or `.metadata` and every `.distcp`, or the
+//!    torch.save files) are reflinked, copied or hard-linked into the state dir at once, with
+//!    its sidecars, so the trainer's rotation cannot take a window member away;
 //! 3. the update, by [`Averaging`]:
 //!    - windowed SMA/EMA/WMA over the last N: the merge executor runs on the pinned members, so
 //!      the output is bit-identical to `pma merge` of the same checkpoints;
 //!    - incremental SMA: a running f64 sum updated with the new and the leaving checkpoint
-//!      ([`stream`]);
+//!      (`stream`, which reads members of any format and carries the tensors a default
+//!      merge writes: model weights, not optimizer state);
 //!    - streaming EMA over the whole history, DeepSeek-V3 style ([`stream`]);
 //! 4. the commit ([`state`]): the new tensor state and the output are made durable first, then
 //!    `state.json` is replaced atomically. A SIGKILL at any point leaves the old or the new state,

@@ -22,9 +22,23 @@
 //! Every file is created with `O_EXCL` in a fresh staging directory: a pin never truncates or
 //! overwrites anything. The file pinned is the one that was validated: a symlink (the HF cache
 //! layout, `snapshots/<rev>/model.safetensors -> ../../blobs/<sha>`) is followed, and the inode
-//! pinned must be the inode [`Checkpoint::open`] validated. Index and sidecars are small and
-//! always copied; a sidecar that links out of the checkpoint is not pinned (see
-//! [`pma_format::sidecar`]). Shard names with a directory part are refused: pins are flat.
+//! pinned must be the inode [`pma_format::Checkpoint::open`] validated. Index and sidecars are small and
+//! always copied; sidecars are what a merge would copy ([`pma_format::plan_sidecars`]: files and
+//! folders, no training state, no symlink out of the checkpoint). Safetensors shard names with
+//! a directory part are refused: those pins are flat.
+//!
+//! Every format is pinned the same way ([`AnyCheckpoint`]): the weight files are what the
+//! format's reader reads, each pinned as above at its path inside the checkpoint, so the pin
+//! opens as the same format and framework layout:
+//! - torch DCP: `.metadata` and every `.distcp` file it names, in their folder
+//!   (`model_and_optim/` for OLMo-core, `pytorch_model_fsdp_0/` for accelerate);
+//! - torch.save: `pytorch_model.bin` (or the index and its shards), DeepSpeed's
+//!   `mp_rank_00_model_states.pt` (at the top of the pin, where detection finds it without the
+//!   run's `latest`), Megatron's `mp_rank_00/model_optim_rng.pt`.
+//!
+//! A DCP or torch.save reader keeps no inode to compare with, so such a pin is validated
+//! itself once its files are in place: it must open, and hold the same tensors (names, dtypes,
+//! shapes) as the checkpoint the watcher validated.
 //!
 //! Measured on the development machine (ext4 on a virtio disk, 2 cores shared with other
 //! builds; ext4 has no reflink), pinning one 1 GiB file, 3 rounds, source in the page cache:
@@ -49,15 +63,22 @@ use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use pma_format::{Checkpoint, FileStamp, Layout, INDEX_FILE_NAME, SINGLE_FILE_NAME};
+use pma_format::torch_save::TORCH_BIN_INDEX_FILE;
+use pma_format::{
+    AnyCheckpoint, FileStamp, Layout, SidecarKind, TensorStore, INDEX_FILE_NAME, SINGLE_FILE_NAME,
+};
 use serde::{Deserialize, Serialize};
 
 use super::state::{create_dir_all, io_error, remove_any, step_dir_name, sync_dir, Member};
 use super::WatchEvent;
 use crate::error::{Error, Result};
 
-/// The per-pin record of what each pinned file was, inside the pin directory.
+/// The per-pin record of what each pinned file was, in [`MANIFEST_DIR`] of the pin directory.
 pub const MANIFEST_NAME: &str = "pma-pin.json";
+/// The hidden folder of a pin that holds its manifest. Hidden, so a merge from the pin never
+/// copies the manifest as a sidecar (hidden folders are not sidecars); pins made before it
+/// existed hold [`MANIFEST_NAME`] at their top, and still verify.
+pub const MANIFEST_DIR: &str = ".pma-pin";
 
 /// How a pin holds its weight files (the least isolated method used for any of them).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -94,9 +115,14 @@ struct Manifest {
     files: Vec<PinnedFile>,
 }
 
-/// Pins `checkpoint` (opened from the trainer's path) as `pins_dir/step-XXXXXXX` and returns
-/// that path. An existing pin of that step is reused: pins only appear complete.
-pub fn pin(checkpoint: &Checkpoint, step: u64, pins_dir: &Path) -> Result<(PathBuf, PinKind)> {
+/// Pins `checkpoint` (opened from the trainer's path `source`) as `pins_dir/step-XXXXXXX` and
+/// returns that path. An existing pin of that step is reused: pins only appear complete.
+pub fn pin(
+    checkpoint: &AnyCheckpoint,
+    source: &Path,
+    step: u64,
+    pins_dir: &Path,
+) -> Result<(PathBuf, PinKind)> {
     let target = pins_dir.join(step_dir_name(step));
     if target.is_dir() {
         return Ok((target, PinKind::Copied));
@@ -105,7 +131,7 @@ pub fn pin(checkpoint: &Checkpoint, step: u64, pins_dir: &Path) -> Result<(PathB
     let staging = pins_dir.join(format!(".{}.pma-tmp", step_dir_name(step)));
     remove_any(&staging);
     create_dir_all(&staging)?;
-    let pinned = pin_into(checkpoint, &staging);
+    let pinned = pin_into(checkpoint, source, &staging);
     let manifest = match pinned {
         Ok(m) => m,
         Err(e) => {
@@ -121,46 +147,189 @@ pub fn pin(checkpoint: &Checkpoint, step: u64, pins_dir: &Path) -> Result<(PathB
         PinKind::Reflinked
     };
     let bytes = serde_json::to_vec_pretty(&manifest).expect("manifest serializes");
-    write_new(&staging.join(MANIFEST_NAME), &bytes)?;
-    sync_dir(&staging)?;
+    create_dir_all(&staging.join(MANIFEST_DIR))?;
+    write_new(&staging.join(MANIFEST_DIR).join(MANIFEST_NAME), &bytes)?;
+    sync_tree(&staging)?;
     std::fs::rename(&staging, &target).map_err(|e| io_error(&target, "renaming into", e))?;
     sync_dir(pins_dir)?;
     Ok((target, kind))
 }
 
-fn pin_into(checkpoint: &Checkpoint, staging: &Path) -> Result<Manifest> {
-    let mut weights: Vec<(&Path, String, FileStamp)> = Vec::new();
-    for f in checkpoint.files() {
-        let name = match checkpoint.layout() {
-            Layout::File => SINGLE_FILE_NAME.to_string(),
-            _ => plain_name(checkpoint.root(), f.path())?,
-        };
-        weights.push((f.path(), name, f.stamp()));
-    }
+/// A file to pin: where it is, its path inside the pin, and the stamp it must still have.
+struct WeightFile {
+    src: PathBuf,
+    name: String,
+    validated: FileStamp,
+}
+
+fn pin_into(checkpoint: &AnyCheckpoint, source: &Path, staging: &Path) -> Result<Manifest> {
+    let weights = weight_files(checkpoint, source)?;
     // Copy when the filesystem keeps at least as much free space as the copies take.
-    let total: u64 = weights.iter().map(|w| w.2.n_bytes).sum();
+    let total: u64 = weights.iter().map(|w| w.validated.n_bytes).sum();
     let free = pma_format::available_bytes(staging)?;
     let may_copy = free >= total.saturating_mul(2);
     let mut files = Vec::new();
-    for (src, name, validated) in weights {
-        let dst = staging.join(&name);
-        let method = pin_file(src, validated, &dst, may_copy)?;
-        files.push(record(&dst, name, method)?);
+    for w in weights {
+        let dst = staging.join(&w.name);
+        if let Some(parent) = dst.parent() {
+            create_dir_all(parent)?;
+        }
+        let method = pin_file(&w.src, w.validated, &dst, may_copy)?;
+        files.push(record(&dst, w.name, method)?);
     }
-    if checkpoint.layout() == Layout::Sharded {
-        let src = checkpoint.root().join(INDEX_FILE_NAME);
-        let bytes = std::fs::read(&src).map_err(|e| io_error(&src, "reading", e))?;
-        write_new(&staging.join(INDEX_FILE_NAME), &bytes)?;
-    }
-    for s in checkpoint.sidecars() {
-        // A sidecar that links out of the checkpoint is left out of the pin (and so out of
-        // every output); the weights are what the pin is for.
-        if let Ok(bytes) = pma_format::read_sidecar(checkpoint.root(), &s) {
-            let name = plain_name(checkpoint.root(), &s)?;
-            write_new(&staging.join(name), &bytes)?;
+    if let AnyCheckpoint::Safetensors(c) = checkpoint {
+        if c.layout() == Layout::Sharded {
+            let src = c.root().join(INDEX_FILE_NAME);
+            let bytes = std::fs::read(&src).map_err(|e| io_error(&src, "reading", e))?;
+            write_new(&staging.join(INDEX_FILE_NAME), &bytes)?;
         }
     }
+    pin_sidecars(checkpoint, staging)?;
+    if !matches!(checkpoint, AnyCheckpoint::Safetensors(_)) {
+        check_pinned(checkpoint, staging)?;
+    }
     Ok(Manifest { files })
+}
+
+/// The files `checkpoint`'s reader reads, with their paths inside the pin.
+fn weight_files(checkpoint: &AnyCheckpoint, source: &Path) -> Result<Vec<WeightFile>> {
+    // Formats whose readers keep no stamp: take it now; the pin is validated once made.
+    let stamped = |src: PathBuf, name: String| -> Result<WeightFile> {
+        let meta = std::fs::metadata(&src).map_err(|e| io_error(&src, "reading metadata of", e))?;
+        Ok(WeightFile {
+            validated: FileStamp::of(&meta),
+            src,
+            name,
+        })
+    };
+    match checkpoint {
+        AnyCheckpoint::Safetensors(c) => c
+            .files()
+            .iter()
+            .map(|f| {
+                let name = match c.layout() {
+                    Layout::File => SINGLE_FILE_NAME.to_string(),
+                    _ => plain_name(c.root(), f.path())?,
+                };
+                Ok(WeightFile {
+                    src: f.path().into(),
+                    name,
+                    validated: f.stamp(),
+                })
+            })
+            .collect(),
+        AnyCheckpoint::Dcp(d) => {
+            let dir = d.dir();
+            let mut names = vec![pma_format::dcp::METADATA_FILE];
+            names.extend(d.data_files());
+            names
+                .into_iter()
+                .map(|n| {
+                    let src = dir.join(n);
+                    let name = inner_name(source, &src)?;
+                    stamped(src, name)
+                })
+                .collect()
+        }
+        AnyCheckpoint::TorchSave(t) => {
+            let root = t.root();
+            let mut srcs: Vec<PathBuf> = t.files().iter().map(|f| f.path().into()).collect();
+            if root.is_dir() && root.join(TORCH_BIN_INDEX_FILE).is_file() {
+                srcs.push(root.join(TORCH_BIN_INDEX_FILE));
+            }
+            srcs.into_iter()
+                .map(|src| {
+                    let file_name = src
+                        .file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_default();
+                    // DeepSpeed's model file goes to the top: detection finds it there without
+                    // the `latest` tag file an HF Trainer checkpoint points through.
+                    let deepspeed = file_name.starts_with("mp_rank_")
+                        && file_name.ends_with("_model_states.pt");
+                    let name = if deepspeed || !src.starts_with(source) {
+                        file_name
+                    } else {
+                        inner_name(source, &src)?
+                    };
+                    stamped(src, name)
+                })
+                .collect()
+        }
+    }
+}
+
+/// `path` relative to the checkpoint folder `source`, checked to stay inside it (only plain
+/// components). A checkpoint that is a file is its own name.
+fn inner_name(source: &Path, path: &Path) -> Result<String> {
+    let rel = match path.strip_prefix(source) {
+        Ok(rel) if !rel.as_os_str().is_empty() => rel,
+        _ => Path::new(path.file_name().unwrap_or_default()),
+    };
+    let plain = !rel.as_os_str().is_empty()
+        && rel
+            .components()
+            .all(|c| matches!(c, std::path::Component::Normal(_)));
+    if !plain {
+        return Err(Error::PinRefused {
+            path: path.into(),
+            reason: "the file lies outside the checkpoint folder".into(),
+        });
+    }
+    Ok(rel.to_string_lossy().into_owned())
+}
+
+/// Copies the sidecars a merge of the checkpoint would copy ([`TensorStore::sidecar_plan`]),
+/// folders included, at the same paths. One that turned into a link out of the checkpoint
+/// since the plan was made is left out (the weights are what the pin is for).
+fn pin_sidecars(checkpoint: &AnyCheckpoint, staging: &Path) -> Result<()> {
+    let plan = checkpoint.sidecar_plan()?;
+    let root = checkpoint.root();
+    for entry in &plan.copy {
+        let dst = staging.join(&entry.path);
+        match entry.kind {
+            SidecarKind::Dir => create_dir_all(&dst)?,
+            // A weight file pinned at that path already (a shard in a folder of its own).
+            SidecarKind::File if dst.exists() => {}
+            SidecarKind::File => {
+                match pma_format::copy_sidecar(root, &root.join(&entry.path), &dst) {
+                    Ok(_) | Err(pma_format::Error::UnsafeSidecar { .. }) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Checks that the pin in `staging` opens and holds the tensors of the validated `checkpoint`.
+fn check_pinned(checkpoint: &AnyCheckpoint, staging: &Path) -> Result<()> {
+    let pinned = AnyCheckpoint::open(staging).map_err(|e| Error::PinRefused {
+        path: checkpoint.root().into(),
+        reason: format!("the pinned copy does not open: {e}"),
+    })?;
+    if pinned.logical_tensors() != checkpoint.logical_tensors() {
+        return Err(Error::PinRefused {
+            path: checkpoint.root().into(),
+            reason: "the pinned copy holds other tensors than the checkpoint that was validated \
+                     (it changed while being pinned)"
+                .into(),
+        });
+    }
+    Ok(())
+}
+
+/// fsyncs every folder of a pin, deepest first, so each file's entry is durable before the
+/// pin is renamed into place.
+fn sync_tree(dir: &Path) -> Result<()> {
+    let entries = std::fs::read_dir(dir).map_err(|e| io_error(dir, "listing", e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| io_error(dir, "listing", e))?;
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            sync_tree(&entry.path())?;
+        }
+    }
+    sync_dir(dir)
 }
 
 /// The file name of `path` inside checkpoint `root`; refused when it has a directory part
@@ -317,12 +486,26 @@ fn record(path: &Path, name: String, method: Method) -> Result<PinnedFile> {
 /// Checks that a pin still holds what was pinned: every file with its recorded size and
 /// mtime (and ctime, for files the pin owns), and the checkpoint validates. Returns why not.
 pub fn verify(pin_dir: &Path) -> std::result::Result<(), String> {
-    let manifest_path = pin_dir.join(MANIFEST_NAME);
+    let mut manifest_path = pin_dir.join(MANIFEST_DIR).join(MANIFEST_NAME);
+    if !manifest_path.exists() {
+        manifest_path = pin_dir.join(MANIFEST_NAME); // a pin made before MANIFEST_DIR
+    }
     match std::fs::read(&manifest_path) {
         Ok(bytes) => {
             let manifest: Manifest = serde_json::from_slice(&bytes)
                 .map_err(|e| format!("{}: {e}", manifest_path.display()))?;
             for f in &manifest.files {
+                // Only paths inside the pin are looked at, whatever the manifest says.
+                let inside = Path::new(&f.name)
+                    .components()
+                    .all(|c| matches!(c, std::path::Component::Normal(_)));
+                if !inside {
+                    return Err(format!(
+                        "{}: '{}' is not a path inside the pin",
+                        manifest_path.display(),
+                        f.name
+                    ));
+                }
                 let p = pin_dir.join(&f.name);
                 let meta =
                     std::fs::symlink_metadata(&p).map_err(|e| format!("{}: {e}", p.display()))?;
@@ -345,7 +528,7 @@ pub fn verify(pin_dir: &Path) -> std::result::Result<(), String> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(format!("{}: {e}", manifest_path.display())),
     }
-    Checkpoint::open(pin_dir)
+    AnyCheckpoint::open(pin_dir)
         .map(drop)
         .map_err(|e| e.to_string())
 }
@@ -364,9 +547,9 @@ pub fn recheck_members(
             return true;
         };
         remove_any(&dir);
-        let repinned = Checkpoint::open(&m.source)
+        let repinned = AnyCheckpoint::open(&m.source)
             .ok()
-            .and_then(|c| pin(&c, m.step, pins_dir).ok())
+            .and_then(|c| pin(&c, &m.source, m.step, pins_dir).ok())
             .is_some_and(|(p, _)| verify(&p).is_ok());
         sink(&WatchEvent::PinDamaged {
             step: m.step,
@@ -403,7 +586,7 @@ pub fn is_damage(e: &Error) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use pma_format::{Dtype, TensorSpec};
+    use pma_format::{Checkpoint, Dtype, TensorSpec};
     use std::collections::BTreeMap;
 
     fn write_ckpt(dir: &Path) {
@@ -429,8 +612,8 @@ mod tests {
         let root = tempfile::tempdir().unwrap();
         let src = root.path().join("run/step-100");
         write_ckpt(&src);
-        let ckpt = Checkpoint::open(&src).unwrap();
-        let (pinned, kind) = pin(&ckpt, 100, &root.path().join("pins")).unwrap();
+        let ckpt = AnyCheckpoint::open(&src).unwrap();
+        let (pinned, kind) = pin(&ckpt, &src, 100, &root.path().join("pins")).unwrap();
         assert_ne!(kind, PinKind::Linked, "this disk has room for a copy");
         drop(ckpt);
         std::fs::remove_dir_all(&src).unwrap();
@@ -447,8 +630,8 @@ mod tests {
         let root = tempfile::tempdir().unwrap();
         let src = root.path().join("run/step-100");
         write_ckpt(&src);
-        let ckpt = Checkpoint::open(&src).unwrap();
-        let (pinned, _) = pin(&ckpt, 100, &root.path().join("pins")).unwrap();
+        let ckpt = AnyCheckpoint::open(&src).unwrap();
+        let (pinned, _) = pin(&ckpt, &src, 100, &root.path().join("pins")).unwrap();
         let before = std::fs::read(pinned.join(SINGLE_FILE_NAME)).unwrap();
         // save_pretrained on rollback: open(O_TRUNC) and write other bytes.
         std::fs::write(src.join(SINGLE_FILE_NAME), b"rewritten").unwrap();
@@ -476,7 +659,8 @@ mod tests {
         std::os::unix::fs::symlink("../../blobs/abc", snap.join(SINGLE_FILE_NAME)).unwrap();
         let ckpt = Checkpoint::open(&snap).unwrap();
         let pins = root.path().join("pins");
-        let (pinned, _) = pin(&ckpt, 5, &pins).unwrap();
+        let any = AnyCheckpoint::open(&snap).unwrap();
+        let (pinned, _) = pin(&any, &snap, 5, &pins).unwrap();
         let meta = std::fs::symlink_metadata(pinned.join(SINGLE_FILE_NAME)).unwrap();
         assert!(meta.is_file(), "the pin holds the file, not a link");
         Checkpoint::open(&pinned).unwrap();
@@ -523,7 +707,7 @@ mod tests {
         let src = root.path().join("run/step-100");
         write_ckpt(&src);
         let pins = root.path().join("pins");
-        let (pinned, _) = pin(&Checkpoint::open(&src).unwrap(), 100, &pins).unwrap();
+        let (pinned, _) = pin(&AnyCheckpoint::open(&src).unwrap(), &src, 100, &pins).unwrap();
         // Damage the pin (a disk fault, a hand-run truncate).
         std::fs::write(pinned.join(SINGLE_FILE_NAME), b"").unwrap();
         assert!(verify(&pinned).is_err());
@@ -567,10 +751,107 @@ mod tests {
         write_ckpt(&dir);
         let file = root.path().join("step-7.safetensors");
         std::fs::rename(dir.join(SINGLE_FILE_NAME), &file).unwrap();
-        let ckpt = Checkpoint::open(&file).unwrap();
-        let (pinned, _) = pin(&ckpt, 7, &root.path().join("pins")).unwrap();
+        let ckpt = AnyCheckpoint::open(&file).unwrap();
+        let (pinned, _) = pin(&ckpt, &file, 7, &root.path().join("pins")).unwrap();
         assert!(pinned.join(SINGLE_FILE_NAME).is_file());
         assert!(pinned.ends_with("step-0000007"));
+    }
+
+    fn copy_dir(from: &Path, to: &Path) {
+        std::fs::create_dir_all(to).unwrap();
+        for e in std::fs::read_dir(from).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+
+    fn dcp_fixture(rel: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../pma-format/tests/fixtures/dcp")
+            .join(rel)
+    }
+
+    #[test]
+    fn dcp_pin_keeps_its_folder_and_survives_rotation() {
+        let root = tempfile::tempdir().unwrap();
+        // OLMo-core: the DCP folder is `model_and_optim/`, beside `train/` and a config.
+        let src = root.path().join("run/step100");
+        copy_dir(
+            &dcp_fixture("run-single/step-0000100"),
+            &src.join("model_and_optim"),
+        );
+        std::fs::create_dir_all(src.join("train")).unwrap();
+        std::fs::write(src.join("train/rank0.pt"), b"state").unwrap();
+        std::fs::write(src.join("config.json"), b"{}").unwrap();
+        let ckpt = AnyCheckpoint::open(&src).unwrap();
+        let tensors = ckpt.logical_tensors();
+        let (pinned, kind) = pin(&ckpt, &src, 100, &root.path().join("pins")).unwrap();
+        assert_ne!(kind, PinKind::Linked, "this disk has room for a copy");
+        drop(ckpt);
+        std::fs::remove_dir_all(&src).unwrap();
+        let reopened = AnyCheckpoint::open(&pinned).unwrap();
+        assert_eq!(reopened.format_name(), "DCP");
+        assert_eq!(reopened.logical_tensors(), tensors);
+        assert!(pinned.join("model_and_optim/.metadata").is_file());
+        assert!(
+            !pinned.join("train").exists(),
+            "training state is not pinned"
+        );
+        verify(&pinned).unwrap();
+        // The manifest covers `.metadata` and every `.distcp`: losing one is damage.
+        let manifest: Manifest = serde_json::from_slice(
+            &std::fs::read(pinned.join(MANIFEST_DIR).join(MANIFEST_NAME)).unwrap(),
+        )
+        .unwrap();
+        let names: Vec<&str> = manifest.files.iter().map(|f| f.name.as_str()).collect();
+        assert_eq!(names[0], "model_and_optim/.metadata");
+        assert!(
+            names[1..].iter().all(|n| n.ends_with(".distcp")),
+            "{names:?}"
+        );
+        std::fs::remove_file(pinned.join(names[1])).unwrap();
+        assert!(verify(&pinned).is_err());
+    }
+
+    #[test]
+    fn megatron_dcp_pin_reopens_with_the_same_tensors() {
+        let root = tempfile::tempdir().unwrap();
+        let src = root.path().join("iter_0000200");
+        copy_dir(&dcp_fixture("run-megatron/iter_0000200"), &src);
+        let ckpt = AnyCheckpoint::open(&src).unwrap();
+        let (pinned, _) = pin(&ckpt, &src, 200, &root.path().join("pins")).unwrap();
+        let reopened = AnyCheckpoint::open(&pinned).unwrap();
+        assert_eq!(reopened.logical_tensors(), ckpt.logical_tensors());
+        assert_eq!(reopened.entries(), ckpt.entries(), "bytes items pinned too");
+        // common.pt is training state; a DCP checkpoint has no model sidecars.
+        assert!(!pinned.join("common.pt").exists());
+    }
+
+    #[test]
+    fn pins_carry_the_sidecars_a_merge_copies() {
+        let root = tempfile::tempdir().unwrap();
+        let src = root.path().join("run/step-100");
+        write_ckpt(&src);
+        std::fs::create_dir_all(src.join("1_Pooling")).unwrap();
+        std::fs::write(src.join("1_Pooling/config.json"), b"{}").unwrap();
+        std::fs::write(src.join("vocab.txt"), b"a\nb\n").unwrap();
+        std::fs::write(src.join("modeling_x.py"), b"# code").unwrap();
+        std::fs::write(root.path().join("secret"), b"key").unwrap();
+        std::os::unix::fs::symlink("../../secret", src.join("notes.txt")).unwrap();
+        let ckpt = AnyCheckpoint::open(&src).unwrap();
+        let (pinned, _) = pin(&ckpt, &src, 100, &root.path().join("pins")).unwrap();
+        let from_pin = AnyCheckpoint::open(&pinned)
+            .unwrap()
+            .sidecar_plan()
+            .unwrap();
+        let from_src = ckpt.sidecar_plan().unwrap();
+        // The pin's own manifest (hidden) is not a sidecar; everything else matches.
+        assert_eq!(from_pin.copy, from_src.copy);
+        assert!(!pinned.join("notes.txt").exists());
+        assert_eq!(
+            std::fs::read(pinned.join("1_Pooling/config.json")).unwrap(),
+            b"{}"
+        );
     }
 
     /// Measures the cost of each pin method on a 1 GiB file (the figures in the module docs).

@@ -20,7 +20,8 @@ use super::state::{
 };
 use super::wake::Wakeup;
 use crate::error::{Error, Result};
-use crate::series::{CheckpointEntry, CheckpointSeries};
+use crate::run_layout::discover_run;
+use crate::series::CheckpointEntry;
 
 /// Runs the watcher until `stop` is set (or, with `once`, until nothing more is ready).
 /// The flag is checked between updates: an update in progress always completes.
@@ -220,11 +221,26 @@ impl<'c> Watcher<'c> {
     ) -> Result<Vec<(u64, Option<PathBuf>, Found)>> {
         let last = self.state.last_step();
         let newer = |s: u64| last.is_none_or(|l| s > l);
-        let entries = match CheckpointSeries::discover(&self.config.run_dir) {
-            Ok(series) => series.entries,
-            Err(Error::EmptyRun { .. }) => Vec::new(),
+        // The run is read as `pma merge` reads it (torchtitan's `checkpoint/`, Megatron's and
+        // DeepSpeed's latest markers).
+        let run = match discover_run(&self.config.run_dir) {
+            Ok(run) => run,
+            Err(Error::EmptyRun { .. }) => return Ok(Vec::new()),
+            // A marker being rewritten (Megatron writes it in place): look again next poll.
+            Err(Error::BadLatestMarker { .. }) => return Ok(Vec::new()),
             Err(e) => return Err(e),
         };
+        // Checkpoints the framework has not declared complete (non-empty only with a marker).
+        let beyond: HashSet<u64> = run
+            .beyond_latest()
+            .into_iter()
+            .filter_map(|e| e.step)
+            .collect();
+        let marker = run
+            .latest
+            .as_ref()
+            .map_or_else(String::new, |m| m.path.display().to_string());
+        let entries = run.series.entries;
         // step → (trainer path, pin): pins left by an earlier run count even if the trainer
         // has deleted its copy since.
         let mut candidates: BTreeMap<u64, (Option<PathBuf>, Option<PathBuf>)> = BTreeMap::new();
@@ -267,15 +283,21 @@ impl<'c> Watcher<'c> {
             });
             let status = match (pin, &source) {
                 (Some(pin), _) => Found::Pinned(pin),
+                // The framework has not declared it complete: still being written.
+                (None, Some(_)) if beyond.contains(&step) => Found::Incomplete(format!(
+                    "newer than the latest complete checkpoint named in {marker}"
+                )),
                 (None, Some(path)) => match self.tracker.check(&self.config.run_dir, path, step) {
-                    Readiness::Ready(ckpt) => match pins::pin(&ckpt, step, &self.pins_dir()) {
-                        Ok((pin, kind)) => {
-                            sink(&WatchEvent::Pinned { step, kind });
-                            Found::Pinned(pin)
+                    Readiness::Ready(ckpt) => {
+                        match pins::pin(&ckpt, path, step, &self.pins_dir()) {
+                            Ok((pin, kind)) => {
+                                sink(&WatchEvent::Pinned { step, kind });
+                                Found::Pinned(pin)
+                            }
+                            // Rotated away between validation and pinning.
+                            Err(e) => Found::Incomplete(format!("vanished while pinning: {e}")),
                         }
-                        // Rotated away between validation and pinning.
-                        Err(e) => Found::Incomplete(format!("vanished while pinning: {e}")),
-                    },
+                    }
                     Readiness::Settling => Found::Settling,
                     Readiness::Incomplete(reason) => Found::Incomplete(reason),
                 },

@@ -11,20 +11,30 @@
 //! - the `--ready-file` marker, if one is asked for, exists: inside the checkpoint
 //!   (`trainer_state.json` for the HF Trainer), or in the run directory holding a step number at
 //!   least the checkpoint's (Megatron's `latest_checkpointed_iteration.txt`);
-//! - it opens and validates: every file its index names exists, every header is valid and every
-//!   file length matches its header ([`Checkpoint::open`]).
+//! - it opens and validates in its own format, detected as `pma merge` detects it
+//!   ([`AnyCheckpoint::open`]):
+//!   - safetensors: every file its index names exists, every header is valid and every file
+//!     length matches its header;
+//!   - torch DCP: `.metadata` exists (torch renames it into place last) and every byte range
+//!     it names exists in its `.distcp` file;
+//!   - torch.save: every zip (and the `.bin` index's shards) opens and every storage it names
+//!     lies inside it.
+//!
+//! The settle snapshot covers the files of the checkpoint folder and of its subfolders
+//! (OLMo-core's `model_and_optim/`, Megatron's `mp_rank_00/`), hidden files included: DCP's
+//! `.metadata` is one.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use pma_format::Checkpoint;
+use pma_format::AnyCheckpoint;
 
 /// What a look at one checkpoint found.
 #[derive(Debug)]
 pub enum Readiness {
     /// Complete and validated.
-    Ready(Checkpoint),
+    Ready(AnyCheckpoint),
     /// Still changing (or too recently changed): look again later.
     Settling,
     /// Settled but not usable (missing shard, truncated file, no ready marker).
@@ -63,7 +73,7 @@ impl ReadinessTracker {
                 .ready_file
                 .as_ref()
                 .is_none_or(|m| marker_present(run_dir, path, m, step))
-                && Checkpoint::open(path).is_ok();
+                && AnyCheckpoint::open(path).is_ok();
             return Readiness::Settling;
         }
         if let Some(marker) = &self.ready_file {
@@ -71,7 +81,7 @@ impl ReadinessTracker {
                 return Readiness::Incomplete(format!("ready file '{marker}' not present"));
             }
         }
-        match Checkpoint::open(path) {
+        match AnyCheckpoint::open(path) {
             Ok(ckpt) => {
                 self.seen.remove(path);
                 Readiness::Ready(ckpt)
@@ -107,6 +117,13 @@ impl ReadinessTracker {
     }
 }
 
+/// How deep the settle snapshot looks into a checkpoint folder: deep enough for every
+/// framework layout (`stepN/model_and_optim/`, `iter_N/mp_rank_00/`, `checkpoint-N/global_stepN/`).
+const SNAPSHOT_DEPTH: usize = 3;
+/// The most files a settle snapshot records; a folder holding more is not a checkpoint the
+/// snapshot can tell apart anyway, and the validation still runs.
+const SNAPSHOT_MAX_FILES: usize = 10_000;
+
 fn snapshot(path: &Path) -> Snapshot {
     let describe = |p: &Path, name: String| {
         p.metadata().ok().filter(|m| m.is_file()).map(|m| {
@@ -117,12 +134,26 @@ fn snapshot(path: &Path) -> Snapshot {
     if path.is_file() {
         return describe(path, String::new()).into_iter().collect();
     }
-    let mut snap: Snapshot = std::fs::read_dir(path)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| describe(&e.path(), e.file_name().to_string_lossy().into_owned()))
-        .collect();
+    let mut snap: Snapshot = Vec::new();
+    let mut dirs = vec![(path.to_path_buf(), String::new(), 0)];
+    while let Some((dir, prefix, depth)) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            if snap.len() >= SNAPSHOT_MAX_FILES {
+                break;
+            }
+            let name = format!("{prefix}{}", entry.file_name().to_string_lossy());
+            // Folders are walked by their own entry type: a symlink to a folder is not
+            // followed (it could loop), a symlinked file is described by what it points to.
+            let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
+            if is_dir {
+                if depth + 1 < SNAPSHOT_DEPTH {
+                    dirs.push((entry.path(), format!("{name}/"), depth + 1));
+                }
+            } else if let Some(d) = describe(&entry.path(), name) {
+                snap.push(d);
+            }
+        }
+    }
     snap.sort();
     snap
 }
@@ -156,6 +187,74 @@ mod tests {
         assert!(!t.settled(&ck));
         std::thread::sleep(Duration::from_millis(350));
         assert!(t.settled(&ck));
+    }
+
+    #[test]
+    fn settle_missed_writes_inside_framework_subfolders() {
+        let dir = tempfile::tempdir().unwrap();
+        let ck = dir.path().join("step100");
+        let inner = ck.join("model_and_optim");
+        std::fs::create_dir_all(&inner).unwrap();
+        std::fs::write(inner.join("__0_0.distcp"), b"x").unwrap();
+        let mut t = ReadinessTracker::new(Duration::from_millis(200), None);
+        assert!(!t.settled(&ck));
+        std::thread::sleep(Duration::from_millis(250));
+        // OLMo-core writes `.metadata` into the subfolder last: the clock restarts.
+        std::fs::write(inner.join(".metadata"), b"m").unwrap();
+        assert!(
+            !t.settled(&ck),
+            "a new file in model_and_optim/ is a change"
+        );
+        let snap = snapshot(&ck);
+        let names: Vec<&str> = snap.iter().map(|s| s.0.as_str()).collect();
+        assert_eq!(
+            names,
+            ["model_and_optim/.metadata", "model_and_optim/__0_0.distcp"]
+        );
+    }
+
+    #[test]
+    fn incomplete_dcp_checkpoints_are_not_taken() {
+        let fixture = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../pma-format/tests/fixtures/dcp/run-single/step-0000100");
+        let dir = tempfile::tempdir().unwrap();
+        let ck = dir.path().join("step-0000100");
+        std::fs::create_dir(&ck).unwrap();
+        for e in std::fs::read_dir(&fixture).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), ck.join(e.file_name())).unwrap();
+        }
+        let mut t = ReadinessTracker::new(Duration::ZERO, None);
+        assert!(matches!(
+            t.check(dir.path(), &ck, 100),
+            Readiness::Ready(AnyCheckpoint::Dcp(_))
+        ));
+        // A `.distcp` still missing (torch writes them before `.metadata`, but a copy or a
+        // rank that died can leave the metadata without its data).
+        let data = std::fs::read_dir(&ck)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.extension().is_some_and(|x| x == "distcp"))
+            .unwrap();
+        let bytes = std::fs::read(&data).unwrap();
+        std::fs::remove_file(&data).unwrap();
+        assert!(matches!(
+            t.check(dir.path(), &ck, 100),
+            Readiness::Incomplete(_)
+        ));
+        // Truncated: a byte range past its end.
+        std::fs::write(&data, &bytes[..bytes.len() / 2]).unwrap();
+        assert!(matches!(
+            t.check(dir.path(), &ck, 100),
+            Readiness::Incomplete(_)
+        ));
+        // Every `.distcp` there but no `.metadata` yet.
+        std::fs::write(&data, &bytes).unwrap();
+        std::fs::remove_file(ck.join(".metadata")).unwrap();
+        assert!(matches!(
+            t.check(dir.path(), &ck, 100),
+            Readiness::Incomplete(_)
+        ));
     }
 
     #[test]

@@ -6,6 +6,13 @@
 //! - incremental SMA: a running f64 sum `S_t = S_{t−1} + x_t − x_{t−N}` over the window, and the
 //!   output `S_t / n`.
 //!
+//! Members are read through [`TensorStore`], so they may be HF safetensors, torch DCP (any chunk
+//! layout, which may change from one member to the next) or torch.save; the output and the
+//! state are safetensors. An update carries the tensors a default `pma merge` writes
+//! ([`crate::keys::select_keys`]): float model weights are averaged, other model tensors copied
+//! from the newest, and training state (optimizer moments, step counters, bytes items) is left
+//! out.
+//!
 //! Each reads only the new checkpoint, the state (and for SMA the checkpoint leaving the window),
 //! so an update costs about one pass over the state. It runs on the same [`crate::pipeline`] as
 //! a merge: tensors are cut into jobs computed in parallel while the writer thread writes the
@@ -22,11 +29,12 @@ use pma_format::dtype::{classify, count_nonfinite, dtype_name, encode_f64, weigh
 use pma_format::source::SafetensorsTensor;
 use pma_format::writer::DirectIo;
 use pma_format::{
-    Checkpoint, DtypeClass, FloatDtype, Region, SafetensorsFile, TensorInfo, TensorRef,
+    AnyCheckpoint, DtypeClass, FloatDtype, LogicalTensor, Region, SafetensorsFile, TensorInfo,
     TensorSource, TensorSpec, TensorStore,
 };
 
 use crate::error::{Error, Result};
+use crate::keys::{select_keys, Action, EntryKind, KeyEntry, KeySelectionConfig};
 use crate::pipeline::{
     run_pipeline, Emitter, Job, Kernel, PipelineOptions, SafetensorsSink, Scratch, ShardFile,
     BLOCK_ELEMS,
@@ -51,9 +59,9 @@ pub enum StreamRule {
 /// Everything one update needs.
 pub(crate) struct StreamUpdate<'a> {
     pub rule: StreamRule,
-    pub new: &'a Checkpoint,
+    pub new: &'a AnyCheckpoint,
     /// The checkpoint leaving an SMA window.
-    pub leaving: Option<&'a Checkpoint>,
+    pub leaving: Option<&'a AnyCheckpoint>,
     /// The previous state file (`None` for the first update).
     pub prev: Option<&'a SafetensorsFile>,
     pub state_dtype: FloatDtype,
@@ -77,14 +85,14 @@ enum Mode<'a> {
     Float {
         x: FloatDtype,
         prev: Option<&'a TensorInfo>,
-        leaving: Option<(FloatDtype, &'a TensorRef)>,
+        leaving: Option<FloatDtype>,
         out: FloatDtype,
     },
     Copy,
 }
 
 struct Planned<'a> {
-    src: &'a TensorRef,
+    src: LogicalTensor,
     mode: Mode<'a>,
     out_spec: TensorSpec,
 }
@@ -100,8 +108,9 @@ pub(crate) fn run_update(
         .prev
         .map(|p| p.tensors().iter().map(|t| (t.name.as_str(), t)).collect())
         .unwrap_or_default();
-    let mut planned = Vec::with_capacity(u.new.tensors().len());
-    for t in u.new.tensors() {
+    let selected = selected_tensors(u.new)?;
+    let mut planned = Vec::with_capacity(selected.len());
+    for t in selected {
         planned.push(plan_tensor(u, t, &prev_by_name)?);
     }
     if let Some(prev) = u.prev {
@@ -109,7 +118,13 @@ pub(crate) fn run_update(
             .iter()
             .filter(|p| matches!(p.mode, Mode::Float { .. }))
             .count();
-        if let Some(extra) = prev.tensors().iter().find(|s| u.new.get(&s.name).is_none()) {
+        let planned_names: std::collections::HashSet<&str> =
+            planned.iter().map(|p| p.src.name.as_str()).collect();
+        if let Some(extra) = prev
+            .tensors()
+            .iter()
+            .find(|s| !planned_names.contains(s.name.as_str()))
+        {
             return Err(Error::MissingTensor {
                 path: u.new.root().into(),
                 tensor: extra.name.clone(),
@@ -124,9 +139,9 @@ pub(crate) fn run_update(
         .filter(|(_, p)| matches!(p.mode, Mode::Float { .. }))
         .map(|(i, p)| {
             let spec = TensorSpec {
-                name: p.src.info.name.clone(),
+                name: p.src.name.clone(),
                 dtype: u.state_dtype.dtype(),
-                shape: p.src.info.shape.clone(),
+                shape: p.src.shape.clone(),
             };
             (i, spec)
         })
@@ -179,7 +194,7 @@ pub(crate) fn run_update(
     });
     let regions: Vec<Vec<Region>> = planned
         .iter()
-        .map(|p| vec![Region::full(&p.src.info.shape)])
+        .map(|p| vec![Region::full(&p.src.shape)])
         .collect();
     let kernel = StreamKernel::new(u, &planned, !share)?;
     let report = run_pipeline(
@@ -220,30 +235,56 @@ fn make_read_only(path: &Path) -> Result<()> {
     })
 }
 
+/// The tensors of `new` an update carries, in storage order: those a merge of it would write
+/// by default ([`select_keys`]: float model weights averaged, other model tensors copied).
+/// Training state (optimizer moments, step counters) is not averaged into a model, and bytes
+/// items are not tensors.
+fn selected_tensors(new: &AnyCheckpoint) -> Result<Vec<LogicalTensor>> {
+    let entries: Vec<KeyEntry> = new
+        .entries()
+        .into_iter()
+        .map(|e| KeyEntry {
+            kind: e.dtype.map_or(EntryKind::Bytes, EntryKind::of_dtype),
+            name: e.name,
+            role: e.role,
+        })
+        .collect();
+    let selection = select_keys(&entries, &KeySelectionConfig::default())?;
+    Ok(new
+        .logical_tensors()
+        .into_iter()
+        .filter(|t| {
+            selection
+                .decision(&t.name)
+                .is_some_and(|d| matches!(d.action, Action::Merge | Action::Copy))
+        })
+        .collect())
+}
+
 fn plan_tensor<'a>(
     u: &StreamUpdate<'a>,
-    t: &'a TensorRef,
+    t: LogicalTensor,
     prev_by_name: &HashMap<&str, &'a TensorInfo>,
 ) -> Result<Planned<'a>> {
-    let name = &t.info.name;
-    let x = match classify(t.info.dtype) {
+    let name = &t.name;
+    let x = match classify(t.dtype) {
         DtypeClass::Float(d) => d,
         DtypeClass::Exact => {
             return Ok(Planned {
-                src: t,
-                mode: Mode::Copy,
                 out_spec: TensorSpec {
                     name: name.clone(),
-                    dtype: t.info.dtype,
-                    shape: t.info.shape.clone(),
+                    dtype: t.dtype,
+                    shape: t.shape.clone(),
                 },
+                src: t,
+                mode: Mode::Copy,
             })
         }
         DtypeClass::Unsupported => {
             return Err(Error::UnsupportedDtype {
-                path: u.new.file_of(t).path().into(),
+                path: u.new.file_of_tensor(name),
                 tensor: name.clone(),
-                dtype: dtype_name(t.info.dtype),
+                dtype: dtype_name(t.dtype),
             })
         }
     };
@@ -258,12 +299,12 @@ fn plan_tensor<'a>(
                         reference: u.new.root().into(),
                     }
                 })?;
-                if s.shape != t.info.shape {
+                if s.shape != t.shape {
                     return Err(Error::ShapeMismatch {
                         path: u.new.root().into(),
                         tensor: name.clone(),
                         expected: s.shape.clone(),
-                        found: t.info.shape.clone(),
+                        found: t.shape.clone(),
                         reference: file.path().into(),
                     });
                 }
@@ -282,28 +323,30 @@ fn plan_tensor<'a>(
     let leaving = match u.leaving {
         None => None,
         Some(old) => {
-            let o = old.get(name).ok_or_else(|| Error::MissingTensor {
-                path: old.root().into(),
-                tensor: name.clone(),
-                reference: u.new.root().into(),
-            })?;
-            if o.info.shape != t.info.shape {
+            let o = old
+                .logical_tensor(name)
+                .ok_or_else(|| Error::MissingTensor {
+                    path: old.root().into(),
+                    tensor: name.clone(),
+                    reference: u.new.root().into(),
+                })?;
+            if o.shape != t.shape {
                 return Err(Error::ShapeMismatch {
                     path: old.root().into(),
                     tensor: name.clone(),
-                    expected: t.info.shape.clone(),
-                    found: o.info.shape.clone(),
+                    expected: t.shape.clone(),
+                    found: o.shape.clone(),
                     reference: u.new.root().into(),
                 });
             }
-            match classify(o.info.dtype) {
-                DtypeClass::Float(d) => Some((d, o)),
+            match classify(o.dtype) {
+                DtypeClass::Float(d) => Some(d),
                 _ => {
                     return Err(Error::DtypeMismatch {
                         path: old.root().into(),
                         tensor: name.clone(),
-                        expected: dtype_name(t.info.dtype),
-                        found: dtype_name(o.info.dtype),
+                        expected: dtype_name(t.dtype),
+                        found: dtype_name(o.dtype),
                         reference: u.new.root().into(),
                     })
                 }
@@ -312,17 +355,17 @@ fn plan_tensor<'a>(
     };
     let out = u.out_dtype.unwrap_or(x);
     Ok(Planned {
+        out_spec: TensorSpec {
+            name: name.clone(),
+            dtype: out.dtype(),
+            shape: t.shape.clone(),
+        },
         src: t,
         mode: Mode::Float {
             x,
             prev,
             leaving,
             out,
-        },
-        out_spec: TensorSpec {
-            name: name.clone(),
-            dtype: out.dtype(),
-            shape: t.info.shape.clone(),
         },
     })
 }
@@ -349,11 +392,11 @@ impl<'a, 'p> StreamKernel<'a, 'p> {
         planned: &'p [Planned<'a>],
         with_output: bool,
     ) -> Result<StreamKernel<'a, 'p>> {
-        let new: &'a Checkpoint = u.new;
+        let new: &'a AnyCheckpoint = u.new;
         let sources = planned
             .iter()
             .map(|p| {
-                let name = &p.src.info.name;
+                let name = &p.src.name;
                 let missing = |path: &Path| Error::MissingTensor {
                     path: path.into(),
                     tensor: name.clone(),
@@ -416,7 +459,7 @@ impl Kernel for StreamKernel<'_, '_> {
     }
 
     fn tensor_name(&self, tensor: usize) -> String {
-        self.planned[tensor].src.info.name.clone()
+        self.planned[tensor].src.name.clone()
     }
 
     fn compute(&self, job: &Job<'_>, scratch: &mut Scratch, out: &mut Emitter<'_>) -> Result<()> {
@@ -451,8 +494,7 @@ impl Kernel for StreamKernel<'_, '_> {
             (
                 Some(src),
                 Mode::Float {
-                    leaving: Some((d, _)),
-                    ..
+                    leaving: Some(d), ..
                 },
             ) => Some((*d, src.read(job.region, job.elems.clone(), or)?)),
             _ => None,

@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use pma_format::{Checkpoint, FloatDtype, OutputKind, Publish, SafetensorsFile, StagedOutput};
+use pma_format::{AnyCheckpoint, FloatDtype, OutputKind, Publish, SafetensorsFile, StagedOutput};
 
 use super::config::Averaging;
 use super::event::WatchEvent;
@@ -207,6 +207,8 @@ impl Watcher<'_> {
             max_shard_bytes: config.max_shard_bytes,
             single_file: false,
             allow_nonfinite: config.allow_nonfinite,
+            // watch writes safetensors whatever its members are.
+            format: Some(crate::OutputFormat::Hf),
             ..MergeConfig::default()
         };
         let mut plan = MergePlan::build(inputs, weights, merge_config)?;
@@ -328,10 +330,11 @@ impl Watcher<'_> {
         how: StreamStep<'_>,
     ) -> Result<(u64, u64)> {
         let config = self.config;
-        let new = Checkpoint::open(pin)?;
+        // Pins hold any format; a stream reads them through `TensorStore`.
+        let new = AnyCheckpoint::open(pin)?;
         let leaving = how
             .leaving
-            .map(|s| Checkpoint::open(&self.pins_dir().join(step_dir_name(s))))
+            .map(|s| AnyCheckpoint::open(&self.pins_dir().join(step_dir_name(s))))
             .transpose()?;
         let tensors_dir = self.state_dir.join(TENSORS_DIR);
         let prev = self
