@@ -355,13 +355,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     }
     let (plan, skipped) = plan_from_args(&args)?;
     if !args.quiet {
-        for s in &skipped {
-            eprintln!(
-                "warning: skipping incomplete checkpoint {}: {}",
-                s.path.display(),
-                s.reason
-            );
-        }
+        warn_skipped(&skipped);
     }
     if !args.quiet && !args.dry_run {
         // The dry run lists these with the plan.
@@ -409,6 +403,17 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         print_report(&report)?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Warns (stderr) about checkpoints left out of the selection as incomplete.
+pub(crate) fn warn_skipped(skipped: &[pma_merge::Skipped]) {
+    for s in skipped {
+        eprintln!(
+            "warning: skipping incomplete checkpoint {}: {}",
+            s.path.display(),
+            s.reason
+        );
+    }
 }
 
 /// Warns (stderr) about NaN/Inf merged through with `--allow-nonfinite`.

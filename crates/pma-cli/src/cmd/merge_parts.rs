@@ -12,7 +12,7 @@ use std::process::ExitCode;
 use anyhow::bail;
 use pma_merge::{execute_part, finalize, ExecOptions, FinalizeReport, PartReport};
 
-use super::merge::{plan_from_args, warn_nonfinite, Args};
+use super::merge::{plan_from_args, warn_nonfinite, warn_skipped, Args};
 use super::render::{human, print_json, versioned};
 use super::UsageError;
 use crate::progress::{self, ByteBar};
@@ -168,13 +168,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     };
     let (mut plan, skipped) = plan_from_args(&args)?;
     if !args.quiet {
-        for s in &skipped {
-            eprintln!(
-                "warning: skipping incomplete checkpoint {}: {}",
-                s.path.display(),
-                s.reason
-            );
-        }
+        warn_skipped(&skipped);
     }
     let interrupted = crate::cmd::interrupt_flag();
     let opts = ExecOptions {
