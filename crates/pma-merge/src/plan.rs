@@ -108,6 +108,39 @@ pub enum TensorMode {
     Copy,
 }
 
+/// Output regions for a whole tensor of `shape` written row-major (an HF output), cut along
+/// `chunks` when they are bands of whole rows (FSDP's `Shard(0)`, the common DCP layout): then
+/// each job lies inside one member chunk and reads it in place instead of gathering across a
+/// chunk boundary, and the bands in row order are still the tensor's row-major bytes. Any
+/// other layout (column splits, a 2-D mesh) gives the one full region.
+fn hf_bands(shape: &[u64], mut chunks: Vec<Region>) -> Vec<Region> {
+    let full = vec![Region::full(shape)];
+    let is_band = |r: &Region| {
+        !shape.is_empty()
+            && r.offsets.len() == shape.len()
+            && r.sizes.len() == shape.len()
+            && (1..shape.len()).all(|d| r.offsets[d] == 0 && r.sizes[d] == shape[d])
+    };
+    if chunks.len() < 2 || !chunks.iter().all(is_band) {
+        return full;
+    }
+    chunks.retain(|r| r.sizes[0] > 0);
+    chunks.sort_by_key(|r| r.offsets[0]);
+    // The bands must tile dim 0 exactly, in order (the reader validated the member's tiling;
+    // this keeps the function total).
+    let mut next = 0;
+    for r in &chunks {
+        if r.offsets[0] != next {
+            return full;
+        }
+        next += r.sizes[0];
+    }
+    if next != shape[0] {
+        return full;
+    }
+    chunks
+}
+
 fn ser_float<S: serde::Serializer>(d: &FloatDtype, s: S) -> std::result::Result<S::Ok, S::Error> {
     s.serialize_str(d.name())
 }
@@ -248,14 +281,22 @@ impl MergePlan {
         })
     }
 
-    /// The output regions of every tensor: for HF, one region covering each tensor (an HF
-    /// output stores whole tensors); for DCP, the tensor's output chunks ([`Self::dcp_chunks`]).
+    /// The output regions of every tensor: for HF, regions whose concatenation is the whole
+    /// tensor in row-major order (an HF output stores whole tensors): the newest DCP member's
+    /// row bands when its chunks are bands of whole rows ([`hf_bands`]), else one region; for
+    /// DCP, the tensor's output chunks ([`Self::dcp_chunks`]).
     pub fn job_regions(&self) -> Vec<Vec<Region>> {
         match self.output_format() {
-            OutputFormat::Hf => self
-                .tensors
-                .iter()
-                .map(|t| vec![Region::full(&t.spec.shape)])
+            OutputFormat::Hf => (0..self.tensors.len())
+                .map(|t| {
+                    let shape = &self.tensors[t].spec.shape;
+                    let chunks: Vec<Region> =
+                        match self.inputs[self.inputs.len() - 1].checkpoint.as_dcp() {
+                            Some(_) => self.dcp_chunks(t).into_iter().map(|c| c.region).collect(),
+                            None => Vec::new(),
+                        };
+                    hf_bands(shape, chunks)
+                })
                 .collect(),
             OutputFormat::Dcp => (0..self.tensors.len())
                 .map(|t| self.dcp_chunks(t).into_iter().map(|c| c.region).collect())
@@ -633,6 +674,28 @@ mod tests {
             })
             .collect();
         pma_format::write_safetensors(path, &specs, &BTreeMap::new()).unwrap();
+    }
+
+    #[test]
+    fn hf_jobs_follow_row_bands_and_nothing_else() {
+        let band = |o: u64, n: u64| Region {
+            offsets: vec![o, 0],
+            sizes: vec![n, 4],
+        };
+        // Row bands, in any stored order, become the job regions in row order.
+        let got = hf_bands(&[10, 4], vec![band(6, 4), band(0, 6)]);
+        assert_eq!(got, vec![band(0, 6), band(6, 4)]);
+        let full = vec![Region::full(&[10, 4])];
+        // Column splits, gaps, a single chunk, and no chunks all give the whole tensor.
+        let col = |o: u64| Region {
+            offsets: vec![0, o],
+            sizes: vec![10, 2],
+        };
+        assert_eq!(hf_bands(&[10, 4], vec![col(0), col(2)]), full);
+        assert_eq!(hf_bands(&[10, 4], vec![band(0, 5), band(6, 4)]), full);
+        assert_eq!(hf_bands(&[10, 4], vec![band(0, 10)]), full);
+        assert_eq!(hf_bands(&[10, 4], vec![]), full);
+        assert_eq!(hf_bands(&[], vec![]), vec![Region::full(&[])]);
     }
 
     #[test]
