@@ -301,47 +301,60 @@ fn python_safetensors_cross_check() {
         return;
     }
     let d = tempfile::tempdir().unwrap();
-    let run = fixtures().join("run-bf16");
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     // bf16 output checked through the package's own parser (numpy has no bfloat16), f32 output
     // loaded as numpy arrays.
     for dtype in ["bf16", "f32"] {
-        let out = d.path().join(format!("out-{dtype}"));
-        pma()
-            .args([
-                "merge",
-                "--method",
-                "ema",
-                "--alpha",
-                "0.3",
-                "--max-shard-size",
-                "30kB",
-                "--quiet",
-                "--dtype",
-                dtype,
-            ])
-            .arg("--run")
-            .arg(&run)
-            .arg("--out")
-            .arg(&out)
-            .assert()
-            .success();
-        let reference = d.path().join(format!("ref-{dtype}.safetensors"));
-        let mut cmd = std::process::Command::new("python3");
-        cmd.arg(root.join("tools/reference_merge.py"))
-            .arg("ema:0.3")
-            .arg(&reference);
-        for s in [
-            "step-0000100",
-            "step-0000200",
-            "step-0000300",
-            "step-0000400",
-        ] {
-            cmd.arg(run.join(s));
-        }
-        cmd.args(["--dtype", dtype]);
-        assert!(cmd.status().unwrap().success());
-        let script = r#"
+        check_against_reference(
+            d.path(),
+            &["--method", "ema", "--alpha", "0.3"],
+            "ema:0.3",
+            dtype,
+        );
+    }
+    // The decay-emulating weights (WSM) go through the same exact path: the reference computes
+    // them independently, in Python, from the shapes' formulas.
+    for (method, reference) in [
+        ("decay-linear", "decay:linear"),
+        ("decay-cosine", "decay:cosine"),
+        ("decay-1-sqrt", "decay:1-sqrt"),
+    ] {
+        check_against_reference(d.path(), &["--method", method], reference, "f32");
+    }
+}
+
+/// Merges the bf16 fixture run with `method_args`, merges it again with
+/// `tools/reference_merge.py METHOD`, and has Python compare the two byte for byte.
+fn check_against_reference(dir: &Path, method_args: &[&str], method: &str, dtype: &str) {
+    let run = fixtures().join("run-bf16");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let label = method.replace([':', '.'], "_");
+    let out = dir.join(format!("out-{label}-{dtype}"));
+    pma()
+        .arg("merge")
+        .args(method_args)
+        .args(["--max-shard-size", "30kB", "--quiet", "--dtype", dtype])
+        .arg("--run")
+        .arg(&run)
+        .arg("--out")
+        .arg(&out)
+        .assert()
+        .success();
+    let reference = dir.join(format!("ref-{label}-{dtype}.safetensors"));
+    let mut cmd = std::process::Command::new("python3");
+    cmd.arg(root.join("tools/reference_merge.py"))
+        .arg(method)
+        .arg(&reference);
+    for s in [
+        "step-0000100",
+        "step-0000200",
+        "step-0000300",
+        "step-0000400",
+    ] {
+        cmd.arg(run.join(s));
+    }
+    cmd.args(["--dtype", dtype]);
+    assert!(cmd.status().unwrap().success());
+    let script = r#"
 import json, os, sys
 import numpy as np
 import safetensors
@@ -368,16 +381,19 @@ if dtype == "f32":
         assert arrays[k].dtype == np.float32 and np.array_equal(arrays[k], v), k
 print("ok", len(want))
 "#;
-        let o = std::process::Command::new("python3")
-            .args(["-c", script])
-            .arg(&out)
-            .arg(&reference)
-            .arg(dtype)
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        assert!(String::from_utf8_lossy(&o.stdout).starts_with("ok 21"));
-    }
+    let o = std::process::Command::new("python3")
+        .args(["-c", script])
+        .arg(&out)
+        .arg(&reference)
+        .arg(dtype)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "{method}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(String::from_utf8_lossy(&o.stdout).starts_with("ok 21"));
 }
 
 #[test]

@@ -89,6 +89,7 @@ fn windowed_outputs_are_bit_identical_to_pma_merge() {
         &["--method", "sma"][..],
         &["--method", "wma"],
         &["--method", "ema", "--alpha", "0.3"],
+        &["--method", "decay-cosine"],
     ] {
         let out = d.path().join(format!("out-{}", method[1]));
         watch(&run, &out)

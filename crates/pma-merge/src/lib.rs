@@ -59,4 +59,4 @@ pub use series::{
     Selection, Skipped,
 };
 pub use threads::{resolve_threads, MAX_THREADS};
-pub use weights::{WeightSpec, Weights, DEFAULT_EMA_ALPHA};
+pub use weights::{DecayShape, WeightSpec, Weights, DEFAULT_EMA_ALPHA};

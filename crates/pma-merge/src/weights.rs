@@ -13,7 +13,8 @@ pub const DEFAULT_EMA_ALPHA: f64 = 0.2;
 /// How to weight N checkpoints: the one description of an averaging method, used by plans,
 /// provenance, `pma merge`, the windowed modes of `pma watch` and (later) the demo.
 ///
-/// It serializes as `{"name": "sma"}`, `{"name": "ema", "alpha": 0.2}`, `{"name": "wma"}` or
+/// It serializes as `{"name": "sma"}`, `{"name": "ema", "alpha": 0.2}`, `{"name": "wma"}`,
+/// `{"name": "decay", "shape": "cosine"}` or
 /// `{"name": "explicit", "values": [...], "normalize": true}`. `pma watch` records that form in
 /// its state as the settings fingerprint, so it must not change.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -28,6 +29,12 @@ pub enum WeightSpec {
     },
     /// Linearly weighted moving average: w_i ∝ i, newest heaviest.
     Wma,
+    /// Weights that emulate decaying the learning rate over the window with `shape`
+    /// ([`Weights::decay`]).
+    Decay {
+        /// The learning-rate decay the merge stands in for.
+        shape: DecayShape,
+    },
     /// User-given weights, oldest first; N must equal their count.
     Explicit {
         /// The weights as given.
@@ -39,10 +46,21 @@ pub enum WeightSpec {
 
 impl WeightSpec {
     /// The method names [`WeightSpec::from_name`] accepts.
-    pub const NAMES: [&'static str; 3] = ["sma", "ema", "wma"];
+    pub const NAMES: [&'static str; 6] = [
+        "sma",
+        "ema",
+        "wma",
+        "decay-linear",
+        "decay-cosine",
+        "decay-1-sqrt",
+    ];
 
-    /// The spec called `name` (`sma`, `ema`, `wma`); `alpha` is used by `ema` only.
+    /// The spec called `name` (one of [`WeightSpec::NAMES`], or `decay-minus-sqrt`, Megatron's
+    /// name for `decay-1-sqrt`); `alpha` is used by `ema` only.
     pub fn from_name(name: &str, alpha: f64) -> Result<WeightSpec> {
+        if let Some(shape) = name.strip_prefix("decay-").and_then(DecayShape::parse) {
+            return Ok(WeightSpec::Decay { shape });
+        }
         match name {
             "sma" => Ok(WeightSpec::Sma),
             "ema" => Ok(WeightSpec::Ema { alpha }),
@@ -60,6 +78,7 @@ impl WeightSpec {
             WeightSpec::Sma => Weights::sma(n),
             WeightSpec::Ema { alpha } => Weights::ema(n, *alpha),
             WeightSpec::Wma => Weights::wma(n),
+            WeightSpec::Decay { shape } => Weights::decay(n, *shape),
             WeightSpec::Explicit { values, normalize } => {
                 if values.len() != n {
                     return Err(Error::InvalidWeights(format!(
@@ -90,12 +109,14 @@ impl WeightSpec {
         }
     }
 
-    /// The method's name without parameters: `sma`, `ema`, `wma`, `explicit`.
+    /// The method's name without parameters: `sma`, `ema`, `wma`, `decay-cosine` (and the
+    /// other shapes), `explicit`.
     pub fn name(&self) -> &'static str {
         match self {
             WeightSpec::Sma => "sma",
             WeightSpec::Ema { .. } => "ema",
             WeightSpec::Wma => "wma",
+            WeightSpec::Decay { shape } => shape.method_name(),
             WeightSpec::Explicit { .. } => "explicit",
         }
     }
@@ -108,12 +129,13 @@ impl WeightSpec {
         }
     }
 
-    /// A short label: `sma`, `ema0.2`, `wma`, `weights`.
+    /// A short label: `sma`, `ema0.2`, `wma`, `decay-cosine`, `weights`.
     pub fn label(&self) -> String {
         match self {
             WeightSpec::Sma => "sma".into(),
             WeightSpec::Ema { alpha } => format!("ema{alpha}"),
             WeightSpec::Wma => "wma".into(),
+            WeightSpec::Decay { shape } => shape.method_name().into(),
             WeightSpec::Explicit { .. } => "weights".into(),
         }
     }
@@ -176,6 +198,38 @@ impl Weights {
         })
     }
 
+    /// Weights that emulate decaying the learning rate with `shape` over the window instead of
+    /// training through the decay (WSM, arXiv 2507.17634; Megatron-LM's
+    /// `tools/checkpoint/weighted_merge.py`).
+    ///
+    /// Training from checkpoint M_1 through M_N at a constant rate applies N−1 updates. Scaling
+    /// update j by a decay factor d_j and summing is the same as averaging the checkpoints with
+    /// c_1 = 1 − d_1, c_j = d_{j−1} − d_j, c_N = d_{N−1}: each checkpoint's weight is the drop in
+    /// the factor at its step. With d_j = f(j/N) for the shape f (1 at the start of the decay,
+    /// falling towards 0 at its end), the weights are non-negative and sum to 1. The factors
+    /// and the oldest weight are computed as Megatron's `schedule_to_merge_coefficients` does
+    /// (c_1 = 1 − Σ_{j≥2} c_j), so its `linear` and `minus-sqrt` styles give these floats bit
+    /// for bit. Linear decay gives exactly SMA's 1/N when N is a power of two, and SMA up to
+    /// rounding otherwise.
+    pub fn decay(n: usize, shape: DecayShape) -> Result<Weights> {
+        check_n(n)?;
+        let mut values = vec![1.0; n];
+        if n > 1 {
+            let factor = |j: usize| shape.factor(j as f64 / n as f64);
+            values[n - 1] = factor(n - 1);
+            for (j, w) in values.iter_mut().enumerate().take(n - 1).skip(1) {
+                *w = factor(j) - factor(j + 1);
+            }
+            // Summed oldest first with a leading 0.0, as Python's sum() over the list does.
+            let rest: f64 = values[1..].iter().fold(0.0, |acc, w| acc + w);
+            values[0] = 1.0 - rest;
+        }
+        Ok(Weights {
+            method: WeightSpec::Decay { shape },
+            values,
+        })
+    }
+
     /// Explicit weights, oldest first. With `normalize` they are divided by their sum.
     pub fn explicit(values: Vec<f64>, normalize: bool) -> Result<Weights> {
         check_n(values.len())?;
@@ -212,6 +266,59 @@ impl Weights {
     /// Σ w_i.
     pub fn sum(&self) -> f64 {
         self.values.iter().sum()
+    }
+}
+
+/// A learning-rate decay shape: the factor f(x) the rate is multiplied by at fraction x of the
+/// decay, falling from f(0) = 1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum DecayShape {
+    /// f(x) = 1 − x (WSD's usual decay).
+    #[serde(rename = "linear")]
+    Linear,
+    /// f(x) = (1 + cos πx) / 2.
+    #[serde(rename = "cosine")]
+    Cosine,
+    /// f(x) = 1 − √x (MiniCPM's and Megatron's `minus-sqrt`).
+    #[serde(rename = "1-sqrt")]
+    OneMinusSqrt,
+}
+
+impl DecayShape {
+    /// Every shape, in the order help texts list them.
+    pub const ALL: [DecayShape; 3] = [
+        DecayShape::Linear,
+        DecayShape::Cosine,
+        DecayShape::OneMinusSqrt,
+    ];
+
+    /// `linear`, `cosine`, `1-sqrt` (or `minus-sqrt`, Megatron's name).
+    pub fn parse(s: &str) -> Option<DecayShape> {
+        match s {
+            "linear" => Some(DecayShape::Linear),
+            "cosine" => Some(DecayShape::Cosine),
+            "1-sqrt" | "minus-sqrt" => Some(DecayShape::OneMinusSqrt),
+            _ => None,
+        }
+    }
+
+    /// The method name that selects this shape: `decay-linear`, `decay-cosine`,
+    /// `decay-1-sqrt`.
+    pub fn method_name(self) -> &'static str {
+        match self {
+            DecayShape::Linear => "decay-linear",
+            DecayShape::Cosine => "decay-cosine",
+            DecayShape::OneMinusSqrt => "decay-1-sqrt",
+        }
+    }
+
+    /// The learning-rate factor at fraction `x` ∈ [0, 1] of the decay.
+    pub fn factor(self, x: f64) -> f64 {
+        match self {
+            DecayShape::Linear => 1.0 - x,
+            DecayShape::Cosine => 0.5 * (1.0 + (std::f64::consts::PI * x).cos()),
+            DecayShape::OneMinusSqrt => 1.0 - x.sqrt(),
+        }
     }
 }
 
@@ -295,6 +402,85 @@ mod tests {
             ("wma", None)
         );
         assert!(WeightSpec::from_name("ema-stream", 0.3).is_err());
+    }
+
+    #[test]
+    fn decay_weights_reproduce_training_through_the_decay() {
+        // Checkpoints of a scalar "model" after each constant-rate step; averaging them with the
+        // decay weights must equal taking the same steps scaled by f(j/N).
+        let theta = [0.3, -1.7, 2.25, 0.5, 4.0, -3.0, 1.0];
+        for shape in DecayShape::ALL {
+            for n in 1..=theta.len() {
+                let w = Weights::decay(n, shape).unwrap();
+                assert!(
+                    w.values.iter().all(|&c| c >= 0.0),
+                    "{shape:?} {n}: {:?}",
+                    w.values
+                );
+                assert!((w.sum() - 1.0).abs() < 1e-15, "{shape:?} {n}");
+                let merged: f64 = w.values.iter().zip(&theta).map(|(c, t)| c * t).sum();
+                let decayed = theta[0]
+                    + (1..n)
+                        .map(|j| shape.factor(j as f64 / n as f64) * (theta[j] - theta[j - 1]))
+                        .sum::<f64>();
+                assert!((merged - decayed).abs() < 1e-12, "{shape:?} {n}");
+            }
+        }
+    }
+
+    #[test]
+    fn decay_weights_match_megatron_and_known_values() {
+        // Linear decay is a uniform average (exactly, for powers of two).
+        for n in [1, 2, 4, 8, 16] {
+            let w = Weights::decay(n, DecayShape::Linear).unwrap();
+            assert_eq!(w.values, Weights::sma(n).unwrap().values);
+        }
+        // Megatron's minus-sqrt over 4 checkpoints: factors 1, 1/2, 1-√.5, 1-√.75, so the
+        // oldest checkpoint keeps half the weight.
+        let w = WeightSpec::from_name("decay-minus-sqrt", 0.0)
+            .unwrap()
+            .weights(4)
+            .unwrap();
+        let (s5, s75) = (0.5f64.sqrt(), 0.75f64.sqrt());
+        let expect = [
+            1.0 - ((0.5 - (1.0 - s5)) + ((1.0 - s5) - (1.0 - s75)) + (1.0 - s75)),
+            0.5 - (1.0 - s5),
+            (1.0 - s5) - (1.0 - s75),
+            1.0 - s75,
+        ];
+        assert_eq!(w.values, expect);
+        assert!((w.values[0] - 0.5).abs() < 1e-15);
+        // Cosine keeps the newest checkpoint's weight small: f((N-1)/N) = (1 - cos(π/N)) / 2.
+        let w = Weights::decay(10, DecayShape::Cosine).unwrap();
+        assert!((w.values[9] - (1.0 - (std::f64::consts::PI / 10.0).cos()) / 2.0).abs() < 1e-16);
+        assert!(w.values[9] < 0.025 && w.values[0] < 0.025);
+        assert!(
+            w.values[4] > w.values[0],
+            "cosine weighs the middle most: {:?}",
+            w.values
+        );
+    }
+
+    #[test]
+    fn decay_names_round_trip() {
+        for shape in DecayShape::ALL {
+            let spec = WeightSpec::from_name(shape.method_name(), 0.2).unwrap();
+            assert_eq!(spec, WeightSpec::Decay { shape });
+            assert_eq!(
+                (spec.name(), spec.label()),
+                (shape.method_name(), shape.method_name().into())
+            );
+            assert!(WeightSpec::NAMES.contains(&shape.method_name()));
+        }
+        assert!(WeightSpec::from_name("decay-exp", 0.2).is_err());
+        assert!(WeightSpec::from_name("decay-", 0.2).is_err());
+        assert_eq!(
+            serde_json::to_string(&WeightSpec::Decay {
+                shape: DecayShape::OneMinusSqrt
+            })
+            .unwrap(),
+            r#"{"name":"decay","shape":"1-sqrt"}"#
+        );
     }
 
     #[test]

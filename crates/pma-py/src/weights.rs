@@ -37,7 +37,10 @@ pub(crate) fn weight_spec(
 /// The averaging weights pma uses for ``n`` checkpoints, oldest first.
 ///
 /// ``method`` is ``"sma"`` (w_i = 1/n), ``"ema"`` (w_1 = (1-alpha)^(n-1),
-/// w_i = alpha*(1-alpha)^(n-i); ``alpha`` defaults to 0.2) or ``"wma"`` (w_i = i / sum(1..n)).
+/// w_i = alpha*(1-alpha)^(n-i); ``alpha`` defaults to 0.2), ``"wma"`` (w_i = i / sum(1..n)), or
+/// a decay-emulating method (WSM), ``"decay-linear"``, ``"decay-cosine"`` or ``"decay-1-sqrt"``:
+/// with the LR factor f over the window, w_j = f((j-1)/n) - f(j/n) for j >= 2, w_n = f((n-1)/n)
+/// and w_1 = 1 - sum of the others.
 /// These are the exact floats a merge multiplies by; they sum to 1 up to rounding.
 #[pyfunction]
 #[pyo3(signature = (method, n, alpha=None))]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import struct
 
 import pytest
@@ -154,6 +155,16 @@ def test_weights_function(bf16_run):
     plan = cli_json("merge", "--run", bf16_run, "--method", "ema", "--alpha", "0.3", "--dry-run",
                     "--out", "/nonexistent/out")["plan"]
     assert [i["weight"] for i in plan["inputs"]] == pma.weights("ema", 4, alpha=0.3)
+    # Decay-emulating weights (WSM): checkpoint j weighs the drop of the LR factor f(j/N).
+    f = lambda x: 0.5 * (1 + math.cos(math.pi * x))
+    cos = pma.weights("decay-cosine", 4)
+    assert cos[1:] == [f(1 / 4) - f(2 / 4), f(2 / 4) - f(3 / 4), f(3 / 4)]
+    assert cos[0] == 1 - sum(cos[1:])
+    assert pma.weights("decay-linear", 8) == [0.125] * 8
+    assert pma.weights("decay-minus-sqrt", 5) == pma.weights("decay-1-sqrt", 5)
+    plan = cli_json("merge", "--run", bf16_run, "--method", "decay-1-sqrt", "--dry-run",
+                    "--out", "/nonexistent/out")["plan"]
+    assert [i["weight"] for i in plan["inputs"]] == pma.weights("decay-1-sqrt", 4)
     with pytest.raises(pma.ConfigError, match="unknown method"):
         pma.weights("median", 3)
     with pytest.raises(pma.ConfigError, match="alpha"):

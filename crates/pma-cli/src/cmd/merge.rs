@@ -7,9 +7,9 @@ use anyhow::{bail, Context};
 use pma_format::FloatDtype;
 use pma_merge::{
     check_output_placement, check_plan_output, discover_run, execute, parse_byte_size,
-    parse_token_count, resolve_threads, Action, CheckpointSeries, ExecOptions, KeySelectionConfig,
-    KeySummary, MergeConfig, MergePlan, MergeReport, OutputFormat, PlanSummary, Selection,
-    WeightSpec, DEFAULT_EMA_ALPHA,
+    parse_token_count, resolve_threads, Action, CheckpointSeries, DecayShape, ExecOptions,
+    KeySelectionConfig, KeySummary, MergeConfig, MergePlan, MergeReport, OutputFormat, PlanSummary,
+    Selection, WeightSpec, DEFAULT_EMA_ALPHA,
 };
 
 use super::render::{human, print_json, versioned};
@@ -26,6 +26,13 @@ pub enum MethodArg {
     Ema,
     /// Weighted moving average: w_i ∝ i, newest heaviest.
     Wma,
+    /// Emulates a linear learning-rate decay over the window (WSM; about SMA).
+    DecayLinear,
+    /// Emulates a cosine learning-rate decay over the window (WSM).
+    DecayCosine,
+    /// Emulates a 1−√x learning-rate decay over the window (WSM; Megatron's minus-sqrt).
+    #[value(name = "decay-1-sqrt", alias = "decay-minus-sqrt")]
+    Decay1Sqrt,
     /// pma watch only: EMA over the whole history, updated once per checkpoint: E = (1−α)·E + α·x.
     EmaStream,
 }
@@ -65,6 +72,15 @@ impl MethodArgs {
             (None, Some(MethodArg::Sma)) => WeightSpec::Sma,
             (None, Some(MethodArg::Ema)) => WeightSpec::Ema { alpha: self.alpha },
             (None, Some(MethodArg::Wma)) => WeightSpec::Wma,
+            (None, Some(MethodArg::DecayLinear)) => WeightSpec::Decay {
+                shape: DecayShape::Linear,
+            },
+            (None, Some(MethodArg::DecayCosine)) => WeightSpec::Decay {
+                shape: DecayShape::Cosine,
+            },
+            (None, Some(MethodArg::Decay1Sqrt)) => WeightSpec::Decay {
+                shape: DecayShape::OneMinusSqrt,
+            },
             (None, Some(MethodArg::EmaStream)) => bail!(UsageError(
                 "--method ema-stream averages a growing run's whole history and exists only in \
                  pma watch; for a fixed set of checkpoints use --method ema"
