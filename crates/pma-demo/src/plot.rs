@@ -113,6 +113,27 @@ fn bounds(series: &[Series]) -> Option<((f64, f64), (f64, f64))> {
     Some(((x0 - pad_x, x1 + pad_x), (y0 - pad_y, y1 + pad_y)))
 }
 
+/// Tick labels per axis (plotters' default, named so [`axis_decimals`] agrees with it).
+const AXIS_LABELS: usize = 10;
+
+/// Decimals that tell apart the ticks plotters places on `lo..hi`: it steps by the smallest
+/// 1, 2 or 5 × 10^k that gives at most [`AXIS_LABELS`] ticks. A fixed format printed "0 0 0"
+/// for an axis from 0.1 to 0.3 million tokens.
+fn axis_decimals(lo: f64, hi: f64) -> usize {
+    let span = (hi - lo).abs();
+    if !span.is_finite() || span == 0.0 {
+        return 0;
+    }
+    let rough = span / AXIS_LABELS as f64;
+    let magnitude = 10f64.powf(rough.log10().floor());
+    let step = [1.0, 2.0, 5.0, 10.0]
+        .iter()
+        .map(|m| m * magnitude)
+        .find(|&s| s >= rough)
+        .unwrap_or(10.0 * magnitude);
+    (-step.log10().floor()).clamp(0.0, 6.0) as usize
+}
+
 fn draw_chart(
     area: &DrawingArea<BitMapBackend<'_>, Shift>,
     chart: &Chart,
@@ -137,8 +158,10 @@ fn draw_chart(
         .x_desc(chart.x_label.as_str())
         .y_desc(chart.y_label.as_str())
         .label_style((FONT, 13))
-        .y_label_formatter(&|y| format!("{y:.3}"))
-        .x_label_formatter(&|x| format!("{x:.0}"))
+        .x_labels(AXIS_LABELS)
+        .y_labels(AXIS_LABELS)
+        .y_label_formatter(&|y| format!("{:.*}", axis_decimals(y0, y1), y))
+        .x_label_formatter(&|x| format!("{:.*}", axis_decimals(x0, x1), x))
         .draw()
         .map_err(|e| e.to_string())?;
     for (i, s) in chart.series.iter().enumerate() {
@@ -678,7 +701,36 @@ fn spike_val_chart(r: &Results) -> Chart {
 
 #[cfg(test)]
 mod tests {
+    use plotters::coord::ranged1d::Ranged;
+    use plotters::coord::types::RangedCoordf64;
+
     use super::*;
+
+    #[test]
+    fn tick_labels_tell_ticks_apart() {
+        // The prediction chart's token axis: 0.1 .. 0.3 million tokens.
+        assert_eq!(axis_decimals(0.1, 0.3), 2);
+        assert_eq!(axis_decimals(0.0, 2.4), 1);
+        assert_eq!(axis_decimals(0.0, 12_000.0), 0);
+        assert_eq!(axis_decimals(1.6, 1.75), 2);
+        assert_eq!(axis_decimals(3.0, 3.0), 0);
+        // Against the ticks plotters itself places: every label distinct.
+        for (lo, hi) in [
+            (0.1, 0.3),
+            (0.0, 2.4),
+            (1.62, 1.71),
+            (-0.004, 0.013),
+            (0.0, 9e5),
+        ] {
+            let d = axis_decimals(lo, hi);
+            let ticks = RangedCoordf64::from(lo..hi).key_points(AXIS_LABELS);
+            assert!(ticks.len() >= 3, "{lo}..{hi}: {ticks:?}");
+            let labels: Vec<String> = ticks.iter().map(|t| format!("{t:.d$}")).collect();
+            let mut unique = labels.clone();
+            unique.dedup();
+            assert_eq!(unique, labels, "{lo}..{hi}");
+        }
+    }
 
     #[test]
     fn renders_a_png_with_the_embedded_font() {
