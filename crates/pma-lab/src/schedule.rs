@@ -25,32 +25,8 @@ pub enum ScheduleKind {
     Cosine,
 }
 
-/// Shape of the WSD decay phase, as a function of progress `p` in `(0, 1]`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-pub enum DecayShape {
-    /// `1 - p`.
-    #[serde(rename = "linear")]
-    Linear,
-    /// `(1 + cos(pi p)) / 2`.
-    #[serde(rename = "cosine")]
-    Cosine,
-    /// `1 - sqrt(p)` (Hägele et al. 2024).
-    #[default]
-    #[serde(rename = "1-sqrt")]
-    OneSqrt,
-}
-
-impl DecayShape {
-    /// Fraction of the way from `min_lr` to the peak at progress `p` in `[0, 1]`.
-    pub fn factor(self, p: f64) -> f64 {
-        let p = p.clamp(0.0, 1.0);
-        match self {
-            DecayShape::Linear => 1.0 - p,
-            DecayShape::Cosine => 0.5 * (1.0 + (std::f64::consts::PI * p).cos()),
-            DecayShape::OneSqrt => 1.0 - p.sqrt(),
-        }
-    }
-}
+/// Shape of the WSD decay phase: the one definition, shared with the decay-emulating merges.
+pub use pma_merge::DecayShape;
 
 /// A deliberate LR spike: the LR is multiplied by `factor` for `len_steps` steps from `step`.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -72,20 +48,6 @@ impl std::str::FromStr for ScheduleKind {
             "cosine" => Ok(ScheduleKind::Cosine),
             other => Err(format!(
                 "unknown schedule '{other}' (expected constant, wsd or cosine)"
-            )),
-        }
-    }
-}
-
-impl std::str::FromStr for DecayShape {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s {
-            "linear" => Ok(DecayShape::Linear),
-            "cosine" => Ok(DecayShape::Cosine),
-            "1-sqrt" => Ok(DecayShape::OneSqrt),
-            other => Err(format!(
-                "unknown decay shape '{other}' (expected linear, cosine or 1-sqrt)"
             )),
         }
     }
@@ -221,7 +183,11 @@ mod tests {
 
     #[test]
     fn wsd_is_stable_then_decays_to_min_with_each_shape() {
-        for shape in [DecayShape::Linear, DecayShape::Cosine, DecayShape::OneSqrt] {
+        for shape in [
+            DecayShape::Linear,
+            DecayShape::Cosine,
+            DecayShape::OneMinusSqrt,
+        ] {
             let s = sched(ScheduleKind::Wsd, shape);
             assert!((10..80).all(|t| close(s.lr_at(t), 1.0)));
             assert!(s.lr_at(80) < 1.0);
@@ -236,12 +202,12 @@ mod tests {
         assert!(close(mid(DecayShape::Linear), 0.1 + 0.9 * 0.5));
         assert!(close(mid(DecayShape::Cosine), 0.1 + 0.9 * 0.5));
         assert!(close(
-            mid(DecayShape::OneSqrt),
+            mid(DecayShape::OneMinusSqrt),
             0.1 + 0.9 * (1.0 - 0.5f64.sqrt())
         ));
         // 1-sqrt drops fastest early in the decay, cosine slowest.
         let early = |shape| sched(ScheduleKind::Wsd, shape).lr_at(83);
-        assert!(early(DecayShape::OneSqrt) < early(DecayShape::Linear));
+        assert!(early(DecayShape::OneMinusSqrt) < early(DecayShape::Linear));
         assert!(early(DecayShape::Linear) < early(DecayShape::Cosine));
     }
 
@@ -266,7 +232,10 @@ mod tests {
 
     #[test]
     fn parses_cli_spellings() {
-        assert_eq!("1-sqrt".parse::<DecayShape>().unwrap(), DecayShape::OneSqrt);
+        assert_eq!(
+            "1-sqrt".parse::<DecayShape>().unwrap(),
+            DecayShape::OneMinusSqrt
+        );
         assert_eq!("wsd".parse::<ScheduleKind>().unwrap(), ScheduleKind::Wsd);
         let spike: LrSpike = "300:20:10".parse().unwrap();
         assert_eq!((spike.step, spike.factor, spike.len_steps), (300, 20.0, 10));

@@ -93,7 +93,7 @@ impl Default for TrainConfig {
             schedule: ScheduleKind::Wsd,
             warmup_steps: None,
             decay_steps: None,
-            decay_shape: DecayShape::OneSqrt,
+            decay_shape: DecayShape::OneMinusSqrt,
             lr_spike: None,
             optimizer: AdamWConfig::default(),
             save_every: 100,
@@ -933,7 +933,7 @@ mod tests {
         .unwrap();
         let o = cli.overrides;
         assert_eq!(o.decay_steps, Some(200));
-        assert_eq!(o.decay_shape, Some(DecayShape::OneSqrt));
+        assert_eq!(o.decay_shape, Some(DecayShape::OneMinusSqrt));
         assert_eq!(o.model, Some(ModelKind::Moe));
         assert_eq!(o.tie_embeddings, Some(true));
         assert_eq!(o.init_optimizer, None);

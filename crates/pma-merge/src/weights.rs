@@ -3,7 +3,7 @@
 //! Each constructor computes its floats exactly as `shared/tools/reference_merge.py` does, since
 //! merges are compared bit for bit: a weight that differs by one ulp changes the output.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
@@ -270,8 +270,9 @@ impl Weights {
 }
 
 /// A learning-rate decay shape: the factor f(x) the rate is multiplied by at fraction x of the
-/// decay, falling from f(0) = 1.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+/// decay, falling from f(0) = 1. The one definition: the lab's WSD schedules decay with it and
+/// the decay-emulating merges weigh with it, so an emulation and the run it emulates agree.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub enum DecayShape {
     /// f(x) = 1 − x (WSD's usual decay).
     #[serde(rename = "linear")]
@@ -279,7 +280,8 @@ pub enum DecayShape {
     /// f(x) = (1 + cos πx) / 2.
     #[serde(rename = "cosine")]
     Cosine,
-    /// f(x) = 1 − √x (MiniCPM's and Megatron's `minus-sqrt`).
+    /// f(x) = 1 − √x (Hägele et al. 2024; Megatron's `minus-sqrt`).
+    #[default]
     #[serde(rename = "1-sqrt")]
     OneMinusSqrt,
 }
@@ -302,6 +304,15 @@ impl DecayShape {
         }
     }
 
+    /// `linear`, `cosine`, `1-sqrt`.
+    pub fn name(self) -> &'static str {
+        match self {
+            DecayShape::Linear => "linear",
+            DecayShape::Cosine => "cosine",
+            DecayShape::OneMinusSqrt => "1-sqrt",
+        }
+    }
+
     /// The method name that selects this shape: `decay-linear`, `decay-cosine`,
     /// `decay-1-sqrt`.
     pub fn method_name(self) -> &'static str {
@@ -312,13 +323,22 @@ impl DecayShape {
         }
     }
 
-    /// The learning-rate factor at fraction `x` ∈ [0, 1] of the decay.
+    /// The learning-rate factor at fraction `x` of the decay, clamped to [0, 1].
     pub fn factor(self, x: f64) -> f64 {
+        let x = x.clamp(0.0, 1.0);
         match self {
             DecayShape::Linear => 1.0 - x,
             DecayShape::Cosine => 0.5 * (1.0 + (std::f64::consts::PI * x).cos()),
             DecayShape::OneMinusSqrt => 1.0 - x.sqrt(),
         }
+    }
+}
+
+impl std::str::FromStr for DecayShape {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        DecayShape::parse(s)
+            .ok_or_else(|| format!("unknown decay shape '{s}' (expected linear, cosine or 1-sqrt)"))
     }
 }
 

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use pma_lab::data::{encode_bytes, split_tokens, DataSource, MOBY_DICK};
 use pma_lab::eval::{evaluate_on, EvalConfig, EvalReport};
-use pma_lab::schedule::{DecayShape, ScheduleKind};
+use pma_lab::schedule::ScheduleKind;
 use pma_lab::train::{StepMetrics, TrainConfig};
 use pma_merge::{
     execute, CheckpointSeries, ExecOptions, MergeConfig, MergeInput, MergePlan, Selection,
@@ -434,11 +434,7 @@ pub(super) fn describe_schedule(t: &TrainConfig) -> String {
             s.min_lr,
             s.warmup_steps,
             s.decay_steps,
-            match s.decay_shape {
-                DecayShape::Linear => "linear",
-                DecayShape::Cosine => "cosine",
-                DecayShape::OneSqrt => "1-sqrt",
-            }
+            s.decay_shape.name()
         ),
         ScheduleKind::Cosine => format!(
             "cosine lr {:e} -> {:e}, warmup {}",
