@@ -20,7 +20,7 @@ use pma_merge::{
     OutputFormat, Selection, WeightSpec,
 };
 
-use common::pma;
+use common::{pma, torch_python};
 
 const RUNS: [&str; 5] = [
     "run-single",
@@ -36,24 +36,6 @@ fn dcp_fixtures() -> PathBuf {
 
 fn tools() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tools")
-}
-
-/// The python that imports torch, or `None` (after printing SKIPPED) when there is none and
-/// `PMA_REQUIRE_TORCH` is unset.
-fn torch_python(test: &str) -> Option<String> {
-    let py = std::env::var("PMA_PYTHON").unwrap_or_else(|_| "python3".into());
-    let ok = Command::new(&py)
-        .args(["-c", "import torch, torch.distributed.checkpoint, numpy"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if ok {
-        return Some(py);
-    }
-    if std::env::var("PMA_REQUIRE_TORCH").is_ok_and(|v| v == "1") {
-        panic!("{test}: PMA_REQUIRE_TORCH=1 but '{py}' cannot import torch (set PMA_PYTHON)");
-    }
-    eprintln!("SKIPPED {test}: '{py}' cannot import torch (set PMA_PYTHON to a venv with torch)");
-    None
 }
 
 /// The DCP directories of a run's checkpoints, oldest first (`stepN/model_and_optim` for

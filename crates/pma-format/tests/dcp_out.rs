@@ -14,6 +14,11 @@ use pma_format::dcp_out::{
 };
 use pma_format::{Dtype, Region, SafetensorsFile};
 
+mod support {
+    pub mod torch;
+}
+use support::torch::torch_python;
+
 const FIXTURES: [&str; 5] = [
     "run-single-sma-n4.safetensors",
     "run-fsdp2-sma-n4.safetensors",
@@ -30,24 +35,6 @@ fn fixture(name: &str) -> PathBuf {
 
 fn check_script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/dcp_out_check.py")
-}
-
-/// The python that imports torch, or `None` (after printing SKIPPED) when there is none and
-/// `PMA_REQUIRE_TORCH` is unset.
-fn torch_python(test: &str) -> Option<String> {
-    let py = std::env::var("PMA_PYTHON").unwrap_or_else(|_| "python3".into());
-    let ok = Command::new(&py)
-        .args(["-c", "import torch, torch.distributed.checkpoint"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if ok {
-        return Some(py);
-    }
-    if std::env::var("PMA_REQUIRE_TORCH").is_ok_and(|v| v == "1") {
-        panic!("{test}: PMA_REQUIRE_TORCH=1 but '{py}' cannot import torch (set PMA_PYTHON)");
-    }
-    eprintln!("SKIPPED {test}: '{py}' cannot import torch (set PMA_PYTHON to a venv with torch)");
-    None
 }
 
 /// Runs the check script; panics with its output unless it exits 0.

@@ -174,29 +174,15 @@ pub fn listing(dir: &Path) -> Vec<String> {
     out
 }
 
-/// The python that has torch (`PMA_PYTHON`, default `python3`).
-pub fn python() -> String {
-    std::env::var("PMA_PYTHON").unwrap_or_else(|_| "python3".into())
-}
+#[path = "../../../pma-format/tests/support/torch.rs"]
+mod torch;
+#[allow(unused_imports)] // each test binary uses its own subset of these helpers
+pub use torch::{python, torch_python};
 
-/// Whether [`python`] imports torch. Without it a test prints SKIPPED and passes, unless
-/// `PMA_REQUIRE_TORCH=1` (as CI sets), where this panics: a test that needs torch never skips
-/// in CI.
+/// Whether [`python`] has torch, for the test running on this thread ([`torch_python`] says
+/// SKIPPED, or panics under `PMA_REQUIRE_TORCH=1`).
 pub fn torch_available() -> bool {
-    let has_torch = std::process::Command::new(python())
-        .args(["-c", "import torch, safetensors, numpy"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !has_torch {
-        if std::env::var("PMA_REQUIRE_TORCH").as_deref() == Ok("1") {
-            panic!(
-                "PMA_REQUIRE_TORCH=1 but `{} -c 'import torch, safetensors, numpy'` fails",
-                python()
-            );
-        }
-        eprintln!("SKIPPED: no torch in {} (set PMA_PYTHON)", python());
-    }
-    has_torch
+    torch_python(std::thread::current().name().unwrap_or("this test")).is_some()
 }
 
 /// Copies a directory tree (files and folders only).
