@@ -9,9 +9,7 @@ use pma_lab::data::{encode_bytes, split_tokens, DataSource, MOBY_DICK};
 use pma_lab::eval::{evaluate_on, EvalConfig, EvalReport};
 use pma_lab::schedule::ScheduleKind;
 use pma_lab::train::{StepMetrics, TrainConfig};
-use pma_merge::{
-    execute, CheckpointSeries, ExecOptions, MergeConfig, MergeInput, MergePlan, Selection,
-};
+use pma_merge::{execute, CheckpointSeries, ExecOptions, MergeConfig, MergePlan, Selection};
 
 use super::plan::MergeSpec;
 use super::{DemoConfig, Progress};
@@ -330,11 +328,8 @@ impl<'a> Lab<'a> {
             .iter()
             .map(|(s, _)| s.expect("lab checkpoints are named step-XXXXXXX"))
             .collect();
-        let inputs: Vec<MergeInput> = selected
-            .checkpoints
-            .into_iter()
-            .map(|(step, checkpoint)| MergeInput { step, checkpoint })
-            .collect();
+        // The lab's own runs are complete: nothing is skipped.
+        let (inputs, _skipped) = selected.into_inputs();
         let weights = spec.method.weights(inputs.len())?;
         let weight_values = weights.values.clone();
         let plan = MergePlan::build(inputs, weights, MergeConfig::default())?;
