@@ -439,11 +439,7 @@ impl OpenFile {
             if rest.is_empty() {
                 break;
             }
-            let n = (sink.buf.len - sink.filled).min(rest.len());
-            sink.buf.as_mut_slice()[sink.filled..sink.filled + n].copy_from_slice(&rest[..n]);
-            sink.filled += n;
-            rest = &rest[n..];
-            if sink.filled == sink.buf.len {
+            if sink.fill(&mut rest) {
                 let full = sink.filled;
                 self.flush_direct(full)?;
             }
