@@ -58,7 +58,8 @@ bench() {
     t_pma+=("$(calc "$b - $a")")
     rss+=("$(awk -F: '/Maximum resident/ {gsub(/ /,"",$2); print $2}' "$WORK/time.txt")")
   done
-  local lim pm mrss lo hi
+  local lim pm mrss lo hi ratios=() i
+  for i in "${!t_pma[@]}"; do ratios+=("$(calc "${t_pma[$i]} / ${t_lim[$i]}")"); done
   lim=$(printf '%s\n' "${t_lim[@]}" | median)
   pm=$(printf '%s\n' "${t_pma[@]}" | median)
   lo=$(printf '%s\n' "${t_pma[@]}" | sort -g | head -1)
@@ -67,9 +68,15 @@ bench() {
   printf '%-9s in %5.2f GB  out %5.2f GB  limit %6.3f s  pma %6.3f s (min %.3f max %.3f)  ratio %.3f  %6.0f MB/s read  peak RSS %4d MiB\n' \
     "$label" "$(calc "$in_bytes/1e9")" "$(calc "$out_bytes/1e9")" "$lim" "$pm" "$lo" "$hi" \
     "$(calc "$pm / $lim")" "$(calc "$in_bytes/$pm/1e6")" "$((mrss / 1024))"
+  # Each rep's pma time over the limit measured just before it: the spread says how noisy the
+  # machine was.
+  printf '%-9s per-rep ratio: median %.3f  min %.3f  max %.3f\n' "$label" \
+    "$(printf '%s\n' "${ratios[@]}" | median)" \
+    "$(printf '%s\n' "${ratios[@]}" | sort -g | head -1)" \
+    "$(printf '%s\n' "${ratios[@]}" | sort -g | tail -1)"
   rm -rf "$out"
 }
 
-echo "pma DCP merge benchmark (W8), $(nproc) cores, REPS=$REPS, medians; ratio = pma / (cat inputs + dd fsync of output)"
+echo "pma DCP merge benchmark (W8), $(nproc) cores, REPS=$REPS, medians; ratio = pma / (cat inputs + dd fsync of output); load: $(cut -d' ' -f1-3 /proc/loadavg)"
 bench "DCP->DCP" --format dcp
 bench "DCP->HF" --format hf

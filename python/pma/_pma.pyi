@@ -211,6 +211,9 @@ def merge(
     overwrite: bool = False,
     dry_run: bool = False,
     cancel: Optional[threading.Event] = None,
+    format: Optional[Literal["hf", "dcp"]] = None,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
 ) -> MergeReport:
     """Merges checkpoints into one, bit-identical to ``pma merge``.
 
@@ -237,6 +240,13 @@ def merge(
         overwrite: Replace an existing output.
         dry_run: Plan only: validate headers, report members, weights and sizes; write nothing.
         cancel: A ``threading.Event``; setting it stops the merge (``Interrupted``, no output).
+        format: ``"hf"`` (safetensors) or ``"dcp"`` (a torch.distributed.checkpoint directory);
+            default: ``"dcp"`` when the newest checkpoint is DCP and ``out`` does not end in
+            ``.safetensors``, ``"hf"`` otherwise (``pma merge --format``).
+        include: Also merge float tensors matching these globs (``*`` crosses dots); optimizer
+            state only by a glob that names it (``pma merge --include``).
+        exclude: Leave out entries matching these globs, whatever else matches them
+            (``pma merge --exclude``).
 
     Raises:
         InputError, FormatError, MismatchError, NonFiniteError, ConfigError,

@@ -142,7 +142,12 @@ fn parts_then_finalize_equal_the_single_process_merge() {
         let out = d.path().join(format!("parts-{k}"));
         run_parts(&run, &out, FLAGS, k, &(0..k).collect::<Vec<_>>());
         assert!(!out.exists(), "parts never publish OUT");
-        finalize(&run, &out, FLAGS).success();
+        // K=3 also reads every file back (--verify-parts): good parts pass that check too.
+        let mut flags = FLAGS.to_vec();
+        if k == 3 {
+            flags.push("--verify-parts");
+        }
+        finalize(&run, &out, &flags).success();
         assert_eq!(
             tree(&out),
             want,
@@ -350,12 +355,34 @@ fn corrupted_or_truncated_part_files_are_refused() {
         .find(|p| p.extension().is_some_and(|e| e == "safetensors"))
         .unwrap();
     let good = std::fs::read(&shard).unwrap();
+    let written = std::fs::metadata(&shard).unwrap().modified().unwrap();
     let mut bad = good.clone();
-    let last = bad.len() - 1;
-    bad[last] ^= 0x40;
+    let middle = bad.len() / 2;
+    bad[middle] ^= 0x40;
+    // Filesystems with coarse timestamps stamp writes within one tick alike; real corruption
+    // comes later than the part's own last write, and so does this one.
+    std::thread::sleep(std::time::Duration::from_millis(30));
     std::fs::write(&shard, &bad).unwrap();
     let name = shard.file_name().unwrap().to_string_lossy().into_owned();
+    // The default check sees the write through the file's mtime, without reading it.
     finalize(&run, &out, FLAGS)
+        .code(1)
+        .stderr(predicate::str::contains(&name))
+        .stderr(predicate::str::contains(
+            "was changed after its part wrote it",
+        ));
+    assert!(!out.exists());
+    // A flip that keeps the stamp (silent corruption; here the mtime is set back) needs the
+    // bytes read back: --verify-parts checks every file's CRC-32.
+    std::fs::File::options()
+        .write(true)
+        .open(&shard)
+        .unwrap()
+        .set_modified(written)
+        .unwrap();
+    let mut verify = FLAGS.to_vec();
+    verify.push("--verify-parts");
+    finalize(&run, &out, &verify)
         .code(1)
         .stderr(predicate::str::contains(&name))
         .stderr(predicate::str::contains("CRC-32"));

@@ -123,6 +123,44 @@ fn windowed_outputs_are_bit_identical_to_pma_merge() {
 }
 
 #[test]
+fn include_and_exclude_select_keys_as_pma_merge_does() {
+    let d = tempfile::tempdir().unwrap();
+    let run = d.path().join("run");
+    let ckpts = make_run(&run, 3, 500);
+    // A windowed merge: the same tensors and bytes as `pma merge --exclude`.
+    let out = d.path().join("out-window");
+    watch(&run, &out)
+        .args(["--method", "sma", "--last", "2", "--once", "--exclude", "e"])
+        .assert()
+        .success();
+    let reference = d.path().join("ref");
+    merge(
+        &ckpts[1..=2],
+        &["--method", "sma", "--exclude", "e"],
+        &reference,
+    );
+    let got = read_tensors(&out.join("step-0000300"));
+    assert!(!got.contains_key("e") && got.contains_key("w") && got.contains_key("pos"));
+    assert_eq!(got, read_tensors(&reference));
+    // The streamed state and output leave it out too.
+    let out = d.path().join("out-stream");
+    watch(&run, &out)
+        .args(["--method", "ema-stream", "--alpha", "0.5", "--once"])
+        .args(["--exclude", "e", "--exclude", "pos"])
+        .assert()
+        .success();
+    let got = read_tensors(&out.join("step-0000300"));
+    assert_eq!(got.keys().collect::<Vec<_>>(), ["w"]);
+    // The selection is part of the watch's settings: a later run with another one is refused
+    // rather than mixing two selections in one state.
+    watch(&run, &out)
+        .args(["--method", "ema-stream", "--alpha", "0.5", "--once"])
+        .assert()
+        .failure()
+        .stderr(predicates::str::contains("keys="));
+}
+
+#[test]
 fn every_window_matches_pma_merge_at_the_same_step() {
     let d = tempfile::tempdir().unwrap();
     let run = d.path().join("run");

@@ -225,6 +225,67 @@ unsafe fn weighted_sum_avx2(srcs: &[(FloatDtype, &[u8])], weights: &[f64], acc: 
 
 #[inline(always)]
 fn weighted_sum_generic(srcs: &[(FloatDtype, &[u8])], weights: &[f64], acc: &mut [f64]) {
+    // Members of one dtype (the usual case) take a loop with no per-member dtype dispatch, so
+    // the decode, multiply and add of a register group are straight-line vector code.
+    if let Some(&(first, _)) = srcs.first() {
+        if srcs.iter().all(|&(dt, _)| dt == first) {
+            match first {
+                FloatDtype::BF16 => {
+                    return weighted_sum_uniform::<2>(srcs, weights, acc, |e| {
+                        f32::from_bits((u16::from_le_bytes(e) as u32) << 16) as f64
+                    })
+                }
+                FloatDtype::F32 => {
+                    return weighted_sum_uniform::<4>(srcs, weights, acc, |e| {
+                        f32::from_le_bytes(e) as f64
+                    })
+                }
+                FloatDtype::F64 => {
+                    return weighted_sum_uniform::<8>(srcs, weights, acc, f64::from_le_bytes)
+                }
+                // f16 decodes through `half`'s scalar conversion either way.
+                FloatDtype::F16 => {}
+            }
+        }
+    }
+    weighted_sum_mixed(srcs, weights, acc);
+}
+
+/// Elements per register group of [`weighted_sum_uniform`]: four AVX2 registers of f64.
+const UNIFORM_LANES: usize = 16;
+
+/// [`weighted_sum`] for members that all have one dtype of `SZ` bytes, decoded by `decode`.
+/// Same order of operations per element as [`weighted_sum_mixed`].
+#[inline(always)]
+fn weighted_sum_uniform<const SZ: usize>(
+    srcs: &[(FloatDtype, &[u8])],
+    weights: &[f64],
+    acc: &mut [f64],
+    decode: impl Fn([u8; SZ]) -> f64,
+) {
+    let n = acc.len();
+    let full = n - n % UNIFORM_LANES;
+    for (g, out) in acc[..full].chunks_exact_mut(UNIFORM_LANES).enumerate() {
+        let start = g * UNIFORM_LANES * SZ;
+        let mut lanes = [0.0f64; UNIFORM_LANES];
+        for (&(_, bytes), &w) in srcs.iter().zip(weights) {
+            let group = &bytes[start..start + UNIFORM_LANES * SZ];
+            for (lane, e) in lanes.iter_mut().zip(group.chunks_exact(SZ)) {
+                *lane += w * decode(e.try_into().expect("chunks_exact gives SZ bytes"));
+            }
+        }
+        out.copy_from_slice(&lanes);
+    }
+    if full < n {
+        acc[full..].fill(0.0);
+        for (&(dt, bytes), &w) in srcs.iter().zip(weights) {
+            accumulate(dt, &bytes[full * SZ..n * SZ], w, &mut acc[full..]);
+        }
+    }
+}
+
+#[inline(always)]
+fn weighted_sum_mixed(srcs: &[(FloatDtype, &[u8])], weights: &[f64], acc: &mut [f64]) {
     let n = acc.len();
     let full = n - n % LANES;
     let mut j = 0;
@@ -350,6 +411,30 @@ pub fn f32_to_bf16_bits(f: f32) -> u16 {
     }
 }
 
+/// f64 → bf16 bits rounded to nearest even straight from the f64 bits, and whether that was
+/// valid: `x` is ±0 or its magnitude is in [2^-126, 2^128) (bf16's normal range; rounding may
+/// still carry up to ±Inf, which is then the right answer). Branch-free, so it vectorises.
+/// Equal to `f32_to_bf16_bits(f64_to_f32_round_odd(x))` wherever it is valid: one rounding of
+/// the exact value either way.
+#[inline(always)]
+fn f64_to_bf16_bits_normal(x: f64) -> (u16, bool) {
+    // Biased f64 exponents of bf16's smallest normal (2^-126) and of 2^128.
+    const MIN_EXP: u64 = 1023 - 126;
+    const END_EXP: u64 = 1023 + 128;
+    let u = x.to_bits();
+    let sign = ((u >> 48) as u16) & 0x8000;
+    let mag = u & 0x7FFF_FFFF_FFFF_FFFF;
+    let in_range = mag.wrapping_sub(MIN_EXP << 52) < ((END_EXP - MIN_EXP) << 52);
+    // Keep 7 of 52 mantissa bits: add just under half an ulp, plus one if the kept lsb is odd.
+    let rounded = mag + ((1u64 << 44) - 1) + ((mag >> 45) & 1);
+    // Exponent and mantissa, rebiased from f64's 1023 to bf16's 127; a carry out of the
+    // mantissa bumps the exponent, up to 0x7F80 (Inf) at the top.
+    let body = ((rounded >> 45).wrapping_sub((1023 - 127) << 7)) as u16;
+    // Zero keeps only its sign (select by mask, not a branch, so the loop stays vectorised).
+    let nonzero = ((mag != 0) as u16).wrapping_neg();
+    (sign | (body & nonzero), in_range | (mag == 0))
+}
+
 /// Encodes `values` into `out` as `dtype` with one round-to-nearest-even, and returns whether
 /// every value was finite (so callers need no second pass to detect NaN/Inf).
 /// `out.len()` must be `values.len() * dtype.size_bytes()`.
@@ -376,6 +461,18 @@ fn encode_f64_generic(dtype: FloatDtype, values: &[f64], out: &mut [u8]) -> bool
     let mut finite = true;
     match dtype {
         FloatDtype::BF16 => {
+            // Values that are all zero or in bf16's normal range (a merge's usual block) round
+            // straight from the f64 bits, in one vectorised pass; if any is not (subnormal,
+            // overflowing, NaN/Inf), the general path below redoes the block.
+            let mut fast = true;
+            for (o, &x) in out.chunks_exact_mut(2).zip(values) {
+                let (b, ok) = f64_to_bf16_bits_normal(x);
+                fast &= ok;
+                o.copy_from_slice(&b.to_le_bytes());
+            }
+            if fast {
+                return true;
+            }
             for (o, &v) in out.chunks_exact_mut(2).zip(values) {
                 finite &= v.is_finite();
                 o.copy_from_slice(&f32_to_bf16_bits(f64_to_f32_round_odd(v)).to_le_bytes());
@@ -489,6 +586,87 @@ mod tests {
             let fb: Vec<u64> = fused.iter().map(|v| v.to_bits()).collect();
             let sb: Vec<u64> = seq.iter().map(|v| v.to_bits()).collect();
             prop_assert_eq!(fb, sb);
+        }
+
+        #[test]
+        fn uniform_kernel_equals_scalar_on_any_bits(
+            n in 0usize..80,
+            skew in 0usize..8,
+            kind in 0usize..4,
+            bits in proptest::collection::vec(any::<u64>(), 1..10),
+            w in proptest::collection::vec(-3.0f64..3.0, 1..10),
+        ) {
+            // Members of one dtype take the vector kernel; arbitrary bit patterns cover NaN,
+            // ±Inf, subnormals and ±0, and a slice starting `skew` bytes into its buffer is
+            // unaligned. It must give the scalar `acc += w * x`, member by member.
+            let dt = [FloatDtype::BF16, FloatDtype::F16, FloatDtype::F32, FloatDtype::F64][kind];
+            let k = bits.len().min(w.len());
+            let sz = dt.size_bytes();
+            let buffers: Vec<Vec<u8>> = (0..k)
+                .map(|i| {
+                    let mut state = bits[i] | 1;
+                    (0..skew + n * sz)
+                        .map(|_| {
+                            state ^= state << 13;
+                            state ^= state >> 7;
+                            state ^= state << 17;
+                            state as u8
+                        })
+                        .collect()
+                })
+                .collect();
+            let srcs: Vec<(FloatDtype, &[u8])> =
+                buffers.iter().map(|b| (dt, &b[skew..])).collect();
+            let mut fused = vec![1.0; n];
+            weighted_sum(&srcs, &w[..k], &mut fused);
+            let mut seq = vec![0.0; n];
+            for ((dt, b), wi) in srcs.iter().zip(&w) {
+                accumulate(*dt, b, *wi, &mut seq);
+            }
+            for (i, (f, s)) in fused.iter().zip(&seq).enumerate() {
+                // x86 takes a NaN result's payload from one operand, and LLVM may commute an
+                // add, so only NaN-ness is compared (every encoder canonicalises NaN for bf16).
+                if f.is_nan() || s.is_nan() {
+                    prop_assert!(f.is_nan() && s.is_nan(), "element {}: {} vs {}", i, f, s);
+                } else {
+                    prop_assert_eq!(f.to_bits(), s.to_bits(), "element {}", i);
+                }
+            }
+        }
+
+        #[test]
+        fn bf16_encoder_matches_the_general_path_on_any_bits(
+            raw in proptest::collection::vec(any::<u64>(), 0..40),
+            scale in 0usize..4,
+        ) {
+            // Arbitrary bits (NaN, Inf, subnormals, huge), values near bf16's normal range's
+            // edges, and plain weights-like values: the encoder's fast groups and its general
+            // path must agree with the per-element reference, and so must the finite flag.
+            let values: Vec<f64> = raw
+                .iter()
+                .map(|&b| match scale {
+                    0 => f64::from_bits(b),
+                    1 => (b as i64 as f64) * 2f64.powi(-63 - 126),
+                    2 => (b as i64 as f64) * 2f64.powi(-63 + 128),
+                    _ => (b as i64 as f64) * 2f64.powi(-70),
+                })
+                .collect();
+            let mut out = vec![0u8; 2 * values.len()];
+            let finite = encode_f64(FloatDtype::BF16, &values, &mut out);
+            for (i, &v) in values.iter().enumerate() {
+                let want = f32_to_bf16_bits(f64_to_f32_round_odd(v));
+                prop_assert_eq!(u16::from_le_bytes([out[2 * i], out[2 * i + 1]]), want, "{}", v);
+            }
+            prop_assert_eq!(finite, values.iter().all(|v| v.is_finite()));
+        }
+
+        #[test]
+        fn bf16_fast_rounding_is_nearest_even_where_valid(x in -1e38f64..1e38f64) {
+            let (bits, valid) = f64_to_bf16_bits_normal(x);
+            if valid {
+                prop_assert_eq!(bits, bf16_nearest_even(x));
+                prop_assert_eq!(bits, f32_to_bf16_bits(f64_to_f32_round_odd(x)));
+            }
         }
 
         #[test]

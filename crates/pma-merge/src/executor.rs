@@ -210,7 +210,8 @@ fn execute_dcp(
     let state_files = crate::dcp_output::state_files(plan)?;
     let kernel = MergeKernel::new(plan)?;
     let staged = StagedOutput::create(out, OutputKind::Dir, publish)?;
-    let writer = pma_format::dcp_out::DcpWriter::create(staged.path(), layout)?;
+    let mut writer = pma_format::dcp_out::DcpWriter::create(staged.path(), layout)?;
+    writer.set_direct_io(opts.direct_io);
     // The writer has planned every item, so the data files' sizes are exact; `.metadata` is
     // bounded.
     let data_bytes: u64 = writer.planned_files().iter().map(|(_, n)| n).sum();

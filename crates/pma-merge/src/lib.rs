@@ -48,7 +48,7 @@ pub use error::{Error, Result};
 pub use executor::{execute, ExecOptions, MergeReport, NonFiniteWarning, SidecarSkipped};
 pub use keys::{select_keys, Action, KeyEntry, KeySelection, KeySelectionConfig};
 pub use keys::{KeyGroup, KeySummary};
-pub use partition::{execute_part, finalize, FinalizeReport, PartReport, Partition};
+pub use partition::{execute_part, finalize, FinalizeReport, PartCheck, PartReport, Partition};
 pub use placement::{check_output_placement, check_plan_output};
 pub use plan::OutputFormat;
 pub use plan::{MergeConfig, MergeInput, MergePlan, PlanSummary, DEFAULT_MAX_SHARD_BYTES};

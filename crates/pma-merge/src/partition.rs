@@ -13,16 +13,28 @@
 //!   tensor's layout, the shard layout and K) tells parts made from different plans apart.
 //!
 //! Part I writes its shards into `.OUT.pma-parts/part-I-of-K/` beside OUT, with a
-//! `manifest.json` (plan hash, file names, sizes and CRC-32s). The part directory is staged and
+//! `manifest.json` (plan hash; per file its name, size, CRC-32 computed from the bytes on their
+//! way to the writer, inode and mtime once durable). The part directory is staged and
 //! published as a whole through [`StagedOutput`] with [`Publish::Replace`], so a retried part
 //! replaces its previous attempt atomically and a killed one leaves only a staging path (removed
 //! by the next attempt on the same host, and by the finalize).
 //!
 //! [`finalize`] reads K from the manifests, checks each against its own plan hash and every file
-//! against its size and checksum, then links the shards into a staged output, writes the shard
+//! against its manifest entry ([`PartCheck`]), then links the shards into a staged output, writes the shard
 //! index and sidecars, and publishes OUT atomically; the parts directory is removed last. The
 //! shard files' bytes depend only on the plan, so the result is bit-identical to
 //! [`crate::execute`] of the same plan.
+//!
+//! What "corrupted" means decides the finalize's cost. A part killed mid-write has no manifest
+//! (it is written last, after every file is fsync'd), so it is missing. Any later change made
+//! through the filesystem (a retried or concurrent part replacing a file, a truncation, a write
+//! into it) changes the file's inode, size or mtime, which the manifest records: checking them
+//! ([`PartCheck::Stamp`], the default) costs one `stat` per file. Only a change that keeps
+//! all three (silent media corruption, or a writer that sets the mtime back) needs the bytes
+//! read back against their CRC-32 ([`PartCheck::Contents`]): on one machine that read was a
+//! third of a merge's time (parts + finalize 1.48x a single process, bench/parts_bench.sh), and
+//! across nodes the finalize would read the whole output from the shared filesystem while each
+//! part reads only 1/K of the inputs.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Read;
@@ -46,7 +58,7 @@ pub const PARTS_DIR_SUFFIX: &str = ".pma-parts";
 /// The manifest inside each part directory.
 pub const MANIFEST_FILE_NAME: &str = "manifest.json";
 /// Version of the manifest layout.
-const MANIFEST_SCHEMA: u32 = 1;
+const MANIFEST_SCHEMA: u32 = 2;
 
 /// The shared staging directory of the parts of output `out`: `.NAME.pma-parts` beside it, a
 /// name every part and the finalize derive from OUT alone.
@@ -241,6 +253,24 @@ pub struct ManifestFile {
     pub n_bytes: u64,
     /// CRC-32 (IEEE) of its bytes.
     pub crc32: u32,
+    /// Inode number once written (stable across the nodes of a shared filesystem, unlike the
+    /// device number).
+    pub inode: u64,
+    /// Modification time once written, nanoseconds since the epoch.
+    pub mtime_ns: i64,
+}
+
+/// How [`finalize`] checks each part file against its manifest entry (always: the plan hash,
+/// the file list and every size).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PartCheck {
+    /// Also inode and mtime: one `stat` per file. Catches every change made through the
+    /// filesystem after the part wrote the file.
+    #[default]
+    Stamp,
+    /// Also the CRC-32 of every byte, read back in parallel: catches silent corruption too, at
+    /// the cost of reading the whole output.
+    Contents,
 }
 
 /// What a part leaves for the finalize: `manifest.json` in its part directory.
@@ -345,13 +375,14 @@ pub fn execute_part(
     let report = write_shard_files(plan, files, false, &mut crcs, opts, progress)?;
     let mut manifest_files = Vec::with_capacity(paths.len());
     for (path, hasher) in paths.iter().zip(crcs.hashers) {
-        let n_bytes = std::fs::metadata(path)
-            .map_err(|e| io_error(path, "reading metadata of", e))?
-            .len();
+        // write_shard_files fsync'd the files: this stamp is the durable one.
+        let stamp = file_stamp(path)?;
         manifest_files.push(ManifestFile {
             name: file_name(path),
-            n_bytes,
+            n_bytes: stamp.n_bytes,
             crc32: hasher.finalize(),
+            inode: stamp.ino,
+            mtime_ns: mtime_ns(&stamp),
         });
     }
     let manifest = PartManifest {
@@ -379,12 +410,13 @@ pub fn execute_part(
 }
 
 /// Checks the parts written for `out` against `plan` and publishes the output (see the module
-/// docs). Any missing, stale or corrupted part fails with an error naming it, and nothing is
-/// published.
+/// docs). Any missing, stale or corrupted part (as `check` sees it) fails with an error naming
+/// it, and nothing is published.
 pub fn finalize(
     plan: &mut MergePlan,
     out: &Path,
     opts: &ExecOptions<'_>,
+    check: PartCheck,
 ) -> Result<FinalizeReport> {
     let started = std::time::Instant::now();
     let pdir = parts_dir(out);
@@ -433,19 +465,35 @@ pub fn finalize(
         }
         for f in &manifest.files {
             let path = dir.join(&f.name);
-            let n_bytes = std::fs::metadata(&path)
-                .map_err(|e| Error::PartCorrupt {
-                    path: path.clone(),
-                    reason: format!("cannot be read: {e}"),
-                })?
-                .len();
-            if n_bytes != f.n_bytes {
+            let stamp = file_stamp(&path).map_err(|e| Error::PartCorrupt {
+                path: path.clone(),
+                reason: format!("cannot be read: {e}"),
+            })?;
+            if stamp.n_bytes != f.n_bytes {
                 return Err(Error::PartCorrupt {
                     path,
-                    reason: format!("is {n_bytes} bytes but its manifest says {}", f.n_bytes),
+                    reason: format!(
+                        "is {} bytes but its manifest says {}",
+                        stamp.n_bytes, f.n_bytes
+                    ),
                 });
             }
-            to_verify.push((path, f.crc32));
+            if (stamp.ino, mtime_ns(&stamp)) != (f.inode, f.mtime_ns) {
+                return Err(Error::PartCorrupt {
+                    path,
+                    reason: format!(
+                        "was changed after its part wrote it (inode {}, mtime {} ns; its \
+                         manifest says inode {}, mtime {} ns)",
+                        stamp.ino,
+                        mtime_ns(&stamp),
+                        f.inode,
+                        f.mtime_ns
+                    ),
+                });
+            }
+            if check == PartCheck::Contents {
+                to_verify.push((path, f.crc32));
+            }
         }
     }
     // Reading the whole output back is the finalize's main cost; files are checked in parallel
@@ -606,6 +654,16 @@ fn read_manifests(pdir: &Path) -> Result<BTreeMap<(usize, usize), PartManifest>>
         return Err(no_parts());
     }
     Ok(manifests)
+}
+
+fn file_stamp(path: &Path) -> Result<pma_format::FileStamp> {
+    let meta = std::fs::metadata(path).map_err(|e| io_error(path, "reading metadata of", e))?;
+    Ok(pma_format::FileStamp::of(&meta))
+}
+
+/// The stamp's mtime as JSON carries it (an i64 of nanoseconds lasts until the year 2262).
+fn mtime_ns(stamp: &pma_format::FileStamp) -> i64 {
+    i64::try_from(stamp.mtime_ns).unwrap_or(i64::MAX)
 }
 
 /// Size and CRC-32 of a file, read in 1 MiB blocks.

@@ -231,7 +231,8 @@ enum Source {
     checkpoints=None, *, run=None, method=Some("ema".to_string()), alpha=crate::weights::DEFAULT_ALPHA,
     weights=None, normalize=false, last=Some(10), every=None, at=None, min=None,
     tokens_per_step=None, out, dtype=None, max_shard_size=None, threads=None,
-    allow_nonfinite=false, overwrite=false, dry_run=false, cancel=None
+    allow_nonfinite=false, overwrite=false, dry_run=false, cancel=None, format=None,
+    include=Vec::new(), exclude=Vec::new()
 ))]
 #[allow(clippy::too_many_arguments)] // Python keyword arguments, one per `pma merge` flag.
 pub(crate) fn merge(
@@ -255,6 +256,9 @@ pub(crate) fn merge(
     overwrite: bool,
     dry_run: bool,
     cancel: Option<Bound<'_, PyAny>>,
+    format: Option<String>,
+    include: Vec<String>,
+    exclude: Vec<String>,
 ) -> PyResult<MergeReport> {
     let source = match (run, checkpoints) {
         (Some(run), None) => Source::Run(run),
@@ -294,7 +298,23 @@ pub(crate) fn merge(
         max_shard_bytes: options::max_shard_bytes(max_shard_size.as_ref())?,
         single_file: out.extension().is_some_and(|e| e == "safetensors"),
         allow_nonfinite,
-        ..MergeConfig::default()
+        // As `pma merge --format`: None picks DCP for a DCP newest member, HF otherwise.
+        format: match format.as_deref() {
+            None => None,
+            Some("hf") => Some(pma_merge::OutputFormat::Hf),
+            Some("dcp") => Some(pma_merge::OutputFormat::Dcp),
+            Some(other) => {
+                return Err(config_error(format!(
+                    "format '{other}' is not 'hf' or 'dcp'"
+                )))
+            }
+        },
+        // As `pma merge --include/--exclude` (globs; `*` crosses dots).
+        keys: pma_merge::KeySelectionConfig {
+            include,
+            exclude,
+            keep_state_newest: false,
+        },
     };
     let threads = options::threads(threads)?;
 

@@ -169,3 +169,32 @@ def test_weights_function(bf16_run):
         pma.weights("median", 3)
     with pytest.raises(pma.ConfigError, match="alpha"):
         pma.weights("ema", 3, alpha=1.5)
+
+
+def test_include_exclude_and_format_match_the_cli(tmp_path, bf16_run):
+    names = sorted(read_tensors(bf16_run / "step-0000400"))
+    excluded = names[0]
+    out = tmp_path / "api"
+    pma.merge(run=bf16_run, method="sma", last=2, out=out, format="hf", include=["*"],
+              exclude=[excluded])
+    cli_out = tmp_path / "cli"
+    run_cli("merge", "--run", bf16_run, "--method", "sma", "--last", 2, "--format", "hf",
+            "--include", "*", "--exclude", excluded, "--quiet", "--out", cli_out)
+    got = read_tensors(out)
+    assert sorted(got) == [n for n in names if n != excluded]
+    assert_same_tensors(out, cli_out)
+    with pytest.raises(pma.ConfigError, match="format 'onnx' is not 'hf' or 'dcp'"):
+        pma.merge(run=bf16_run, method="sma", last=2, out=tmp_path / "x", format="onnx")
+
+
+def test_dcp_format_writes_what_the_cli_writes(tmp_path, bf16_run):
+    out = tmp_path / "api-dcp"
+    pma.merge(run=bf16_run, method="sma", last=2, out=out, format="dcp")
+    assert (out / ".metadata").is_file()
+    cli_out = tmp_path / "cli-dcp"
+    run_cli("merge", "--run", bf16_run, "--method", "sma", "--last", 2, "--format", "dcp",
+            "--quiet", "--out", cli_out)
+    files = sorted(p.name for p in out.iterdir())
+    assert files == sorted(p.name for p in cli_out.iterdir())
+    for name in files:
+        assert (out / name).read_bytes() == (cli_out / name).read_bytes(), name

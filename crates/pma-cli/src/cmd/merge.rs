@@ -232,6 +232,12 @@ pub struct Args {
     /// the number of parts is read from their manifests).
     #[arg(long)]
     pub finalize: bool,
+    /// With --finalize: also read every part file back and check its CRC-32, to catch silent
+    /// corruption (by default the finalize checks each file's size, inode and mtime against its
+    /// part's manifest, which catches any change made through the filesystem, without reading
+    /// the output).
+    #[arg(long, requires = "finalize")]
+    pub verify_parts: bool,
 }
 
 fn parse_dtype(s: &str) -> Result<FloatDtype, String> {

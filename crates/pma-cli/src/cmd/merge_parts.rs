@@ -10,7 +10,7 @@
 use std::process::ExitCode;
 
 use anyhow::bail;
-use pma_merge::{execute_part, finalize, ExecOptions, FinalizeReport, PartReport};
+use pma_merge::{execute_part, finalize, ExecOptions, FinalizeReport, PartCheck, PartReport};
 
 use super::merge::{plan_from_args, warn_nonfinite, warn_skipped, Args};
 use super::render::{human, print_json, versioned};
@@ -205,7 +205,12 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             }
         }
         None => {
-            let report = finalize(&mut plan, &args.out, &opts)?;
+            let check = if args.verify_parts {
+                PartCheck::Contents
+            } else {
+                PartCheck::Stamp
+            };
+            let report = finalize(&mut plan, &args.out, &opts, check)?;
             if args.json {
                 print_json(&versioned(serde_json::json!({ "finalize": report })))?;
             } else if !args.quiet {

@@ -40,6 +40,14 @@ pub struct Args {
     pub select: SelectArgs,
     #[command(flatten)]
     pub output: OutputArgs,
+    /// Also average float tensors matching GLOB into every output (repeatable; `*` crosses
+    /// dots), as `pma merge --include`. Optimizer state is averaged only by a glob that names it.
+    #[arg(long, value_name = "GLOB")]
+    pub include: Vec<String>,
+    /// Leave out entries matching GLOB from every output, whatever else matches them
+    /// (repeatable), as `pma merge --exclude`.
+    #[arg(long, value_name = "GLOB")]
+    pub exclude: Vec<String>,
     /// Keep only the newest K merged checkpoints.
     #[arg(long, value_name = "K")]
     pub keep: Option<usize>,
@@ -152,6 +160,11 @@ impl TryFrom<&Args> for WatchConfig {
             settle: seconds(args.settle, "--settle")?,
             ready_file: args.ready_file.clone(),
             direct_io: pma_format::DirectIo::from_env(),
+            keys: pma_merge::KeySelectionConfig {
+                include: args.include.clone(),
+                exclude: args.exclude.clone(),
+                keep_state_newest: false,
+            },
             ..WatchConfig::new(args.run_dir.clone(), args.out.clone())
         };
         config.validate()?;

@@ -113,7 +113,7 @@ impl MappedFile {
         }
     }
 
-    fn release(&self, r: Range<u64>) {
+    pub(crate) fn release(&self, r: Range<u64>) {
         let page = page_size();
         let start = r.start.div_ceil(page) * page;
         let end = r.end / page * page;

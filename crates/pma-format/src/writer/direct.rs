@@ -65,6 +65,16 @@ pub(crate) struct DirectSink {
 }
 
 impl DirectSink {
+    /// Copies as much of `bytes` as fits into the buffer and advances `bytes` past it; returns
+    /// whether the buffer is now full (the owner then writes it out).
+    pub(crate) fn fill(&mut self, bytes: &mut &[u8]) -> bool {
+        let n = (self.buf.len - self.filled).min(bytes.len());
+        self.buf.as_mut_slice()[self.filled..self.filled + n].copy_from_slice(&bytes[..n]);
+        self.filled += n;
+        *bytes = &bytes[n..];
+        self.filled == self.buf.len
+    }
+
     pub(crate) fn buf_slice(&self, n: usize) -> &[u8] {
         // SAFETY: ptr is valid for buf.len >= n initialised bytes.
         unsafe { std::slice::from_raw_parts(self.buf.ptr.as_ptr(), n) }

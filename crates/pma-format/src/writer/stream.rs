@@ -139,12 +139,7 @@ impl StreamWriter {
             if bytes.is_empty() {
                 return Ok(());
             }
-            let room = sink.buf.len - sink.filled;
-            let n = room.min(bytes.len());
-            sink.buf.as_mut_slice()[sink.filled..sink.filled + n].copy_from_slice(&bytes[..n]);
-            sink.filled += n;
-            bytes = &bytes[n..];
-            if sink.filled == sink.buf.len {
+            if sink.fill(&mut bytes) {
                 let full = sink.filled;
                 self.flush_direct(full)?;
             }

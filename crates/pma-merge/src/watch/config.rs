@@ -83,6 +83,9 @@ pub struct WatchConfig {
     pub ready_file: Option<String>,
     /// How windowed outputs are written (direct I/O for large outputs by default).
     pub direct_io: pma_format::DirectIo,
+    /// Which entries every output carries, as for a merge (`--include`/`--exclude`; training
+    /// state is never kept by a watch, so `keep_state_newest` must stay false).
+    pub keys: crate::keys::KeySelectionConfig,
 }
 
 impl WatchConfig {
@@ -107,6 +110,7 @@ impl WatchConfig {
             settle: Duration::from_secs(5),
             ready_file: None,
             direct_io: pma_format::DirectIo::default(),
+            keys: crate::keys::KeySelectionConfig::default(),
         }
     }
 
@@ -120,6 +124,9 @@ impl WatchConfig {
         let bad = |m: &str| Err(Error::InvalidWatchConfig(m.into()));
         if self.keep == Some(0) {
             return bad("the number of outputs to keep must be at least 1");
+        }
+        if self.keys.keep_state_newest {
+            return bad("a watch never keeps training state (keep_state_newest)");
         }
         for (what, d) in [
             ("poll interval", self.interval),
@@ -180,7 +187,15 @@ impl WatchConfig {
 
     /// The settings that shape results, as recorded in the state.
     pub(super) fn fingerprint(&self) -> String {
-        serde_json::to_string(&self.averaging).expect("settings serialize")
+        let averaging = serde_json::to_string(&self.averaging).expect("settings serialize");
+        // The default selection adds nothing, so states written before key selection existed
+        // keep their fingerprint.
+        if self.keys == crate::keys::KeySelectionConfig::default() {
+            return averaging;
+        }
+        let keys =
+            serde_json::json!({ "include": self.keys.include, "exclude": self.keys.exclude });
+        format!("{averaging} keys={keys}")
     }
 
     /// Members needed before an update writes an output.

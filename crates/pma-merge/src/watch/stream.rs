@@ -71,6 +71,8 @@ pub(crate) struct StreamUpdate<'a> {
     pub state_metadata: BTreeMap<String, String>,
     pub allow_nonfinite: bool,
     pub threads: usize,
+    /// Which entries the state and the output carry.
+    pub keys: &'a KeySelectionConfig,
 }
 
 /// Sizes of what an update read and wrote.
@@ -108,7 +110,7 @@ pub(crate) fn run_update(
         .prev
         .map(|p| p.tensors().iter().map(|t| (t.name.as_str(), t)).collect())
         .unwrap_or_default();
-    let selected = selected_tensors(u.new)?;
+    let selected = selected_tensors(u.new, u.keys)?;
     let mut planned = Vec::with_capacity(selected.len());
     for t in selected {
         planned.push(plan_tensor(u, t, &prev_by_name)?);
@@ -236,10 +238,11 @@ fn make_read_only(path: &Path) -> Result<()> {
 }
 
 /// The tensors of `new` an update carries, in storage order: those a merge of it would write
-/// by default ([`select_keys`]: float model weights averaged, other model tensors copied).
+/// with `keys` ([`select_keys`]: by default float model weights averaged, other model tensors
+/// copied).
 /// Training state (optimizer moments, step counters) is not averaged into a model, and bytes
 /// items are not tensors.
-fn selected_tensors(new: &AnyCheckpoint) -> Result<Vec<LogicalTensor>> {
+fn selected_tensors(new: &AnyCheckpoint, keys: &KeySelectionConfig) -> Result<Vec<LogicalTensor>> {
     let entries: Vec<KeyEntry> = new
         .entries()
         .into_iter()
@@ -249,7 +252,7 @@ fn selected_tensors(new: &AnyCheckpoint) -> Result<Vec<LogicalTensor>> {
             role: e.role,
         })
         .collect();
-    let selection = select_keys(&entries, &KeySelectionConfig::default())?;
+    let selection = select_keys(&entries, keys)?;
     Ok(new
         .logical_tensors()
         .into_iter()

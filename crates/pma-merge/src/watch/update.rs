@@ -209,7 +209,7 @@ impl Watcher<'_> {
             allow_nonfinite: config.allow_nonfinite,
             // watch writes safetensors whatever its members are.
             format: Some(crate::OutputFormat::Hf),
-            ..MergeConfig::default()
+            keys: config.keys.clone(),
         };
         let mut plan = MergePlan::build(inputs, weights, merge_config)?;
         let sources: Vec<&Member> = steps
@@ -370,6 +370,7 @@ impl Watcher<'_> {
             state_metadata: state_meta,
             allow_nonfinite: config.allow_nonfinite,
             threads: crate::threads::resolve_threads(config.threads)?,
+            keys: &config.keys,
         };
         let stats = stream::run_update(&update, &state_path, staged.path())?;
         sync_dir(&tensors_dir)?;
