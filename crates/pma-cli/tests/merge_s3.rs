@@ -16,8 +16,7 @@ use std::process::Stdio;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{f32_bytes, fixtures, pma, write_ckpt};
-use pma_format::Dtype;
+use common::{fixtures, pma};
 
 /// The secret every test passes: it must never appear in pma's output.
 const SECRET: &str = "testing-secret-0123456789";
@@ -470,12 +469,40 @@ fn outputs_publish_to_s3_with_the_index_last_and_overwrite_kept() {
     assert!(s3.keys("out/parts").is_empty());
 }
 
-/// Peak RSS (KiB) of this process's children that have exited (the largest, not the sum).
-fn children_max_rss_kib() -> i64 {
+/// Runs `cmd` to completion and returns (success, its peak RSS in KiB), read by `wait4` on
+/// that very child (other children of the test process, a moto_server, do not count).
+fn run_measured(cmd: &mut std::process::Command) -> (bool, i64) {
+    let child = cmd.spawn().unwrap();
+    let pid = child.id() as libc::pid_t;
+    let mut status = 0;
+    // SAFETY: zeroed rusage is a valid value; wait4 writes into the locals we own.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: getrusage writes into the struct we own.
-    unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage) };
-    usage.ru_maxrss
+    let waited = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    assert_eq!(waited, pid);
+    let ok = libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0;
+    (ok, usage.ru_maxrss)
+}
+
+/// A single-file checkpoint of one f32 tensor `w` of `n` elements, written block by block so
+/// this process never holds it (its RSS would show in the child's peak until `exec`).
+fn write_streamed(dir: &Path, n: usize, value: impl Fn(usize) -> f32) {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join("config.json"), br#"{"model_type":"llama"}"#).unwrap();
+    let mut header = format!(
+        r#"{{"w":{{"dtype":"F32","shape":[{n}],"data_offsets":[0,{}]}}}}"#,
+        n * 4
+    );
+    while header.len() % 8 != 0 {
+        header.push(' ');
+    }
+    let mut f =
+        std::io::BufWriter::new(std::fs::File::create(dir.join("model.safetensors")).unwrap());
+    f.write_all(&(header.len() as u64).to_le_bytes()).unwrap();
+    f.write_all(header.as_bytes()).unwrap();
+    for i in 0..n {
+        f.write_all(&value(i).to_le_bytes()).unwrap();
+    }
+    f.flush().unwrap();
 }
 
 #[test]
@@ -485,50 +512,49 @@ fn large_members_stream_by_ranged_reads_and_outputs_upload_in_parts() {
     // Two members of 160 MB each: downloading even one of them whole would pass the RSS
     // bound asserted below.
     let n: usize = 40 << 20;
+    let value = |i: usize, step: usize| ((i % 1000) as f32) * 0.25 + step as f32;
     for step in 0..2 {
-        let values: Vec<f32> = (0..n)
-            .map(|i| ((i % 1000) as f32) * 0.25 + step as f32)
-            .collect();
         let dir = tmp.path().join(format!("step-{}", (step + 1) * 100));
-        write_ckpt(
-            &dir,
-            &[("w", Dtype::F32, vec![n as u64], f32_bytes(&values))],
-        );
+        write_streamed(&dir, n, |i| value(i, step));
         s3.upload_dir(&dir, &format!("big/step-{}", (step + 1) * 100));
         std::fs::remove_dir_all(&dir).unwrap();
     }
     // Run as a plain child so its peak RSS is ours to read.
-    let status = {
-        let mut cmd = std::process::Command::new(assert_cmd::cargo::cargo_bin("pma"));
-        cmd.env("AWS_ENDPOINT_URL", &s3.endpoint)
-            .env("AWS_ALLOW_HTTP", "true")
-            .env("AWS_ACCESS_KEY_ID", "testing")
-            .env("AWS_SECRET_ACCESS_KEY", SECRET)
-            .env("AWS_REGION", "us-east-1")
-            .env("PMA_S3_PART_BYTES", (8u64 << 20).to_string())
-            .env("PMA_STAGING_DIR", tmp.path())
-            .args([
-                "merge",
-                "--quiet",
-                "--method",
-                "sma",
-                "--run",
-                &s3.url("big"),
-            ])
-            .args(["--out", &s3.url("big-out")])
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit());
-        cmd.status().unwrap()
-    };
-    assert!(status.success());
-    let rss_mib = children_max_rss_kib() / 1024;
+    let mut cmd = std::process::Command::new(assert_cmd::cargo::cargo_bin("pma"));
+    cmd.env("AWS_ENDPOINT_URL", &s3.endpoint)
+        .env("AWS_ALLOW_HTTP", "true")
+        .env("AWS_ACCESS_KEY_ID", "testing")
+        .env("AWS_SECRET_ACCESS_KEY", SECRET)
+        .env("AWS_REGION", "us-east-1")
+        .env("PMA_S3_PART_BYTES", (8u64 << 20).to_string())
+        .env("PMA_STAGING_DIR", tmp.path())
+        .args([
+            "merge",
+            "--quiet",
+            "--method",
+            "sma",
+            "--run",
+            &s3.url("big"),
+        ])
+        .args(["--out", &s3.url("big-out")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    let (ok, rss_kib) = run_measured(&mut cmd);
+    assert!(ok);
+    let rss_mib = rss_kib / 1024;
     assert!(
         rss_mib < 150,
         "peak RSS {rss_mib} MiB for 320 MB of members: inputs were not streamed"
     );
-    // 160 MB in 8 MiB parts: a multipart upload of 20 parts ("<md5>-20").
+    // 160 MiB and a header in 8 MiB parts: a multipart upload ("<md5>-<parts>", 21 parts).
+    let info = pma_format::remote::head(Path::new(&s3.url("big-out/model.safetensors"))).unwrap();
+    let parts = info.n_bytes.div_ceil(8 << 20);
+    assert_eq!(parts, 21);
     let etag = s3.etag("big-out/model.safetensors");
-    assert!(etag.ends_with("-20"), "ETag {etag} is not a 20-part upload");
+    assert!(
+        etag.ends_with(&format!("-{parts}")),
+        "ETag {etag} is not a {parts}-part upload"
+    );
     // The average is right: (x + (x + 1)) / 2 = x + 0.5, exact in f32 for these values.
     let out = s3.get("big-out/model.safetensors");
     let header_len = u64::from_le_bytes(out[..8].try_into().unwrap()) as usize;

@@ -25,7 +25,7 @@ use crate::error::Result;
 
 /// The most bytes of prefetched (downloading or downloaded, not yet read) ranges in all
 /// objects together.
-pub const PREFETCH_BUDGET_BYTES: u64 = 64 << 20;
+pub const PREFETCH_BUDGET_BYTES: u64 = 48 << 20;
 
 static PREFETCHED_BYTES: AtomicU64 = AtomicU64::new(0);
 
