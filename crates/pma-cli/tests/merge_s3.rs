@@ -471,6 +471,8 @@ fn outputs_publish_to_s3_with_the_index_last_and_overwrite_kept() {
 
 /// Runs `cmd` to completion and returns (success, its peak RSS in KiB), read by `wait4` on
 /// that very child (other children of the test process, a moto_server, do not count).
+// The child is reaped by wait4 below, which clippy cannot see.
+#[allow(clippy::zombie_processes)]
 fn run_measured(cmd: &mut std::process::Command) -> (bool, i64) {
     let child = cmd.spawn().unwrap();
     let pid = child.id() as libc::pid_t;
