@@ -100,7 +100,6 @@ pub fn read_sidecar(root: &Path, path: &Path) -> Result<Vec<u8>> {
 /// the kernel (`copy_file_range`), so a large sidecar (a tokenizer, a module's own weights)
 /// never sits in memory. Returns the bytes copied.
 pub fn copy_sidecar(root: &Path, path: &Path, dst: &Path) -> Result<u64> {
-    use std::os::unix::fs::OpenOptionsExt;
     if crate::remote::is_url(path) {
         // Streamed by ranged GETs, so a large sidecar never sits in memory.
         let n_bytes = crate::remote::RemoteObject::open(path)?.n_bytes();
@@ -110,27 +109,28 @@ pub fn copy_sidecar(root: &Path, path: &Path, dst: &Path) -> Result<u64> {
                 reason: format!("{n_bytes} bytes, more than the {MAX_SIDECAR_BYTES}-byte limit"),
             });
         }
-        let mut to = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o644)
-            .open(dst)
-            .map_err(|e| Error::io(dst, "creating", e))?;
+        let mut to = create_copy(dst)?;
         let n_bytes = crate::remote::download(path, Some(n_bytes), &mut to)?;
         to.sync_all().map_err(|e| Error::io(dst, "syncing", e))?;
         return Ok(n_bytes);
     }
     let (file, _) = open_sidecar(root, path)?;
-    let mut to = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o644)
-        .open(dst)
-        .map_err(|e| Error::io(dst, "creating", e))?;
+    let mut to = create_copy(dst)?;
     let n_bytes = std::io::copy(&mut file.take(MAX_SIDECAR_BYTES), &mut to)
         .map_err(|e| Error::io(dst, "copying into", e))?;
     to.sync_all().map_err(|e| Error::io(dst, "syncing", e))?;
     Ok(n_bytes)
+}
+
+/// The new file a sidecar is copied into (`O_EXCL`: nothing is overwritten).
+fn create_copy(dst: &Path) -> Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .open(dst)
+        .map_err(|e| Error::io(dst, "creating", e))
 }
 
 #[cfg(test)]
