@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use bytes::Bytes;
+use futures::FutureExt;
 use object_store::{GetOptions, GetRange};
 
 use super::{block_on, spawn, store_error, Location, ObjectStoreExt};
@@ -25,7 +26,7 @@ use crate::error::Result;
 
 /// The most bytes of prefetched (downloading or downloaded, not yet read) ranges in all
 /// objects together.
-pub const PREFETCH_BUDGET_BYTES: u64 = 48 << 20;
+pub const PREFETCH_BUDGET_BYTES: u64 = 64 << 20;
 
 static PREFETCHED_BYTES: AtomicU64 = AtomicU64::new(0);
 
@@ -41,7 +42,12 @@ pub fn get_counters() -> (u64, u64) {
     )
 }
 
-type Pending = tokio::task::JoinHandle<object_store::Result<Bytes>>;
+/// A prefetched block: a download shared by every read inside it (`None` if it failed).
+type Pending = futures::future::Shared<futures::future::BoxFuture<'static, Option<Bytes>>>;
+
+/// Prefetches fetch at least this much: the pipeline's jobs are a few MB each, and one larger
+/// GET serves several of them (fewer requests: per-request latency dominates on a store).
+pub const PREFETCH_BLOCK_BYTES: u64 = 8 << 20;
 
 /// An object opened for ranged reads: its URL and size, fixed at open.
 pub struct RemoteObject {
@@ -89,23 +95,22 @@ impl RemoteObject {
         if range.is_empty() {
             return Ok(Bytes::new());
         }
+        // A block stays in the table after a read: the next jobs' reads lie in it too. It
+        // leaves when the job reading its end releases (see `release`).
         let covering = {
-            let mut pending = self
+            let pending = self
                 .pending
                 .lock()
                 .expect("prefetch table lock is never poisoned");
-            let key = pending
-                .keys()
-                .find(|(s, e)| *s <= range.start && range.end <= *e)
-                .copied();
-            key.and_then(|k| pending.remove(&k).map(|h| (k, h)))
+            pending
+                .iter()
+                .find(|((s, e), _)| *s <= range.start && range.end <= *e)
+                .map(|(&(s, _), block)| (s, block.clone()))
         };
-        if let Some(((start, end), handle)) = covering {
-            PREFETCHED_BYTES.fetch_sub(end - start, Ordering::Relaxed);
-            let got = block_on(handle);
-            // A prefetch that failed (or was cancelled) is retried on demand, so the error the
-            // user sees is the one of the read that needed the bytes.
-            if let Ok(Ok(bytes)) = got {
+        if let Some((start, block)) = covering {
+            // A prefetch that failed is retried on demand, so the error the user sees is the
+            // one of the read that needed the bytes.
+            if let Some(bytes) = block_on(block) {
                 let (a, b) = ((range.start - start) as usize, (range.end - start) as usize);
                 if b <= bytes.len() {
                     return Ok(bytes.slice(a..b));
@@ -116,41 +121,51 @@ impl RemoteObject {
             .map_err(|e| store_error(&self.location.url, "reading", &e))
     }
 
-    /// Starts downloading `range` unless it is already pending or the budget is spent.
+    /// Starts downloading a block from `range.start` of at least [`PREFETCH_BLOCK_BYTES`] (and
+    /// all of `range`) unless a pending block covers `range` or the budget is spent.
     pub fn prefetch(&self, range: Range<u64>) {
-        let n = range.end.saturating_sub(range.start);
-        if n == 0 || range.end > self.n_bytes {
+        if range.is_empty() || range.end > self.n_bytes {
             return;
         }
         let mut pending = self
             .pending
             .lock()
             .expect("prefetch table lock is never poisoned");
-        if pending.contains_key(&(range.start, range.end)) {
+        if pending
+            .keys()
+            .any(|(s, e)| *s <= range.start && range.end <= *e)
+        {
             return;
         }
+        let block_end = (range.start + PREFETCH_BLOCK_BYTES).min(self.n_bytes);
+        let range = range.start..range.end.max(block_end);
+        let n = range.end - range.start;
         let reserved = PREFETCHED_BYTES.fetch_add(n, Ordering::Relaxed);
         if reserved + n > PREFETCH_BUDGET_BYTES {
             PREFETCHED_BYTES.fetch_sub(n, Ordering::Relaxed);
             return;
         }
+        // Spawned, so the download runs whether or not anyone waits on it yet.
         let handle = spawn(get_range(self.location.clone(), range.clone()));
-        pending.insert((range.start, range.end), handle);
+        let block: futures::future::BoxFuture<'static, Option<Bytes>> =
+            Box::pin(async move { handle.await.ok().and_then(|r| r.ok()) });
+        pending.insert((range.start, range.end), block.shared());
     }
 
-    /// Drops pending downloads that lie inside `range`: they will not be read.
+    /// Drops the blocks whose end lies in `range`: the pipeline reads a tensor front to back,
+    /// so the job that releases a block's end is the last to need it (a read that comes later
+    /// after all fetches on demand: slower, never wrong).
     pub fn release(&self, range: Range<u64>) {
         let mut pending = self
             .pending
             .lock()
             .expect("prefetch table lock is never poisoned");
-        pending.retain(|&(s, e), handle| {
-            let inside = range.start <= s && e <= range.end;
-            if inside {
-                handle.abort();
+        pending.retain(|&(s, e), _| {
+            let done = range.start < e && e <= range.end;
+            if done {
                 PREFETCHED_BYTES.fetch_sub(e - s, Ordering::Relaxed);
             }
-            !inside
+            !done
         });
     }
 
