@@ -49,6 +49,18 @@ pub struct ShardIndex {
 impl ShardIndex {
     /// Reads and parses an index file.
     pub fn read(path: &Path) -> Result<ShardIndex> {
+        if crate::remote::is_url(path) {
+            let object = crate::remote::RemoteObject::open(path)?;
+            if object.n_bytes() > MAX_HEADER_BYTES {
+                return Err(Error::HeaderTooLarge {
+                    path: path.into(),
+                    n_bytes: object.n_bytes(),
+                    max_bytes: MAX_HEADER_BYTES,
+                });
+            }
+            let text = object.read_range(0..object.n_bytes())?;
+            return ShardIndex::parse(path, &text);
+        }
         let n_bytes = std::fs::metadata(path)
             .map_err(|e| Error::io(path, "reading metadata of", e))?
             .len();
@@ -121,22 +133,33 @@ pub struct Checkpoint {
 }
 
 impl Checkpoint {
-    /// Opens a checkpoint file or directory and validates all of it.
+    /// Opens a checkpoint file or directory and validates all of it. `path` may be an
+    /// object-store URL ([`crate::remote`]): the same layouts are found by HEAD requests and
+    /// every header is read by ranged GETs.
     pub fn open(path: &Path) -> Result<Checkpoint> {
-        if path.is_file() {
+        use crate::remote::probe_file;
+        if probe_file(path)? {
             let file = SafetensorsFile::open(path)?;
             return Checkpoint::assemble(path, Layout::File, vec![file]);
         }
         let index_path = path.join(INDEX_FILE_NAME);
-        if index_path.is_file() {
+        if probe_file(&index_path)? {
             return Checkpoint::open_sharded(path, &index_path);
         }
         let single = path.join(SINGLE_FILE_NAME);
-        if single.is_file() {
+        if probe_file(&single)? {
             let file = SafetensorsFile::open(&single)?;
             return Checkpoint::assemble(path, Layout::SingleFileDir, vec![file]);
         }
-        if !path.exists() {
+        if crate::remote::is_url(path) && !crate::remote::is_dir(path)? {
+            return Err(Error::Remote {
+                url: path.to_string_lossy().into_owned(),
+                action: "opening",
+                status: Some(404),
+                reason: "no such object or prefix".into(),
+            });
+        }
+        if !crate::remote::is_url(path) && !path.exists() {
             return Err(Error::io(
                 path,
                 "opening",
@@ -162,7 +185,7 @@ impl Checkpoint {
                 .unwrap_or_default();
             // ShardIndex::parse checked the name is one plain component.
             let shard_path = dir.join(shard.as_str());
-            if !shard_path.is_file() {
+            if !crate::remote::probe_file(&shard_path)? {
                 return Err(Error::MissingShard {
                     path: index_path.into(),
                     shard: shard.to_string(),

@@ -513,6 +513,35 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// An object store request failed (see [`crate::remote`]): the URL, what was being done,
+    /// and the HTTP status when the server answered. Credentials never appear in `reason`.
+    #[error("{url}: {action} failed{}: {reason}", status.map(|s| format!(" (HTTP {s})")).unwrap_or_default())]
+    Remote {
+        /// The object or prefix URL.
+        url: String,
+        /// What we were doing (`reading`, `listing`, `uploading`, ...).
+        action: &'static str,
+        /// The HTTP status the server answered with, if it answered.
+        status: Option<u16>,
+        /// What the store said, with credentials redacted.
+        reason: String,
+    },
+    /// A URL that names no object store pma can use, or an operation object storage cannot do.
+    #[error("{url}: {reason}")]
+    RemoteUnsupported {
+        /// The URL.
+        url: String,
+        /// Why it cannot be used.
+        reason: String,
+    },
+    /// An output URL that already holds objects, without `--overwrite`.
+    #[error(
+        "{url}: the output already exists on the object store (pass --overwrite to replace it)"
+    )]
+    RemoteOutputExists {
+        /// The output URL.
+        url: String,
+    },
 }
 
 /// `Result` with this crate's [`Error`].

@@ -6,6 +6,11 @@
 //! pages stay in the page cache but leave our address space, which keeps RSS flat whatever the
 //! checkpoint size. [`SafetensorsFile::prefetch`] asks the kernel to start reading ahead, so that
 //! on a cold cache the disk works while we compute.
+//!
+//! A file on an object store ([`crate::remote`]) has no mapping: its header comes by two ranged
+//! GETs through the same staged validation, and its tensor bytes by ranged GETs
+//! ([`SafetensorsFile::read_remote`]), prefetch and release driving the downloads instead of
+//! the kernel.
 
 use std::fs::File;
 use std::ops::Range;
@@ -18,7 +23,7 @@ use crate::header::{Header, TensorInfo};
 
 /// What a file was when it was opened: which inode, and its size and times, to tell later
 /// whether it is still the file that was validated.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct FileStamp {
     /// Device of the inode.
     pub dev: u64,
@@ -52,14 +57,28 @@ pub struct SafetensorsFile {
     path: PathBuf,
     header: Header,
     stamp: FileStamp,
-    // Declared before `mmap`: unregistered before the mapping goes (fields drop in order).
-    guard: crate::fault::Registration,
-    mmap: Mmap,
+    backing: Backing,
+}
+
+/// Where a file's bytes are.
+#[derive(Debug)]
+enum Backing {
+    /// A local file, mapped read-only.
+    Mapped {
+        // Declared before `mmap`: unregistered before the mapping goes (fields drop in order).
+        guard: crate::fault::Registration,
+        mmap: Mmap,
+    },
+    /// An object on an object store, read by ranged GETs.
+    Remote(crate::remote::RemoteObject),
 }
 
 impl SafetensorsFile {
     /// Opens `path` read-only, validates its header and length, and maps it.
     pub fn open(path: &Path) -> Result<SafetensorsFile> {
+        if crate::remote::is_url(path) {
+            return SafetensorsFile::open_remote(path);
+        }
         let mut file = File::open(path).map_err(|e| Error::io(path, "opening", e))?;
         let meta = file
             .metadata()
@@ -84,9 +103,41 @@ impl SafetensorsFile {
             path: path.into(),
             header,
             stamp,
-            guard,
-            mmap,
+            backing: Backing::Mapped { guard, mmap },
         })
+    }
+
+    /// Opens an object-store URL: a HEAD for the size, the header by two ranged GETs (its
+    /// length, then the JSON), validated as a local file's is. Nothing else is read.
+    fn open_remote(path: &Path) -> Result<SafetensorsFile> {
+        let object = crate::remote::RemoteObject::open(path)?;
+        let file_len = object.n_bytes();
+        let header = Header::read_from(path, &mut object.reader(), file_len)?;
+        Ok(SafetensorsFile {
+            path: path.into(),
+            header,
+            stamp: FileStamp {
+                n_bytes: file_len,
+                ..FileStamp::default()
+            },
+            backing: Backing::Remote(object),
+        })
+    }
+
+    /// Whether the bytes are on an object store (read them with
+    /// [`SafetensorsFile::read_remote`]) rather than mapped.
+    pub fn is_remote(&self) -> bool {
+        matches!(self.backing, Backing::Remote(_))
+    }
+
+    /// Bytes `range` (relative to `tensor`'s bytes) of a remote file, by one ranged GET or
+    /// from a prefetched download. A mapped file serves the same bytes from its mapping.
+    pub fn read_remote(&self, tensor: &TensorInfo, range: Range<u64>) -> Result<bytes::Bytes> {
+        let r = self.absolute(tensor, range);
+        match &self.backing {
+            Backing::Remote(object) => object.read_range(r.start as u64..r.end as u64),
+            Backing::Mapped { mmap, .. } => Ok(bytes::Bytes::copy_from_slice(&mmap[r])),
+        }
     }
 
     /// The inode, size and times the file had when it was opened and validated.
@@ -97,7 +148,10 @@ impl SafetensorsFile {
     /// Fails if any read of this file's mapping hit a truncation (SIGBUS): every byte read from
     /// it since it was opened must then be treated as garbage. Call it after reading.
     pub fn check_faults(&self) -> Result<()> {
-        if self.guard.faulted() {
+        let Backing::Mapped { guard, .. } = &self.backing else {
+            return Ok(()); // ranged reads return the bytes or an error, never zeros
+        };
+        if guard.faulted() {
             return Err(Error::FileChangedWhileMapped {
                 path: self.path.clone(),
             });
@@ -120,10 +174,25 @@ impl SafetensorsFile {
         &self.header.tensors
     }
 
-    /// The bytes of `tensor` (which must come from this file's header).
-    pub fn tensor_bytes(&self, tensor: &TensorInfo) -> &[u8] {
+    /// The bytes of `tensor` (which must come from this file's header), straight from the
+    /// mapping; `None` for a remote file, whose bytes come by [`SafetensorsFile::read_remote`].
+    pub fn mapped_tensor_bytes(&self, tensor: &TensorInfo) -> Option<&[u8]> {
         let range = self.absolute(tensor, 0..tensor.n_bytes());
-        &self.mmap[range]
+        match &self.backing {
+            Backing::Mapped { mmap, .. } => Some(&mmap[range]),
+            Backing::Remote(_) => None,
+        }
+    }
+
+    /// The bytes of `tensor` (which must come from this file's header).
+    ///
+    /// # Panics
+    /// On a remote file ([`SafetensorsFile::is_remote`]), which has no mapping: only code that
+    /// opened local files (the lab, tests) calls this; merges read through
+    /// [`crate::TensorSource`].
+    pub fn tensor_bytes(&self, tensor: &TensorInfo) -> &[u8] {
+        self.mapped_tensor_bytes(tensor)
+            .expect("tensor_bytes is only called on local (mapped) files")
     }
 
     /// Asks the kernel to read `range` (relative to `tensor`'s bytes) ahead of use.
@@ -132,14 +201,23 @@ impl SafetensorsFile {
         if r.is_empty() {
             return;
         }
-        // Advice is a hint: failure changes speed, never results.
-        let _ = self.mmap.advise_range(Advice::WillNeed, r.start, r.len());
+        match &self.backing {
+            // Advice is a hint: failure changes speed, never results.
+            Backing::Mapped { mmap, .. } => {
+                let _ = mmap.advise_range(Advice::WillNeed, r.start, r.len());
+            }
+            Backing::Remote(object) => object.prefetch(r.start as u64..r.end as u64),
+        }
     }
 
     /// Drops the whole pages inside `range` (relative to `tensor`'s bytes) from this process's
     /// address space. They stay in the page cache; a later access faults them back in.
     pub fn release(&self, tensor: &TensorInfo, range: Range<u64>) {
         let r = self.absolute(tensor, range);
+        let mmap = match &self.backing {
+            Backing::Mapped { mmap, .. } => mmap,
+            Backing::Remote(object) => return object.release(r.start as u64..r.end as u64),
+        };
         let page = page_size();
         let start = r.start.div_ceil(page) * page;
         let end = r.end / page * page;
@@ -148,8 +226,7 @@ impl SafetensorsFile {
             // table entries; the contents are re-read from the file on the next access, so no
             // slice we hand out can observe different bytes.
             let _ = unsafe {
-                self.mmap
-                    .unchecked_advise_range(UncheckedAdvice::DontNeed, start, end - start)
+                mmap.unchecked_advise_range(UncheckedAdvice::DontNeed, start, end - start)
             };
         }
     }

@@ -118,6 +118,9 @@ const LOOKED_FOR: &str = "model.safetensors[.index.json], .metadata (also in mod
 /// Looks at names only; opening and validating is the caller's next step.
 pub fn detect_checkpoint(path: &Path) -> Result<DetectedCheckpoint> {
     let found = |format, framework| Ok(DetectedCheckpoint { format, framework });
+    if crate::remote::is_url(path) {
+        return detect_remote(path);
+    }
     if path.is_file() {
         return detect_file(path);
     }
@@ -166,6 +169,52 @@ pub fn detect_checkpoint(path: &Path) -> Result<DetectedCheckpoint> {
     Err(Error::UnknownCheckpointFormat {
         path: path.into(),
         looked_for: LOOKED_FOR.into(),
+    })
+}
+
+/// [`detect_checkpoint`] on an object store, by HEAD requests. Only HF safetensors is read
+/// from object storage; the other formats are named in a clear refusal.
+fn detect_remote(path: &Path) -> Result<DetectedCheckpoint> {
+    use crate::remote::probe_file;
+    let hf = || {
+        Ok(DetectedCheckpoint {
+            format: CheckpointFormat::Safetensors,
+            framework: Framework::HfSafetensors,
+        })
+    };
+    let refuse = |what: &str| {
+        Error::RemoteUnsupported {
+        url: path.to_string_lossy().into_owned(),
+        reason: format!(
+            "{what} on object storage is not supported (only HF safetensors is); copy it to a local or shared filesystem"
+        ),
+    }
+    };
+    if probe_file(path)? {
+        let name = path.file_name().unwrap_or_default().to_string_lossy();
+        return if name.ends_with(".safetensors") {
+            hf()
+        } else {
+            Err(refuse("a torch.save file"))
+        };
+    }
+    if probe_file(&path.join(INDEX_FILE_NAME))? || probe_file(&path.join(SINGLE_FILE_NAME))? {
+        return hf();
+    }
+    if probe_file(&path.join(".metadata"))? {
+        return Err(refuse("a DCP checkpoint"));
+    }
+    if !crate::remote::is_dir(path)? {
+        return Err(Error::Remote {
+            url: path.to_string_lossy().into_owned(),
+            action: "opening",
+            status: Some(404),
+            reason: "no such object or prefix".into(),
+        });
+    }
+    Err(Error::UnknownCheckpointFormat {
+        path: path.into(),
+        looked_for: "model.safetensors[.index.json] or a .safetensors object".into(),
     })
 }
 

@@ -41,6 +41,7 @@ pub mod layout;
 pub mod member;
 pub mod pickle;
 pub mod region;
+pub mod remote;
 pub mod sidecar;
 pub mod sidecar_policy;
 pub mod source;
@@ -63,6 +64,7 @@ pub use header::{Header, TensorInfo, MAX_HEADER_BYTES};
 pub use layout::{detect_checkpoint, CheckpointFormat, DetectedCheckpoint, Framework};
 pub use member::{AnyCheckpoint, StoreEntry};
 pub use region::{Region, TensorSource};
+pub use remote::{is_url, DirEntry, EntryKind, PublishReport};
 pub use safetensors::Dtype;
 pub use sidecar::{copy_sidecar, read_sidecar};
 pub use sidecar_policy::{

@@ -79,6 +79,14 @@ fn open_sidecar(root: &Path, path: &Path) -> Result<(std::fs::File, u64)> {
 
 /// Reads sidecar `path` of checkpoint `root` (see the module docs for what is refused).
 pub fn read_sidecar(root: &Path, path: &Path) -> Result<Vec<u8>> {
+    if crate::remote::is_url(path) {
+        return crate::remote::read_bounded(path, MAX_SIDECAR_BYTES)?.ok_or_else(|| {
+            Error::UnsafeSidecar {
+                path: path.into(),
+                reason: format!("more than the {MAX_SIDECAR_BYTES}-byte limit"),
+            }
+        });
+    }
     let (file, n_bytes) = open_sidecar(root, path)?;
     let mut bytes = Vec::with_capacity(n_bytes as usize);
     file.take(MAX_SIDECAR_BYTES)
@@ -92,18 +100,37 @@ pub fn read_sidecar(root: &Path, path: &Path) -> Result<Vec<u8>> {
 /// the kernel (`copy_file_range`), so a large sidecar (a tokenizer, a module's own weights)
 /// never sits in memory. Returns the bytes copied.
 pub fn copy_sidecar(root: &Path, path: &Path, dst: &Path) -> Result<u64> {
-    use std::os::unix::fs::OpenOptionsExt;
+    if crate::remote::is_url(path) {
+        // Streamed by ranged GETs, so a large sidecar never sits in memory.
+        let n_bytes = crate::remote::RemoteObject::open(path)?.n_bytes();
+        if n_bytes > MAX_SIDECAR_BYTES {
+            return Err(Error::UnsafeSidecar {
+                path: path.into(),
+                reason: format!("{n_bytes} bytes, more than the {MAX_SIDECAR_BYTES}-byte limit"),
+            });
+        }
+        let mut to = create_copy(dst)?;
+        let n_bytes = crate::remote::download(path, Some(n_bytes), &mut to)?;
+        to.sync_all().map_err(|e| Error::io(dst, "syncing", e))?;
+        return Ok(n_bytes);
+    }
     let (file, _) = open_sidecar(root, path)?;
-    let mut to = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o644)
-        .open(dst)
-        .map_err(|e| Error::io(dst, "creating", e))?;
+    let mut to = create_copy(dst)?;
     let n_bytes = std::io::copy(&mut file.take(MAX_SIDECAR_BYTES), &mut to)
         .map_err(|e| Error::io(dst, "copying into", e))?;
     to.sync_all().map_err(|e| Error::io(dst, "syncing", e))?;
     Ok(n_bytes)
+}
+
+/// The new file a sidecar is copied into (`O_EXCL`: nothing is overwritten).
+fn create_copy(dst: &Path) -> Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .open(dst)
+        .map_err(|e| Error::io(dst, "creating", e))
 }
 
 #[cfg(test)]

@@ -203,6 +203,9 @@ fn skip_dir(name: &str, beside_model_and_optim: bool) -> Option<SkipReason> {
 /// is a single file has none.
 pub fn plan_sidecars(checkpoint: &Path) -> Result<SidecarPlan> {
     let mut plan = SidecarPlan::default();
+    if crate::remote::is_url(checkpoint) {
+        return plan_remote_sidecars(checkpoint);
+    }
     if !checkpoint.is_dir() {
         return Ok(plan);
     }
@@ -219,6 +222,59 @@ pub fn plan_sidecars(checkpoint: &Path) -> Result<SidecarPlan> {
     let roots = Roots { root, blobs };
     let mut visited = 0usize;
     walk(checkpoint, &roots, Path::new(""), &mut visited, &mut plan)?;
+    Ok(plan)
+}
+
+/// [`plan_sidecars`] of a checkpoint on an object store: the same name rules over the listing
+/// of every object under the prefix (a store has no links and no empty folders; a folder is
+/// the common prefix of its objects, listed before them).
+fn plan_remote_sidecars(checkpoint: &Path) -> Result<SidecarPlan> {
+    let mut plan = SidecarPlan::default();
+    let Some(keys) = crate::remote::listing::list_recursive(checkpoint, MAX_SIDECAR_ENTRIES)?
+    else {
+        return Err(Error::TooManySidecars {
+            path: checkpoint.to_path_buf(),
+            limit: MAX_SIDECAR_ENTRIES,
+        });
+    };
+    let beside_model_and_optim = keys.iter().any(|k| k.starts_with("model_and_optim/"));
+    let mut folders: Vec<PathBuf> = Vec::new();
+    let mut skipped_folders: Vec<PathBuf> = Vec::new();
+    'keys: for key in &keys {
+        let parts: Vec<&str> = key.split('/').collect();
+        let (name, dirs) = parts.split_last().expect("split yields at least one part");
+        let mut rel = PathBuf::new();
+        for dir in dirs {
+            rel.push(dir);
+            if skipped_folders.contains(&rel) {
+                continue 'keys;
+            }
+            if folders.contains(&rel) {
+                continue;
+            }
+            if let Some(reason) = skip_dir(dir, beside_model_and_optim && rel.iter().count() == 1) {
+                plan.skipped.push(SkippedSidecar {
+                    path: rel.clone(),
+                    reason,
+                });
+                skipped_folders.push(rel);
+                continue 'keys;
+            }
+            folders.push(rel.clone());
+            plan.copy.push(Sidecar {
+                path: rel.clone(),
+                kind: SidecarKind::Dir,
+            });
+        }
+        let path = rel.join(name);
+        match skip_file(name, dirs.is_empty()) {
+            Some(reason) => plan.skipped.push(SkippedSidecar { path, reason }),
+            None => plan.copy.push(Sidecar {
+                path,
+                kind: SidecarKind::File,
+            }),
+        }
+    }
     Ok(plan)
 }
 

@@ -149,6 +149,36 @@ impl<'a> SafetensorsTensor<'a> {
         dtype_bits(self.info.dtype) / 8
     }
 
+    /// [`TensorSource::read`] of a remote file: one ranged GET (or prefetched download) of the
+    /// span the elements cover, gathered row run by row run when they are not contiguous.
+    fn read_remote<'s>(
+        &'s self,
+        region: &Region,
+        elems: Range<u64>,
+        scratch: &'s mut Vec<u8>,
+    ) -> Result<&'s [u8]> {
+        let span = self.span(region, &elems);
+        let bytes = self.file.read_remote(self.info, span.clone())?;
+        scratch.clear();
+        if self.contiguous(region, &elems).is_some() {
+            scratch.extend_from_slice(&bytes);
+            return Ok(scratch.as_slice());
+        }
+        let sz = self.elem_bytes() as usize;
+        let d = self.info.shape.len();
+        let row = region.sizes[d - 1];
+        scratch.reserve(((elems.end - elems.start) as usize) * sz);
+        let mut e = elems.start;
+        while e < elems.end {
+            let run = (row - e % row).min(elems.end - e);
+            let g = global_index(&self.info.shape, region, e) * sz as u64 - span.start;
+            let g = g as usize;
+            scratch.extend_from_slice(&bytes[g..g + run as usize * sz]);
+            e += run;
+        }
+        Ok(scratch.as_slice())
+    }
+
     /// Checks `elems` of `region` lie inside this tensor.
     fn check(&self, region: &Region, elems: &Range<u64>) -> Result<()> {
         let shape = &self.info.shape;
@@ -245,7 +275,9 @@ impl TensorSource for SafetensorsTensor<'_> {
         if elems.is_empty() {
             return Ok(&[]);
         }
-        let all = self.file.tensor_bytes(self.info);
+        let Some(all) = self.file.mapped_tensor_bytes(self.info) else {
+            return self.read_remote(region, elems, scratch);
+        };
         if let Some(r) = self.contiguous(region, &elems) {
             return Ok(&all[r.start as usize..r.end as usize]);
         }

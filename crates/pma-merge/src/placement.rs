@@ -46,6 +46,10 @@ pub fn check_plan_output(plan: &MergePlan, out: &Path) -> Result<()> {
 /// longest existing ancestor is canonicalised and the rest appended, `..` popping lexically
 /// (nothing below the existing ancestor exists, so there is no link for `..` to cross).
 fn resolve(path: &Path) -> Result<PathBuf> {
+    if pma_format::is_url(path) {
+        // An object-store URL has no links to resolve: compared by its components.
+        return Ok(PathBuf::from(path.to_string_lossy().trim_end_matches('/')));
+    }
     let absolute = if path.is_absolute() {
         path.to_path_buf()
     } else {

@@ -81,20 +81,13 @@ impl RunDiscovery {
 /// Reads a latest-checkpoint marker: `1000`, `release`, or a step-named tag
 /// (`global_step1000`, `iter_0001000`). `Ok(None)` if the file does not exist.
 pub fn read_latest_marker(path: &Path) -> Result<Option<LatestMarker>> {
-    if !path.is_file() {
+    if !pma_format::remote::probe_file(path)? {
         return Ok(None);
     }
-    let io = |action, e| pma_format::Error::Io {
-        path: path.into(),
-        action,
-        source: e,
-    };
-    let n_bytes = std::fs::metadata(path).map_err(|e| io("reading", e))?.len();
-    let text = if n_bytes <= MAX_MARKER_BYTES {
-        std::fs::read_to_string(path).map_err(|e| io("reading", e))?
-    } else {
-        String::new()
-    };
+    // Larger than a marker can be: read as empty, which the parse below refuses.
+    let text = pma_format::remote::read_bounded(path, MAX_MARKER_BYTES)?
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default();
     let line = text.trim();
     let hint = if line == "release" {
         Some(LatestHint::Release)
@@ -115,12 +108,14 @@ pub fn read_latest_marker(path: &Path) -> Result<Option<LatestMarker>> {
     }
 }
 
-/// Resolves a run directory: finds its checkpoints (through `checkpoint/` for torchtitan),
+/// Resolves a run directory (local, or an object-store prefix listed instead): finds its checkpoints (through `checkpoint/` for torchtitan),
 /// reads Megatron's or DeepSpeed's latest marker, and detects the newest checkpoint's layout.
 pub fn discover_run(run_dir: &Path) -> Result<RunDiscovery> {
     let (checkpoints_dir, series) = match CheckpointSeries::discover(run_dir) {
         Ok(series) => (run_dir.to_path_buf(), series),
-        Err(Error::EmptyRun { .. }) if run_dir.join("checkpoint").is_dir() => {
+        Err(Error::EmptyRun { .. })
+            if pma_format::remote::is_dir(&run_dir.join("checkpoint")).unwrap_or(false) =>
+        {
             let dir = run_dir.join("checkpoint");
             let series = CheckpointSeries::discover(&dir)?;
             (dir, series)

@@ -55,33 +55,25 @@ pub struct CheckpointSeries {
 }
 
 impl CheckpointSeries {
-    /// Lists the step-named subdirectories (and step-named `.safetensors` files) of `run_dir`.
+    /// Lists the step-named subdirectories (and step-named `.safetensors` files) of `run_dir`, a
+    /// local directory or an object-store prefix.
     pub fn discover(run_dir: &Path) -> Result<CheckpointSeries> {
-        let read = std::fs::read_dir(run_dir).map_err(|e| pma_format::Error::Io {
-            path: run_dir.into(),
-            action: "listing",
-            source: e,
-        })?;
+        // One listing for local directories and object-store prefixes (`s3://b/run`) alike.
         let mut entries = Vec::new();
-        for entry in read {
-            let entry = entry.map_err(|e| pma_format::Error::Io {
-                path: run_dir.into(),
-                action: "listing",
-                source: e,
-            })?;
-            let name = entry.file_name().to_string_lossy().into_owned();
+        for entry in pma_format::remote::list_dir(run_dir)? {
+            let name = entry.name;
             if name.starts_with('.') {
                 continue; // staging dirs (ours and others') are never checkpoints
             }
-            let path = entry.path();
-            let is_ckpt_file = path.is_file() && name.ends_with(".safetensors");
-            if !(path.is_dir() || is_ckpt_file) {
+            let is_ckpt_file =
+                entry.kind == pma_format::EntryKind::File && name.ends_with(".safetensors");
+            if !(entry.kind == pma_format::EntryKind::Dir || is_ckpt_file) {
                 continue;
             }
             if let Some(step) = parse_step(&name) {
                 entries.push(CheckpointEntry {
                     step: Some(step),
-                    path,
+                    path: entry.path,
                 });
             }
         }

@@ -375,6 +375,11 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     if args.part.is_some() || args.parts.is_some() || args.finalize {
         return super::merge_parts::run(args);
     }
+    let remote_out = pma_format::is_url(&args.out);
+    if remote_out && !args.dry_run {
+        // Refused before a byte is read, as a local existing output is.
+        pma_format::remote::check_output_absent(&args.out, args.overwrite)?;
+    }
     let (plan, skipped) = plan_from_args(&args)?;
     if !args.quiet {
         warn_skipped(&skipped);
@@ -413,7 +418,11 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         cancel: Some(interrupted),
         direct_io: pma_format::DirectIo::from_env(),
     };
-    let report = execute(&plan, &args.out, &opts, &bar)?;
+    let report = if remote_out {
+        execute_to_store(&plan, &args, &opts, &bar)?
+    } else {
+        execute(&plan, &args.out, &opts, &bar)?
+    };
     if !args.quiet {
         warn_nonfinite(&report.warnings);
     }
@@ -425,6 +434,42 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         print_report(&report)?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A merge whose --out is an object-store URL: the output is written and validated in a local
+/// staging folder (under `PMA_STAGING_DIR`, or the system temp dir), then published to the
+/// store with the commit file last ([`pma_format::remote::publish`]); the staging folder is
+/// removed whatever happens.
+fn execute_to_store(
+    plan: &MergePlan,
+    args: &Args,
+    opts: &ExecOptions,
+    bar: &ByteBar,
+) -> anyhow::Result<MergeReport> {
+    struct Staging(PathBuf);
+    impl Drop for Staging {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let base = std::env::var_os("PMA_STAGING_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let staging = Staging(base.join(format!(".pma-upload-{}-{nanos}", std::process::id())));
+    std::fs::create_dir_all(&staging.0)
+        .with_context(|| format!("creating the staging folder {}", staging.0.display()))?;
+    let name = args
+        .out
+        .file_name()
+        .map_or_else(|| "out".into(), |n| n.to_os_string());
+    let local = staging.0.join(name);
+    let mut report = execute(plan, &local, opts, bar)?;
+    pma_format::remote::publish(&local, &args.out, args.overwrite)?;
+    report.output = args.out.clone();
+    Ok(report)
 }
 
 /// Warns (stderr) about checkpoints left out of the selection as incomplete.

@@ -145,6 +145,15 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             "--dry-run shows the whole merge; leave out --part, --parts and --finalize".into()
         ));
     }
+    if pma_format::is_url(&args.out) {
+        // Parts stage their files beside OUT and the finalize renames them into place: that
+        // needs one shared filesystem. Inputs may still be on an object store.
+        bail!(UsageError(format!(
+            "a partitioned merge writes to a shared filesystem; --out {} is an object-store URL \
+             (merge the parts to a shared path, or run one unpartitioned merge to the store)",
+            args.out.display()
+        )));
+    }
     let single_file = args.out.extension().is_some_and(|e| e == "safetensors");
     let choice = match (&args.part, args.finalize) {
         (Some(_), true) => bail!(UsageError(

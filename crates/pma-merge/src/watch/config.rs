@@ -128,6 +128,14 @@ impl WatchConfig {
         if self.keys.keep_state_newest {
             return bad("a watch never keeps training state (keep_state_newest)");
         }
+        // A run on an object store is polled by listing and pinned by download; the outputs,
+        // the state and the lock need a local filesystem.
+        if pma_format::is_url(&self.out_dir) {
+            return bad("the output of pma watch must be a local directory (the run may be on an object store)");
+        }
+        if pma_format::is_url(&self.run_dir) && self.ready_file.is_some() {
+            return bad("--ready-file needs a local run directory; on an object store a checkpoint is complete once its index is there");
+        }
         for (what, d) in [
             ("poll interval", self.interval),
             ("settle time", self.settle),

@@ -180,7 +180,16 @@ fn pin_into(checkpoint: &AnyCheckpoint, source: &Path, staging: &Path) -> Result
     if let AnyCheckpoint::Safetensors(c) = checkpoint {
         if c.layout() == Layout::Sharded {
             let src = c.root().join(INDEX_FILE_NAME);
-            let bytes = std::fs::read(&src).map_err(|e| io_error(&src, "reading", e))?;
+            let bytes = if pma_format::is_url(&src) {
+                pma_format::remote::read_bounded(&src, pma_format::MAX_HEADER_BYTES)?.ok_or_else(
+                    || Error::PinRefused {
+                        path: src.clone(),
+                        reason: "the index grew past the header limit since it was read".into(),
+                    },
+                )?
+            } else {
+                std::fs::read(&src).map_err(|e| io_error(&src, "reading", e))?
+            };
             write_new(&staging.join(INDEX_FILE_NAME), &bytes)?;
         }
     }
@@ -349,6 +358,19 @@ fn plain_name(root: &Path, path: &Path) -> Result<String> {
 /// Pins one validated file as the new file `dst`: reflink, else copy (when `may_copy`), else
 /// hard link. Never writes to an existing file.
 fn pin_file(src: &Path, validated: FileStamp, dst: &Path, may_copy: bool) -> Result<Method> {
+    if pma_format::is_url(src) {
+        // A store has no links: the pin is a download, by ranged GETs, of the object that was
+        // validated (refused if its size changed since).
+        let mut to = create_new(dst)?;
+        pma_format::remote::download(src, Some(validated.n_bytes), &mut to).map_err(|e| {
+            Error::PinRefused {
+                path: src.into(),
+                reason: e.to_string(),
+            }
+        })?;
+        to.sync_all().map_err(|e| io_error(dst, "syncing", e))?;
+        return Ok(Method::Copy);
+    }
     // Opening follows symlinks to the file that was validated; check it is that very inode.
     let from = std::fs::File::open(src).map_err(|e| io_error(src, "opening", e))?;
     let meta = from
