@@ -108,9 +108,21 @@ fn bounds(series: &[Series]) -> Option<((f64, f64), (f64, f64))> {
         y0 = y0.min(y);
         y1 = y1.max(y);
     }
-    let pad_x = ((x1 - x0) * 0.03).max(1e-9);
-    let pad_y = ((y1 - y0) * 0.08).max(1e-3);
+    let pad_x = pad(x0, x1, 0.03);
+    let pad_y = pad(y0, y1, 0.08).max(1e-3);
     Some(((x0 - pad_x, x1 + pad_x), (y0 - pad_y, y1 + pad_y)))
+}
+
+/// Margin around `lo..=hi`: a fraction of the span, or, when every point shares one value (a
+/// single annealing fork), a tenth of that value. A fixed tiny margin there made a 2e-9 wide
+/// axis whose six-decimal labels all read "0.409600".
+fn pad(lo: f64, hi: f64, fraction: f64) -> f64 {
+    let span = hi - lo;
+    if span > 0.0 {
+        span * fraction
+    } else {
+        (lo.abs() * 0.1).max(1.0)
+    }
 }
 
 /// Tick labels per axis (plotters' default, named so [`axis_decimals`] agrees with it).
@@ -729,6 +741,29 @@ mod tests {
             let mut unique = labels.clone();
             unique.dedup();
             assert_eq!(unique, labels, "{lo}..{hi}");
+        }
+    }
+
+    #[test]
+    fn one_point_gets_an_axis_its_labels_can_tell_apart() {
+        let series = [Series {
+            label: "one fork".into(),
+            points: vec![(0.4096, 1.7)],
+            mark: Mark::Dots,
+        }];
+        let ((x0, x1), (y0, y1)) = bounds(&series).unwrap();
+        assert!(x0 < 0.4096 && 0.4096 < x1 && y0 < 1.7 && 1.7 < y1);
+        for (lo, hi) in [(x0, x1), (y0, y1)] {
+            let d = axis_decimals(lo, hi);
+            assert!(d <= 2, "{lo}..{hi}: {d} decimals");
+            let ticks = RangedCoordf64::from(lo..hi).key_points(AXIS_LABELS);
+            let labels: Vec<String> = ticks.iter().map(|t| format!("{t:.d$}")).collect();
+            let mut unique = labels.clone();
+            unique.dedup();
+            assert!(
+                labels.len() >= 3 && unique == labels,
+                "{lo}..{hi}: {labels:?}"
+            );
         }
     }
 
