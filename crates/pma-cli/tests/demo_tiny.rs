@@ -51,7 +51,18 @@ fn check_common(out: &Path, r: &Value) {
     assert!(!merges.is_empty());
     for m in merges {
         let method = m["method"].as_str().unwrap();
-        assert!(["sma", "ema", "wma"].contains(&method), "{m}");
+        assert!(
+            [
+                "sma",
+                "ema",
+                "wma",
+                "decay-linear",
+                "decay-cosine",
+                "decay-1-sqrt"
+            ]
+            .contains(&method),
+            "{m}"
+        );
         assert_eq!(m["alpha"].is_null(), method != "ema", "{m}");
         let n = m["n"].as_u64().unwrap() as usize;
         let members = arr(m, "members");
@@ -200,9 +211,34 @@ fn tiny_reproduce_covers_every_section() {
         "moe",
         "continued_init",
         "spike_init",
+        "decay_emulation",
     ] {
         assert!(tags.contains(&tag), "no {tag} merge");
     }
+    // One record per decay shape; the 1-sqrt fork is the annealing fork from the same step
+    // (the trunk decays with 1-sqrt), the other two are trained for the study.
+    let shapes: Vec<(&str, &str)> = arr(&r, "decay_emulation")
+        .iter()
+        .map(|d| {
+            for k in ["annealed_loss", "raw_loss", "sma_loss", "decay_loss"] {
+                finite(&d[k], k);
+            }
+            (
+                d["shape"].as_str().unwrap(),
+                d["fork_run"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        shapes,
+        [
+            ("linear", "anneal-40-linear"),
+            ("cosine", "anneal-40-cosine"),
+            ("1-sqrt", "anneal-40")
+        ]
+    );
+    let report = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(report.contains("## Decay-emulating merges"));
     let c = &r["continued"];
     for k in [
         "initial_heldout_loss",
@@ -228,6 +264,7 @@ fn tiny_reproduce_covers_every_section() {
         "moe_merge_beats_newest",
         "pma_init_continued_training",
         "pma_init_recovers_spike",
+        "decay_merge_emulates_its_shape",
     ] {
         assert!(ids.contains(&id), "no finding {id}: {ids:?}");
     }

@@ -18,6 +18,7 @@ pub fn derive_findings(r: &Results) -> Vec<Finding> {
         n_sweep(r),
         v_sweep(r),
         anneal_branch(r),
+        decay_emulation(r),
         merge_beats_newest(r, RunId::Moe, Tag::Moe, "moe_merge_beats_newest"),
         continued(r),
         spike(r),
@@ -314,6 +315,55 @@ fn anneal_branch(r: &Results) -> Option<Finding> {
     })
 }
 
+/// Rule: for every decay shape whose merge weights differ from SMA's, the merge weighted by that
+/// shape over the fork's window is closer (absolute validation-loss difference) to the fork
+/// that decays with that shape than the SMA merge of the same window is. A shape whose weights
+/// are SMA's (linear) cannot differ and is shown but not judged; with no other shape the check
+/// is left out.
+fn decay_emulation(r: &Results) -> Option<Finding> {
+    let judged: Vec<_> = r
+        .decay_emulation
+        .iter()
+        .filter(|d| !d.same_as_sma)
+        .collect();
+    if judged.is_empty() {
+        return None;
+    }
+    let held = judged.iter().all(|d| d.decay_gap() < d.sma_gap());
+    let parts: Vec<String> = r
+        .decay_emulation
+        .iter()
+        .map(|d| {
+            if d.same_as_sma {
+                return format!(
+                    "{}: annealed {}; its decay-{} merge weighs like SMA, {} (|gap| {:.4}), not judged",
+                    d.fork_run,
+                    fmt_loss(d.annealed_loss),
+                    d.shape,
+                    fmt_loss(d.sma_loss),
+                    d.sma_gap()
+                );
+            }
+            format!(
+                "{}: annealed {} vs decay-{} merge {} (|gap| {:.4}) and SMA {} (|gap| {:.4})",
+                d.fork_run,
+                fmt_loss(d.annealed_loss),
+                d.shape,
+                fmt_loss(d.decay_loss),
+                d.decay_gap(),
+                fmt_loss(d.sma_loss),
+                d.sma_gap()
+            )
+        })
+        .collect();
+    Some(Finding {
+        id: "decay_merge_emulates_its_shape".into(),
+        claim: "A merge weighted by an LR decay shape (WSM) predicts the model annealed with that shape over the same steps better than SMA of the same checkpoints does.".into(),
+        held,
+        evidence: parts.join("; "),
+    })
+}
+
 /// Rule: continued training from the merge has a smaller gradient-norm spread and a final
 /// held-out loss no worse than continued training from the newest raw checkpoint.
 fn continued(r: &Results) -> Option<Finding> {
@@ -409,6 +459,7 @@ mod tests {
             merges: vec![],
             annealed: vec![],
             predictions: vec![],
+            decay_emulation: Vec::new(),
             continued: None,
             spike: None,
             findings: vec![],
@@ -452,6 +503,36 @@ mod tests {
     #[test]
     fn no_data_no_findings() {
         assert!(derive_findings(&empty()).is_empty());
+    }
+
+    #[test]
+    fn decay_emulation_needs_every_shape_closer_than_sma() {
+        let rec = |shape: &str, decay_loss: f64| crate::results::DecayEmulationRecord {
+            shape: shape.into(),
+            fork_run: format!("anneal-40-{shape}"),
+            from_step: 40,
+            step: 60,
+            annealed_loss: 2.0,
+            raw_loss: 2.3,
+            sma_loss: 2.1,
+            decay_merge_id: format!("trunk-decay-{shape}-n5-v5-s0000060"),
+            decay_loss,
+            same_as_sma: shape == "linear",
+        };
+        let mut r = empty();
+        // Linear weighs like SMA: shown, not judged, so alone it makes no finding.
+        r.decay_emulation = vec![rec("linear", 2.1)];
+        assert!(derive_findings(&r).is_empty());
+        r.decay_emulation.push(rec("cosine", 1.96));
+        let f = derive_findings(&r);
+        assert_eq!(f.len(), 1);
+        assert_eq!(f[0].id, "decay_merge_emulates_its_shape");
+        assert!(f[0].held, "{}", f[0].evidence);
+        // Overshooting the annealed loss by more than SMA misses it counts as a miss.
+        r.decay_emulation.push(rec("1-sqrt", 1.85));
+        let f = derive_findings(&r);
+        assert!(!f[0].held, "{}", f[0].evidence);
+        assert!(f[0].evidence.contains("anneal-40-1-sqrt"));
     }
 
     #[test]

@@ -10,6 +10,8 @@
 use std::fmt;
 use std::str::FromStr;
 
+use pma_merge::DecayShape;
+
 /// A training run of the demo; its string form is the run's `name` in `results.json` and its
 /// directory under `runs/`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -20,6 +22,14 @@ pub enum RunId {
     Anneal {
         /// The trunk step it starts from.
         from: u64,
+    },
+    /// An annealing fork of the trunk from step `from` that decays with `shape`, for the
+    /// decay-emulation study. `anneal-{from}-{shape}` (`anneal-1300-cosine`).
+    AnnealShaped {
+        /// The trunk step it starts from.
+        from: u64,
+        /// Its LR decay shape.
+        shape: DecayShape,
     },
     /// The MoE run. `moe`.
     Moe,
@@ -61,14 +71,16 @@ impl RunId {
             RunId::Spike => "spike",
             RunId::ResumeRaw => "resume-raw",
             RunId::ResumePma => "resume-pma",
-            RunId::Anneal { .. } | RunId::MoeAnneal { .. } => return None,
+            RunId::Anneal { .. } | RunId::AnnealShaped { .. } | RunId::MoeAnneal { .. } => {
+                return None
+            }
         })
     }
 
     /// The run this one forks from, for annealing forks.
     pub fn base(self) -> Option<RunId> {
         match self {
-            RunId::Anneal { .. } => Some(RunId::Trunk),
+            RunId::Anneal { .. } | RunId::AnnealShaped { .. } => Some(RunId::Trunk),
             RunId::MoeAnneal { .. } => Some(RunId::Moe),
             _ => None,
         }
@@ -80,9 +92,18 @@ impl RunId {
             (Some(n), _) => n == name,
             (None, RunId::Anneal { from }) => fork_step(name, "anneal-") == Some(from),
             (None, RunId::MoeAnneal { from }) => fork_step(name, "moe-anneal-") == Some(from),
+            (None, RunId::AnnealShaped { from, shape }) => shaped_fork(name) == Some((from, shape)),
             (None, _) => unreachable!("only forks have no plain name"),
         }
     }
+}
+
+/// `anneal-{from}-{shape}`, with `from` canonical and `shape` one of [`DecayShape::name`].
+fn shaped_fork(name: &str) -> Option<(u64, DecayShape)> {
+    let (digits, shape) = name.strip_prefix("anneal-")?.split_once('-')?;
+    let from = fork_step(digits, "")?;
+    let shape = DecayShape::ALL.into_iter().find(|s| s.name() == shape)?;
+    Some((from, shape))
 }
 
 fn fork_step(name: &str, prefix: &str) -> Option<u64> {
@@ -98,6 +119,9 @@ impl fmt::Display for RunId {
             (Some(n), _) => f.write_str(n),
             (None, RunId::Anneal { from }) => write!(f, "anneal-{from}"),
             (None, RunId::MoeAnneal { from }) => write!(f, "moe-anneal-{from}"),
+            (None, RunId::AnnealShaped { from, shape }) => {
+                write!(f, "anneal-{from}-{}", shape.name())
+            }
             (None, _) => unreachable!("only forks have no plain name"),
         }
     }
@@ -114,6 +138,9 @@ impl FromStr for RunId {
         }
         if let Some(from) = fork_step(s, "anneal-") {
             return Ok(RunId::Anneal { from });
+        }
+        if let Some((from, shape)) = shaped_fork(s) {
+            return Ok(RunId::AnnealShaped { from, shape });
         }
         Err(format!("'{s}' is not a demo run"))
     }
@@ -150,11 +177,13 @@ pub enum Tag {
     ContinuedInit,
     /// The merge that restarts the spiking run.
     SpikeInit,
+    /// SMA and decay-emulating merges over the window of the shaped annealing forks.
+    DecayEmulation,
 }
 
 impl Tag {
     /// Every tag.
-    pub const ALL: [Tag; 8] = [
+    pub const ALL: [Tag; 9] = [
         Tag::Grid,
         Tag::Prediction,
         Tag::NSweep,
@@ -163,6 +192,7 @@ impl Tag {
         Tag::Moe,
         Tag::ContinuedInit,
         Tag::SpikeInit,
+        Tag::DecayEmulation,
     ];
 
     /// The string in a merge record's `tags`.
@@ -176,6 +206,7 @@ impl Tag {
             Tag::Moe => "moe",
             Tag::ContinuedInit => "continued_init",
             Tag::SpikeInit => "spike_init",
+            Tag::DecayEmulation => "decay_emulation",
         }
     }
 }
@@ -227,6 +258,14 @@ mod tests {
         let all = [
             RunId::Trunk,
             RunId::Anneal { from: 300 },
+            RunId::AnnealShaped {
+                from: 300,
+                shape: DecayShape::Linear,
+            },
+            RunId::AnnealShaped {
+                from: 300,
+                shape: DecayShape::OneMinusSqrt,
+            },
             RunId::Moe,
             RunId::MoeAnneal { from: 0 },
             RunId::ContinuedRaw,
@@ -241,6 +280,8 @@ mod tests {
             [
                 "trunk",
                 "anneal-300",
+                "anneal-300-linear",
+                "anneal-300-1-sqrt",
                 "moe",
                 "moe-anneal-0",
                 "ct-raw",
@@ -265,6 +306,9 @@ mod tests {
         assert!("anneal-".parse::<RunId>().is_err());
         assert!("anneal-0300".parse::<RunId>().is_err());
         assert!("anneal-x".parse::<RunId>().is_err());
+        assert!("anneal-300-".parse::<RunId>().is_err());
+        assert!("anneal-300-minus-sqrt".parse::<RunId>().is_err());
+        assert!("anneal-0300-linear".parse::<RunId>().is_err());
         assert!("gird".parse::<Tag>().is_err());
         assert!(!RunId::Anneal { from: 300 }.is("anneal-0300"));
     }

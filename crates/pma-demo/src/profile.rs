@@ -161,6 +161,11 @@ pub struct Profile {
     pub anneal_from: Vec<u64>,
     /// Decay length D of each annealing fork.
     pub decay_steps: u64,
+    /// Trunk step from which the decay-emulation study forks one annealing run per decay shape
+    /// (linear, cosine, 1-sqrt), each over `decay_steps`, reproduction only. Their losses are
+    /// compared with SMA and decay-weighted merges of the trunk over the same window.
+    #[serde(default)]
+    pub shape_forks_from: Option<u64>,
     /// Tokens of the validation split used for every evaluation (a fixed prefix).
     pub eval_tokens: usize,
     /// N values of the N sweep (V = K), reproduction only.
@@ -227,6 +232,7 @@ impl Profile {
                 ema_alphas: vec![0.2],
                 anneal_from: vec![40],
                 decay_steps: 20,
+                shape_forks_from: Some(40),
                 eval_tokens: 4096,
                 sweep_ns: vec![3, 6, 10, 15],
                 sweep_v_multiples: vec![1, 2, 3, 4],
@@ -270,6 +276,7 @@ impl Profile {
                 ema_alphas: vec![0.2],
                 anneal_from: vec![300],
                 decay_steps: 100,
+                shape_forks_from: Some(300),
                 eval_tokens: 16_384,
                 sweep_ns: vec![3, 6, 10, 15],
                 sweep_v_multiples: vec![1, 2, 3, 4],
@@ -313,6 +320,7 @@ impl Profile {
                 ema_alphas: vec![0.1, 0.2, 0.5],
                 anneal_from: vec![700, 1000, 1300],
                 decay_steps: 200,
+                shape_forks_from: Some(1300),
                 eval_tokens: 32_768,
                 sweep_ns: vec![3, 6, 10, 15],
                 sweep_v_multiples: vec![1, 2, 3, 4],
@@ -373,6 +381,18 @@ impl Profile {
         }
         if self.merge_points.is_empty() || self.ns.is_empty() {
             return bad("merge_points", "the grid needs points and N values".into());
+        }
+        if let Some(f) = self.shape_forks_from {
+            let end = f + self.decay_steps;
+            if f % k != 0 || f < self.warmup_steps || end > self.trunk_steps || end % k != 0 {
+                return bad(
+                    "shape_forks_from",
+                    format!(
+                        "forks from {f} over {} steps must start and end at stable-phase trunk checkpoints",
+                        self.decay_steps
+                    ),
+                );
+            }
         }
         if scope == Scope::Reproduce {
             let m = &self.moe;

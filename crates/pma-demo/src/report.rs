@@ -109,7 +109,7 @@ pub fn render_report(r: &Results) -> String {
     let _ = writeln!(o, "# {title}\n");
     let _ = writeln!(
         o,
-        "`pma {}` with profile **{}**, seed **{}** (pma-demo {}), {:.0} s wall in all. Every number below is in `results.json`; every model was trained and evaluated in this invocation. Re-run with `pma {} --profile {} --seed {}`.\n",
+        "`pma {}` with profile **{}**, seed **{}** (pma-demo {}), {:.0} s wall in all. Every number below is in `results.json`; every model was trained and evaluated in this invocation. This is **one seed**: no verdict below comes with a spread across seeds, so an effect smaller than seed noise can flip with `--seed`. Re-run with `pma {} --profile {} --seed {}`.\n",
         r.scope, r.profile, r.seed, r.pma_version, r.elapsed_secs, r.scope, r.profile, r.seed
     );
     if let Some(t) = trunk {
@@ -317,6 +317,33 @@ pub fn render_report(r: &Results) -> String {
                 loss(m.val_loss),
                 loss(a)
             );
+        }
+        o.push('\n');
+    }
+    if !r.decay_emulation.is_empty() {
+        let _ = writeln!(o, "## Decay-emulating merges\n");
+        let _ = writeln!(
+            o,
+            "Each fork decays the LR from trunk step {} to {} with one shape; each merge averages the trunk's constant-LR checkpoints over the same steps, weighted by SMA or by that shape (WSM). In brackets: the absolute gap to the annealed fork's loss.\n",
+            r.decay_emulation[0].from_step, r.decay_emulation[0].step
+        );
+        let _ = writeln!(o, "| shape | annealed fork | annealed | raw trunk | SMA (gap) | decay merge (gap) |\n|---|---|---|---|---|---|");
+        for d in &r.decay_emulation {
+            let _ = writeln!(
+                o,
+                "| {} | {} | {} | {} | {} ({:.4}) | {} ({:.4}) |",
+                d.shape,
+                d.fork_run,
+                loss(d.annealed_loss),
+                loss(d.raw_loss),
+                loss(d.sma_loss),
+                d.sma_gap(),
+                loss(d.decay_loss),
+                d.decay_gap()
+            );
+        }
+        if r.decay_emulation.iter().any(|d| d.same_as_sma) {
+            o.push_str("\nThe decay-linear merge weighs every checkpoint alike, so it is SMA itself (a linear decay takes the same LR off every step); the finding does not judge it.\n");
         }
         o.push('\n');
     }

@@ -43,6 +43,9 @@ pub struct Results {
     pub annealed: Vec<AnnealedRecord>,
     /// Merged-at-constant-LR vs annealed at matched token counts.
     pub predictions: Vec<PredictionRecord>,
+    /// Decay-emulating merges against the forks they emulate (reproduction only).
+    #[serde(default)]
+    pub decay_emulation: Vec<DecayEmulationRecord>,
     /// PMA-init for continued training (reproduction only).
     pub continued: Option<ContinuedRecord>,
     /// Loss-spike recovery (reproduction only).
@@ -213,6 +216,45 @@ pub struct AnnealedRecord {
     pub decay_steps: u64,
     /// Mean validation cross-entropy.
     pub val_loss: f64,
+}
+
+/// One decay shape of the decay-emulation study: the trunk fork that decays with it, against
+/// the SMA and decay-weighted merges of the trunk's checkpoints over the fork's window.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DecayEmulationRecord {
+    /// `linear`, `cosine` or `1-sqrt`.
+    pub shape: String,
+    /// The fork that decays with it.
+    pub fork_run: String,
+    /// Trunk step the fork starts from (the window's oldest checkpoint).
+    pub from_step: u64,
+    /// Trunk step it ends at (the window's newest checkpoint).
+    pub step: u64,
+    /// The fork's final validation loss.
+    pub annealed_loss: f64,
+    /// The raw trunk checkpoint at `step`.
+    pub raw_loss: f64,
+    /// The window's SMA merge.
+    pub sma_loss: f64,
+    /// The window's merge weighted by this shape.
+    pub decay_merge_id: String,
+    /// Its loss.
+    pub decay_loss: f64,
+    /// Its weights are SMA's (to 1e-12). Linear decay's are, exactly: the LR a linear decay
+    /// takes off per step is constant, so every checkpoint of the window weighs the same.
+    pub same_as_sma: bool,
+}
+
+impl DecayEmulationRecord {
+    /// `|sma - annealed|`: how far SMA is from the annealed model.
+    pub fn sma_gap(&self) -> f64 {
+        (self.sma_loss - self.annealed_loss).abs()
+    }
+
+    /// `|decay merge - annealed|`.
+    pub fn decay_gap(&self) -> f64 {
+        (self.decay_loss - self.annealed_loss).abs()
+    }
 }
 
 /// A merged-at-constant-LR model against the annealed model with the same token count.

@@ -272,7 +272,7 @@ impl Weights {
 /// A learning-rate decay shape: the factor f(x) the rate is multiplied by at fraction x of the
 /// decay, falling from f(0) = 1. The one definition: the lab's WSD schedules decay with it and
 /// the decay-emulating merges weigh with it, so an emulation and the run it emulates agree.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
 pub enum DecayShape {
     /// f(x) = 1 − x (WSD's usual decay).
     #[serde(rename = "linear")]

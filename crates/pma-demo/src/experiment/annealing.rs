@@ -7,50 +7,70 @@
 
 use std::path::PathBuf;
 
-use pma_lab::schedule::ScheduleKind;
+use pma_lab::schedule::{DecayShape, ScheduleKind};
 use pma_lab::train::TrainConfig;
+use pma_merge::WeightSpec;
 
 use super::lab::{Lab, RunSpec, Trained};
 use crate::error::Result;
-use crate::ids::{seed_offset, RunId};
-use crate::results::{AnnealedRecord, PredictionRecord, Results};
+use crate::ids::{seed_offset, RunId, Tag};
+use crate::results::{AnnealedRecord, DecayEmulationRecord, PredictionRecord, Results};
 
 impl Lab<'_> {
-    /// Forks an annealing run from `base`'s checkpoint at step `from`: its weights and AdamW
-    /// moments, then the LR decaying from the peak to `min_lr` over `decay_steps` (WSD with no
-    /// warmup and no stable phase). The fork keeps `base`'s checkpoint interval, and its seed
-    /// is `base`'s plus `from`, so forks from different steps see different batches.
+    /// Forks the annealing run `id` (a fork of `base`) from `base`'s checkpoint at the fork's
+    /// step: its weights and AdamW moments, then the LR decaying from the peak to `min_lr` over
+    /// `decay_steps` (WSD with no warmup and no stable phase), with the trunk's decay shape
+    /// unless `id` names one. The fork keeps `base`'s checkpoint interval, and its seed is
+    /// `base`'s plus the fork's step, so forks from different steps see different batches and
+    /// forks from one step that differ only in shape see the same ones.
     pub(super) fn fork_annealing(
         &mut self,
         base: &Trained,
-        from: u64,
+        id: RunId,
         decay_steps: u64,
     ) -> Result<Trained> {
-        let (id, offset, role) = match base.id {
-            RunId::Trunk => (
-                RunId::Anneal { from },
+        let defaults = self.trunk_config();
+        let (from, offset, shape, role) = match (base.id, id) {
+            (RunId::Trunk, RunId::Anneal { from }) => (
+                from,
                 seed_offset::TRUNK,
+                defaults.decay_shape,
                 format!(
-                    "annealing fork from trunk step {from}: LR decays to min over {decay_steps} steps"
+                    "annealing fork from trunk step {from}: LR decays to min over {decay_steps} steps ({})",
+                    defaults.decay_shape.name()
                 ),
             ),
-            RunId::Moe => (
-                RunId::MoeAnneal { from },
+            (RunId::Trunk, RunId::AnnealShaped { from, shape }) => (
+                from,
+                seed_offset::TRUNK,
+                shape,
+                format!(
+                    "decay-shape fork from trunk step {from}: LR decays to min over {decay_steps} steps ({})",
+                    shape.name()
+                ),
+            ),
+            (RunId::Moe, RunId::MoeAnneal { from }) => (
+                from,
                 seed_offset::MOE,
+                defaults.decay_shape,
                 format!(
-                    "MoE annealing fork from step {from}: LR decays to min over {decay_steps} steps"
+                    "MoE annealing fork from step {from}: LR decays to min over {decay_steps} steps ({})",
+                    defaults.decay_shape.name()
                 ),
             ),
-            other => unreachable!("only the trunk and the MoE run are annealed, not {other}"),
+            (b, other) => unreachable!("{other} is not an annealing fork of {b}"),
         };
-        let train = annealing_config(
-            &self.trunk_config(),
-            base,
-            from,
-            decay_steps,
-            self.config.seed.wrapping_add(offset),
-            self.run_dir(id),
-        );
+        let train = TrainConfig {
+            decay_shape: shape,
+            ..annealing_config(
+                &defaults,
+                base,
+                from,
+                decay_steps,
+                self.config.seed.wrapping_add(offset),
+                self.run_dir(id),
+            )
+        };
         self.train(RunSpec {
             id,
             role,
@@ -115,10 +135,12 @@ pub(super) fn predictions(results: &Results) -> Vec<PredictionRecord> {
         } else {
             results.config.save_every
         };
+        // The decay-emulation study's merges answer their own question, not this one.
         let best = results
             .merges
             .iter()
             .filter(|m| m.run == a.base_run && m.step == a.step && m.interval == k)
+            .filter(|m| m.tags.iter().any(|t| *t != Tag::DecayEmulation))
             .min_by(|x, y| x.val_loss.total_cmp(&y.val_loss));
         if let Some(m) = best {
             let improvement = raw.val_loss - a.val_loss;
@@ -138,6 +160,50 @@ pub(super) fn predictions(results: &Results) -> Vec<PredictionRecord> {
                 },
             });
         }
+    }
+    out
+}
+
+/// For every `(shape, fork)` of the decay-emulation study, the fork's final loss against the
+/// trunk's SMA and `shape`-weighted merges of the fork's window (tagged
+/// [`Tag::DecayEmulation`]). Shapes whose fork or merges are missing are left out.
+pub(super) fn decay_emulation(
+    results: &Results,
+    forks: &[(DecayShape, &Trained)],
+) -> Vec<DecayEmulationRecord> {
+    let mut out = Vec::new();
+    for &(shape, fork) in forks {
+        let step = fork.step_offset + fork.last_step();
+        let window = |name: &str| {
+            results
+                .merges_tagged(Tag::DecayEmulation)
+                .find(|m| m.run == RunId::Trunk && m.step == step && m.method == name)
+        };
+        let (Some(annealed), Some(raw), Some(sma), Some(merge)) = (
+            results.checkpoint(fork.id, fork.last_step()),
+            results.checkpoint(RunId::Trunk, step),
+            window(WeightSpec::Sma.name()),
+            window(shape.method_name()),
+        ) else {
+            continue;
+        };
+        out.push(DecayEmulationRecord {
+            shape: shape.name().into(),
+            fork_run: fork.id.to_string(),
+            from_step: fork.step_offset,
+            step,
+            annealed_loss: annealed.val_loss,
+            raw_loss: raw.val_loss,
+            sma_loss: sma.val_loss,
+            decay_merge_id: merge.id.clone(),
+            decay_loss: merge.val_loss,
+            same_as_sma: merge.weights.len() == sma.weights.len()
+                && merge
+                    .weights
+                    .iter()
+                    .zip(&sma.weights)
+                    .all(|(a, b)| (a - b).abs() <= 1e-12),
+        });
     }
     out
 }

@@ -125,6 +125,7 @@ impl<'a> Lab<'a> {
             merges: Vec::new(),
             annealed: Vec::new(),
             predictions: Vec::new(),
+            decay_emulation: Vec::new(),
             continued: None,
             spike: None,
             findings: Vec::new(),

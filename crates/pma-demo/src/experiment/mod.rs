@@ -29,9 +29,17 @@ use crate::findings::derive_findings;
 use crate::ids::RunId;
 use crate::profile::{Profile, Scope};
 use crate::results::Results;
-use annealing::predictions;
+use annealing::{decay_emulation, predictions};
 use lab::{Lab, RunSpec, Trained};
-use plan::{branch_merge_specs, trunk_merge_specs};
+use plan::{branch_merge_specs, decay_emulation_specs, trunk_merge_specs};
+use pma_merge::DecayShape;
+
+/// A fork of the decay-emulation study: trained for it, or an annealing fork (by index) that
+/// already decays with that shape from that step.
+enum Shaped {
+    Trained(Trained),
+    Reused(usize),
+}
 
 /// What to run and where. Plain data.
 #[derive(Debug, Clone, PartialEq)]
@@ -114,12 +122,36 @@ pub fn run(
     // Annealing forks.
     let mut forks = Vec::new();
     for &from in &p.anneal_from {
-        forks.push(lab.fork_annealing(&trunk, from, p.decay_steps)?);
+        forks.push(lab.fork_annealing(&trunk, RunId::Anneal { from }, p.decay_steps)?);
+    }
+    // The decay-emulation study's forks, one per shape; an annealing fork above from the same
+    // step already decays with the trunk's shape, so that one is not trained twice.
+    let mut shaped = Vec::new();
+    if let (Some(from), Scope::Reproduce) = (p.shape_forks_from, config.scope) {
+        let default_shape = lab.trunk_config().decay_shape;
+        for shape in DecayShape::ALL {
+            let reused = (shape == default_shape && p.anneal_from.contains(&from))
+                .then(|| forks.iter().position(|f| f.id == RunId::Anneal { from }))
+                .flatten();
+            let fork = match reused {
+                Some(i) => Shaped::Reused(i),
+                None => Shaped::Trained(lab.fork_annealing(
+                    &trunk,
+                    RunId::AnnealShaped { from, shape },
+                    p.decay_steps,
+                )?),
+            };
+            shaped.push((shape, fork));
+        }
     }
 
     // Raw checkpoints.
     let mut to_eval: Vec<(&Trained, u64, PathBuf)> = Vec::new();
-    for t in std::iter::once(&trunk).chain(&forks) {
+    let shaped_trained = shaped.iter().filter_map(|(_, f)| match f {
+        Shaped::Trained(t) => Some(t),
+        Shaped::Reused(_) => None,
+    });
+    for t in std::iter::once(&trunk).chain(&forks).chain(shaped_trained) {
         for (step, path) in &t.checkpoints {
             to_eval.push((t, *step, path.clone()));
         }
@@ -132,6 +164,7 @@ pub fn run(
 
     // Merges of the trunk (grid, sweeps, prediction points) and of the forks.
     let mut specs = trunk_merge_specs(p, config.scope);
+    specs.extend(decay_emulation_specs(p, config.scope));
     if config.scope == Scope::Reproduce {
         for fork in &forks {
             specs.extend(branch_merge_specs(p, fork.id, fork.last_step()));
@@ -151,6 +184,14 @@ pub fn run(
         lab.record_annealed(fork, p.decay_steps);
     }
     lab.results.predictions = predictions(&lab.results);
+    let shaped: Vec<(DecayShape, &Trained)> = shaped
+        .iter()
+        .map(|(shape, f)| match f {
+            Shaped::Trained(t) => (*shape, t),
+            Shaped::Reused(i) => (*shape, &forks[*i]),
+        })
+        .collect();
+    lab.results.decay_emulation = decay_emulation(&lab.results, &shaped);
 
     if config.scope == Scope::Reproduce {
         lab.moe()?;

@@ -48,7 +48,13 @@ impl Lab<'_> {
         self.end_stage();
 
         // Its annealing fork, ending at the same step as the merges.
-        let fork = self.fork_annealing(&run, m.anneal_from, m.decay_steps)?;
+        let fork = self.fork_annealing(
+            &run,
+            RunId::MoeAnneal {
+                from: m.anneal_from,
+            },
+            m.decay_steps,
+        )?;
         self.eval_all(&fork)?;
         self.record_annealed(&fork, m.decay_steps);
         Ok(())

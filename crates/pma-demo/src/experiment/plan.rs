@@ -1,6 +1,6 @@
 //! Pure planning: which merges each study makes, from the profile alone.
 
-use pma_merge::WeightSpec;
+use pma_merge::{DecayShape, WeightSpec};
 
 use crate::ids::{RunId, Tag};
 use crate::profile::{Profile, Scope};
@@ -100,6 +100,30 @@ pub(crate) fn trunk_merge_specs(p: &Profile, scope: Scope) -> Vec<MergeSpec> {
     specs
 }
 
+/// The decay-emulation study's trunk merges: over the window of the shaped forks, every
+/// checkpoint from the forks' start to their end (N = D/K + 1, V = K), weighted by SMA and by
+/// each decay shape. A decay-shape merge of that window stands for the fork that decays with
+/// the same shape over the same steps (WSM, arXiv 2507.17634).
+pub(crate) fn decay_emulation_specs(p: &Profile, scope: Scope) -> Vec<MergeSpec> {
+    let Some(from) = p.shape_forks_from.filter(|_| scope == Scope::Reproduce) else {
+        return Vec::new();
+    };
+    let k = p.save_every;
+    let n = (p.decay_steps / k) as usize + 1;
+    let step = from + p.decay_steps;
+    std::iter::once(WeightSpec::Sma)
+        .chain(DecayShape::ALL.map(|shape| WeightSpec::Decay { shape }))
+        .map(|method| MergeSpec {
+            run: RunId::Trunk,
+            method,
+            n,
+            interval: k,
+            step,
+            tag: Tag::DecayEmulation,
+        })
+        .collect()
+}
+
 /// Merges inside an annealing branch, ending at its last checkpoint.
 pub(super) fn branch_merge_specs(p: &Profile, run: RunId, last_step: u64) -> Vec<MergeSpec> {
     let k = p.save_every;
@@ -143,6 +167,25 @@ mod tests {
         let specs = trunk_merge_specs(&p, Scope::Demo);
         let late: Vec<_> = specs.iter().filter(|s| s.step == 400).collect();
         assert_eq!(late.len(), 3 * p.ns.len());
+    }
+
+    #[test]
+    fn decay_emulation_merges_span_the_forks_window() {
+        let p = Profile::new(Scale::Full);
+        assert!(decay_emulation_specs(&p, Scope::Demo).is_empty());
+        let specs = decay_emulation_specs(&p, Scope::Reproduce);
+        let names: Vec<&str> = specs.iter().map(|s| s.method.name()).collect();
+        assert_eq!(
+            names,
+            ["sma", "decay-linear", "decay-cosine", "decay-1-sqrt"]
+        );
+        let from = p.shape_forks_from.unwrap();
+        for s in &specs {
+            // Oldest member: the checkpoint the forks start from; newest: where they end.
+            assert_eq!(s.step, from + p.decay_steps);
+            assert_eq!(s.step - s.interval * (s.n as u64 - 1), from);
+            assert!(fits(s.n, s.interval, s.step, p.save_every));
+        }
     }
 
     #[test]
