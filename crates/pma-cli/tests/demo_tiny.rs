@@ -24,7 +24,7 @@ fn arr<'a>(v: &'a Value, key: &str) -> &'a Vec<Value> {
 
 /// Checks the parts of `results.json` that every scope has.
 fn check_common(out: &Path, r: &Value) {
-    assert_eq!(r["schema_version"], 1);
+    assert_eq!(r["schema_version"], 2);
     assert!(r["seed"].is_u64());
     assert!(r["config"]["trunk_steps"].is_u64());
 
@@ -250,9 +250,26 @@ fn tiny_reproduce_covers_every_section() {
             finite(v, k);
         }
     }
+    // The spike study: a sweep, lowest LR first, then the rescue from its spiking run.
     let s = &r["spike"];
-    finite(&s["pre_spike_val_loss"], "pre_spike_val_loss");
-    assert!(s["from_raw"]["recovered"].is_boolean() && s["from_merge"]["recovered"].is_boolean());
+    let sweep = arr(s, "sweep");
+    assert!(!sweep.is_empty());
+    let lrs: Vec<f64> = sweep.iter().map(|w| w["lr"].as_f64().unwrap()).collect();
+    assert!(lrs.windows(2).all(|w| w[0] < w[1]), "{lrs:?}");
+    let x = &s["rescue"];
+    assert_eq!(
+        x["run"],
+        sweep.last().unwrap()["run"],
+        "the rescue starts from the last sweep run"
+    );
+    finite(&x["pre_spike_val_loss"], "pre_spike_val_loss");
+    finite(&x["merge_val_loss"], "merge_val_loss");
+    let resumes = arr(x, "resumes");
+    assert_eq!(
+        resumes.len(),
+        2 * 2,
+        "raw and PMA for each of the tiny profile's 2 orders"
+    );
     let ids: Vec<&str> = arr(&r, "findings")
         .iter()
         .map(|f| f["id"].as_str().unwrap())
@@ -263,7 +280,7 @@ fn tiny_reproduce_covers_every_section() {
         "large_v_hurts_early",
         "moe_merge_beats_newest",
         "pma_init_continued_training",
-        "pma_init_recovers_spike",
+        "pma_init_avoids_respike",
         "decay_merge_emulates_its_shape",
     ] {
         assert!(ids.contains(&id), "no finding {id}: {ids:?}");

@@ -42,24 +42,32 @@ pub enum RunId {
     ContinuedRaw,
     /// Continued training from a PMA merge. `ct-pma`.
     ContinuedPma,
-    /// The run with a deliberate LR spike. `spike`.
-    Spike,
-    /// Resumed after the spike from the newest pre-spike checkpoint. `resume-raw`.
-    ResumeRaw,
-    /// Resumed after the spike from the PMA merge. `resume-pma`.
-    ResumePma,
+    /// Run `index` of the spike study's LR sweep. `lr-sweep-{index}`.
+    LrSweep {
+        /// Its place in the sweep, lowest LR first.
+        index: usize,
+    },
+    /// Resumed at the spiking LR from the newest pre-spike checkpoint, with data order `order`.
+    /// `resume-raw-{order}`.
+    ResumeRaw {
+        /// Which data order (0-based).
+        order: u64,
+    },
+    /// Resumed at the spiking LR from the PMA merge, with data order `order`.
+    /// `resume-pma-{order}`.
+    ResumePma {
+        /// Which data order (0-based).
+        order: u64,
+    },
 }
 
 impl RunId {
     /// Every run without a parameter, for parsing.
-    const PLAIN: [RunId; 7] = [
+    const PLAIN: [RunId; 4] = [
         RunId::Trunk,
         RunId::Moe,
         RunId::ContinuedRaw,
         RunId::ContinuedPma,
-        RunId::Spike,
-        RunId::ResumeRaw,
-        RunId::ResumePma,
     ];
 
     fn plain_name(self) -> Option<&'static str> {
@@ -68,12 +76,12 @@ impl RunId {
             RunId::Moe => "moe",
             RunId::ContinuedRaw => "ct-raw",
             RunId::ContinuedPma => "ct-pma",
-            RunId::Spike => "spike",
-            RunId::ResumeRaw => "resume-raw",
-            RunId::ResumePma => "resume-pma",
-            RunId::Anneal { .. } | RunId::AnnealShaped { .. } | RunId::MoeAnneal { .. } => {
-                return None
-            }
+            RunId::Anneal { .. }
+            | RunId::AnnealShaped { .. }
+            | RunId::MoeAnneal { .. }
+            | RunId::LrSweep { .. }
+            | RunId::ResumeRaw { .. }
+            | RunId::ResumePma { .. } => return None,
         })
     }
 
@@ -93,7 +101,10 @@ impl RunId {
             (None, RunId::Anneal { from }) => fork_step(name, "anneal-") == Some(from),
             (None, RunId::MoeAnneal { from }) => fork_step(name, "moe-anneal-") == Some(from),
             (None, RunId::AnnealShaped { from, shape }) => shaped_fork(name) == Some((from, shape)),
-            (None, _) => unreachable!("only forks have no plain name"),
+            (None, RunId::LrSweep { index }) => fork_step(name, "lr-sweep-") == Some(index as u64),
+            (None, RunId::ResumeRaw { order }) => fork_step(name, "resume-raw-") == Some(order),
+            (None, RunId::ResumePma { order }) => fork_step(name, "resume-pma-") == Some(order),
+            (None, _) => unreachable!("only numbered runs have no plain name"),
         }
     }
 }
@@ -122,7 +133,10 @@ impl fmt::Display for RunId {
             (None, RunId::AnnealShaped { from, shape }) => {
                 write!(f, "anneal-{from}-{}", shape.name())
             }
-            (None, _) => unreachable!("only forks have no plain name"),
+            (None, RunId::LrSweep { index }) => write!(f, "lr-sweep-{index}"),
+            (None, RunId::ResumeRaw { order }) => write!(f, "resume-raw-{order}"),
+            (None, RunId::ResumePma { order }) => write!(f, "resume-pma-{order}"),
+            (None, _) => unreachable!("only numbered runs have no plain name"),
         }
     }
 }
@@ -141,6 +155,17 @@ impl FromStr for RunId {
         }
         if let Some((from, shape)) = shaped_fork(s) {
             return Ok(RunId::AnnealShaped { from, shape });
+        }
+        if let Some(index) = fork_step(s, "lr-sweep-") {
+            return Ok(RunId::LrSweep {
+                index: index as usize,
+            });
+        }
+        if let Some(order) = fork_step(s, "resume-raw-") {
+            return Ok(RunId::ResumeRaw { order });
+        }
+        if let Some(order) = fork_step(s, "resume-pma-") {
+            return Ok(RunId::ResumePma { order });
         }
         Err(format!("'{s}' is not a demo run"))
     }
@@ -243,9 +268,10 @@ pub(crate) mod seed_offset {
     pub(crate) const MOE: u64 = 1;
     /// Both continued-training runs: the same batches, so only the init differs.
     pub(crate) const CONTINUED: u64 = 2;
-    /// The spiking run.
+    /// Every run of the LR sweep (the same init and batches; only the LR differs).
     pub(crate) const SPIKE: u64 = 3;
-    /// Both resumptions after the spike.
+    /// The resumptions after the spike, plus their data order: raw and PMA of one order see
+    /// the same batches.
     pub(crate) const SPIKE_RESUME: u64 = 4;
 }
 
@@ -270,9 +296,9 @@ mod tests {
             RunId::MoeAnneal { from: 0 },
             RunId::ContinuedRaw,
             RunId::ContinuedPma,
-            RunId::Spike,
-            RunId::ResumeRaw,
-            RunId::ResumePma,
+            RunId::LrSweep { index: 2 },
+            RunId::ResumeRaw { order: 0 },
+            RunId::ResumePma { order: 1 },
         ];
         let names: Vec<String> = all.iter().map(RunId::to_string).collect();
         assert_eq!(
@@ -286,9 +312,9 @@ mod tests {
                 "moe-anneal-0",
                 "ct-raw",
                 "ct-pma",
-                "spike",
-                "resume-raw",
-                "resume-pma"
+                "lr-sweep-2",
+                "resume-raw-0",
+                "resume-pma-1"
             ]
         );
         for (id, name) in all.iter().zip(&names) {

@@ -388,18 +388,38 @@ pub fn draw_all(r: &Results, out: &Path) -> Result<Vec<String>> {
             )
         })?;
     }
-    if r.spike.is_some() {
-        let runs = [
-            (RunId::Spike, "spiking run"),
-            (RunId::ResumeRaw, "resumed from pre-spike ckpt"),
-            (RunId::ResumePma, "resumed from PMA merge"),
-        ];
+    if let Some(s) = &r.spike {
+        let sweep: Vec<(RunId, String)> = s
+            .sweep
+            .iter()
+            .filter_map(|w| Some((w.run.parse().ok()?, format!("LR {:e}", w.lr))))
+            .collect();
+        let mut rescue: Vec<(RunId, String)> = Vec::new();
+        if let Some(x) = &s.rescue {
+            if let Ok(id) = x.run.parse() {
+                rescue.push((id, "spiking run".into()));
+            }
+            for q in &x.resumes {
+                if let Ok(id) = q.run.parse() {
+                    let from = if q.from_merge { "PMA" } else { "raw" };
+                    rescue.push((id, format!("{from}, order {}", q.order)));
+                }
+            }
+        }
+        let sweep: Vec<(RunId, &str)> = sweep.iter().map(|(id, l)| (*id, l.as_str())).collect();
+        let rescue: Vec<(RunId, &str)> = rescue.iter().map(|(id, l)| (*id, l.as_str())).collect();
         put("spike.png", &|p| {
             draw_charts(
                 p,
                 &[
-                    curve_chart(r, &runs, "Loss spike: train loss", false, true),
-                    spike_val_chart(r),
+                    curve_chart(r, &sweep, "LR sweep: train loss", false, false),
+                    curve_chart(
+                        r,
+                        &rescue,
+                        "Rescue at the spiking LR: train loss",
+                        false,
+                        true,
+                    ),
                 ],
             )
         })?;
@@ -681,32 +701,6 @@ fn curve_chart(
         } else {
             "train loss".into()
         },
-        series,
-    }
-}
-
-fn spike_val_chart(r: &Results) -> Chart {
-    let series = [
-        (RunId::Spike, "spiking run"),
-        (RunId::ResumeRaw, "resumed from pre-spike ckpt"),
-        (RunId::ResumePma, "resumed from PMA merge"),
-    ]
-    .iter()
-    .map(|(name, label)| Series {
-        label: (*label).into(),
-        points: r
-            .checkpoints
-            .iter()
-            .filter(|c| c.run == *name)
-            .map(|c| (c.global_step as f64, c.val_loss))
-            .collect(),
-        mark: Mark::LineDots,
-    })
-    .collect();
-    Chart {
-        title: "Loss spike: validation loss".into(),
-        x_label: "step (spiking run's count)".into(),
-        y_label: "val loss".into(),
         series,
     }
 }

@@ -111,23 +111,25 @@ pub struct ContinuedProfile {
     pub n: usize,
 }
 
-/// Loss-spike recovery.
+/// Loss-spike rescue: an LR sweep that finds a spontaneous spike, then resumptions from before
+/// it (see `experiment/spike.rs`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SpikeProfile {
-    /// Steps of the spiking run (it may stop earlier when it diverges).
+    /// Constant LRs of the sweep, as multiples of the trunk's peak LR, lowest first. The sweep
+    /// stops at the first that spikes with `n` checkpoints before the spike.
+    pub lr_multiples: Vec<f64>,
+    /// Steps of each sweep run (warmup as the trunk's, then constant; a diverging run stops).
     pub steps: u64,
-    /// Checkpoint interval of the spiking run.
+    /// Checkpoint interval of the sweep runs.
     pub save_every: u64,
-    /// First step of the LR spike (0-based update index).
-    pub spike_step: u64,
-    /// LR multiplier during the spike.
-    pub factor: f64,
-    /// Length of the spike in steps.
-    pub len_steps: u64,
-    /// Checkpoints before the spike merged into the PMA-init.
+    /// Checkpoints up to the last pre-spike one, merged by SMA into the PMA-init.
     pub n: usize,
-    /// Steps each resumed run trains.
+    /// Steps each resumption trains at the spiking LR.
     pub resume_steps: u64,
+    /// Data orders every resumption is repeated with.
+    pub resume_orders: usize,
+    /// The spike rule's threshold: a loss above this times the median of the ten before it.
+    pub jump_ratio: f64,
 }
 
 /// Every number an experiment needs. Plain data; built by [`Profile::new`].
@@ -252,13 +254,15 @@ impl Profile {
                     n: 3,
                 },
                 spike: SpikeProfile {
+                    lr_multiples: vec![2.0, 4.0, 8.0, 16.0, 32.0],
                     steps: 40,
-                    save_every: 5,
-                    spike_step: 25,
-                    factor: 30.0,
-                    len_steps: 5,
+                    save_every: 2,
                     n: 3,
-                    resume_steps: 15,
+                    resume_steps: 12,
+                    resume_orders: 2,
+                    // Tiny runs are too short to spike: any rise over the recent median counts,
+                    // so CI exercises the rescue. Tiny verdicts mean nothing.
+                    jump_ratio: 1.0,
                 },
             },
             Scale::Quick => Profile {
@@ -296,13 +300,13 @@ impl Profile {
                     n: 6,
                 },
                 spike: SpikeProfile {
-                    steps: 200,
+                    lr_multiples: vec![2.0, 4.0, 8.0, 16.0, 32.0],
+                    steps: 300,
                     save_every: 20,
-                    spike_step: 150,
-                    factor: 30.0,
-                    len_steps: 10,
                     n: 3,
-                    resume_steps: 60,
+                    resume_steps: 100,
+                    resume_orders: 3,
+                    jump_ratio: 1.3,
                 },
             },
             Scale::Full => Profile {
@@ -340,13 +344,13 @@ impl Profile {
                     n: 6,
                 },
                 spike: SpikeProfile {
-                    steps: 600,
-                    save_every: 50,
-                    spike_step: 400,
-                    factor: 30.0,
-                    len_steps: 20,
+                    lr_multiples: vec![2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0],
+                    steps: 500,
+                    save_every: 25,
                     n: 3,
                     resume_steps: 200,
+                    resume_orders: 5,
+                    jump_ratio: 1.3,
                 },
             },
         }
@@ -409,13 +413,32 @@ impl Profile {
                 );
             }
             let s = &self.spike;
-            if s.save_every == 0 || s.spike_step < s.save_every * s.n as u64 {
+            let ascending = s.lr_multiples.windows(2).all(|w| w[0] < w[1]);
+            if s.lr_multiples.is_empty() || !ascending || s.lr_multiples[0] <= 0.0 {
                 return bad(
-                    "spike.spike_step",
+                    "spike.lr_multiples",
+                    "the sweep needs positive LR multiples, lowest first".into(),
+                );
+            }
+            if s.save_every == 0 || s.n == 0 || s.steps < s.save_every * (s.n as u64 + 1) {
+                return bad(
+                    "spike.steps",
                     format!(
-                        "{} leaves fewer than {} checkpoints before the spike",
-                        s.spike_step, s.n
+                        "{} steps cannot hold {} checkpoints every {} before a spike",
+                        s.steps, s.n, s.save_every
                     ),
+                );
+            }
+            if s.jump_ratio.is_nan() || s.jump_ratio < 1.0 {
+                return bad(
+                    "spike.jump_ratio",
+                    format!("{} would flag a loss that fell", s.jump_ratio),
+                );
+            }
+            if s.resume_orders == 0 || s.resume_steps == 0 {
+                return bad(
+                    "spike.resume_orders",
+                    "the rescue needs at least one data order and one step".into(),
                 );
             }
         }

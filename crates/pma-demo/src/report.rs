@@ -418,42 +418,62 @@ pub fn render_report(r: &Results) -> String {
         let _ = writeln!(o, "\n![continued training](plots/continued.png)\n");
     }
     if let Some(s) = &r.spike {
-        let _ = writeln!(o, "## Loss-spike recovery\n");
-        let spike_run = r.run(RunId::Spike);
+        let _ = writeln!(o, "## Loss-spike rescue\n");
         let _ = writeln!(
             o,
-            "The run `{}` multiplies the LR by {} for {} steps from step {}{}. Training loss before the spike {:.3}, largest after {}. Both resumptions face the rest of the same spike, with fresh optimizers and the same batches.\n",
-            s.run, s.factor, s.len_steps, s.spike_step,
-            spike_run.and_then(|r| r.diverged_at).map_or(String::new(), |d| format!(" (it diverged at step {d})")),
-            s.pre_spike_train_loss, loss(s.max_train_loss)
+            "Spikes here come from training at too high a constant LR, as in the paper, not from an injected one. An LR sweep (the same init and batches; warmup, then a constant LR) runs from the lowest LR up and stops at the first run that spikes with {} checkpoints before the spike. Spike rule, fixed before any run: {}.\n",
+            r.config.spike.n, s.rule
         );
-        let _ = writeln!(o, "| resumed from | init val loss | final val loss | max train loss | recovered |\n|---|---|---|---|---|");
-        let spike_last = r
-            .checkpoints
-            .iter()
-            .filter(|c| c.run == s.run)
-            .max_by_key(|c| c.step);
-        if let Some(c) = spike_last {
+        let _ = writeln!(o, "| run | LR | × trunk LR | spike at step | diverged at | max train loss |\n|---|---|---|---|---|---|");
+        for w in &s.sweep {
             let _ = writeln!(
                 o,
-                "| (no resumption: the spiking run itself, step {}) | – | {} | {} | – |",
-                c.step,
-                loss(s.final_val_loss),
-                loss(s.max_train_loss)
+                "| {} | {:e} | {} | {} | {} | {} |",
+                w.run,
+                w.lr,
+                w.lr_multiple,
+                w.spike_step.map_or("–".into(), |t| t.to_string()),
+                w.diverged_at.map_or("–".into(), |t| t.to_string()),
+                loss(w.max_train_loss)
             );
         }
-        for rec in [&s.from_raw, &s.from_merge] {
-            let _ = writeln!(
-                o,
-                "| `{}` | {} | {} | {} | {} |",
-                rec.init,
-                loss(rec.init_val_loss),
-                loss(rec.final_val_loss),
-                loss(rec.max_train_loss),
-                if rec.recovered { "yes" } else { "no" }
-            );
+        match &s.rescue {
+            None => {
+                let _ = writeln!(o, "\nNo LR in the sweep spiked with enough checkpoints before the spike, so no rescue was tried.\n");
+            }
+            Some(x) => {
+                let _ = writeln!(
+                    o,
+                    "\n`{}` spiked at step {}. Every resumption trains {} steps at its LR ({:e}) with a fresh optimizer and a {}-step warmup, from the step-{} checkpoint (val {}) or from the SMA merge `{}` of the {} checkpoints ending there (val {}). Raw and PMA resumptions of one data order see the same batches.\n",
+                    x.run, x.spike_step, r.config.spike.resume_steps, x.lr, r.config.continued.warmup_steps,
+                    x.pre_spike_step, loss(x.pre_spike_val_loss), x.merge_id, r.config.spike.n, loss(x.merge_val_loss)
+                );
+                let _ = writeln!(o, "| data order | from | spiked again at | max train loss | final val loss |\n|---|---|---|---|---|");
+                for q in &x.resumes {
+                    let _ = writeln!(
+                        o,
+                        "| {} | {} | {} | {} | {} |",
+                        q.order,
+                        if q.from_merge {
+                            "PMA merge"
+                        } else {
+                            "raw checkpoint"
+                        },
+                        q.spike_step.map_or("–".into(), |t| t.to_string()),
+                        loss(q.max_train_loss),
+                        loss(q.final_val_loss)
+                    );
+                }
+                let ((rs, n), (ps, _)) = (x.respikes(false), x.respikes(true));
+                let _ = writeln!(
+                    o,
+                    "\nSpiked again: raw {rs}/{n}, PMA {ps}/{n}. Mean final val loss: raw {}, PMA {} (a diverged run counts as infinite).\n",
+                    loss(x.mean_final_loss(false)),
+                    loss(x.mean_final_loss(true))
+                );
+            }
         }
-        let _ = writeln!(o, "\n(\"recovered\": finished finite with a final validation loss at most 5% above the pre-spike checkpoint's {}.)\n\n![loss spike](plots/spike.png)\n", loss(s.pre_spike_val_loss));
+        let _ = writeln!(o, "![loss spike](plots/spike.png)\n");
     }
 
     // Runs and timings.

@@ -14,7 +14,7 @@ use crate::ids::{RunId, Tag};
 use crate::profile::Profile;
 
 /// Version of the `results.json` layout.
-pub const RESULTS_SCHEMA_VERSION: u32 = 1;
+pub const RESULTS_SCHEMA_VERSION: u32 = 2;
 
 /// The whole record of one `pma demo` / `pma reproduce` invocation.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -306,55 +306,109 @@ pub struct ContinuedRecord {
     pub grad_norm_std: (f64, f64),
 }
 
-/// One resumption after a loss spike.
+/// One run of the spike study's LR sweep.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct RecoveryRecord {
+pub struct SweepRecord {
     /// The run.
     pub run: String,
-    /// What it started from, relative to the output directory.
-    pub init: String,
-    /// Validation loss of the init.
-    pub init_val_loss: f64,
+    /// Its constant LR.
+    pub lr: f64,
+    /// That LR over the trunk's.
+    pub lr_multiple: f64,
+    /// First step the spike rule flagged, if any.
+    pub spike_step: Option<u64>,
+    /// `Some(step)` when it stopped on a non-finite loss.
+    pub diverged_at: Option<u64>,
+    /// Largest training loss after warmup (non-finite when it diverged).
+    #[serde(with = "finite_or_null")]
+    pub max_train_loss: f64,
+}
+
+/// One resumption at the spiking LR.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ResumeRecord {
+    /// The run.
+    pub run: String,
+    /// Started from the PMA merge (else from the newest pre-spike checkpoint).
+    pub from_merge: bool,
+    /// Its data order.
+    pub order: u64,
+    /// First step the spike rule flagged, if any.
+    pub spike_step: Option<u64>,
+    /// Largest training loss (non-finite when it diverged).
+    #[serde(with = "finite_or_null")]
+    pub max_train_loss: f64,
     /// Validation loss at its end (non-finite when it diverged).
     #[serde(with = "finite_or_null")]
     pub final_val_loss: f64,
-    /// Largest training loss during the resumed run (non-finite when it diverged).
-    #[serde(with = "finite_or_null")]
-    pub max_train_loss: f64,
-    /// It finished finite with a final validation loss no worse than 5% above the pre-spike
-    /// checkpoint's.
-    pub recovered: bool,
 }
 
-/// Loss-spike recovery.
+/// The rescue from the spiking run of the sweep.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SpikeRescueRecord {
+    /// The spiking sweep run.
+    pub run: String,
+    /// Its LR, at which every resumption trains.
+    pub lr: f64,
+    /// The step its spike was flagged at.
+    pub spike_step: u64,
+    /// The newest checkpoint before the spike.
+    pub pre_spike_step: u64,
+    /// Mean training loss of the steps up to that checkpoint.
+    pub pre_spike_train_loss: f64,
+    /// That checkpoint's validation loss.
+    pub pre_spike_val_loss: f64,
+    /// The SMA merge of the checkpoints ending there.
+    pub merge_id: String,
+    /// Its validation loss.
+    pub merge_val_loss: f64,
+    /// Every resumption, raw and PMA per data order.
+    pub resumes: Vec<ResumeRecord>,
+}
+
+impl SpikeRescueRecord {
+    /// Resumptions from the merge (`true`) or the raw checkpoint that spiked again, and how
+    /// many there were.
+    pub fn respikes(&self, from_merge: bool) -> (usize, usize) {
+        let of: Vec<&ResumeRecord> = self
+            .resumes
+            .iter()
+            .filter(|r| r.from_merge == from_merge)
+            .collect();
+        (
+            of.iter().filter(|r| r.spike_step.is_some()).count(),
+            of.len(),
+        )
+    }
+
+    /// Mean final validation loss of the resumptions from the merge (`true`) or the raw
+    /// checkpoint; a diverged one counts as infinite.
+    pub fn mean_final_loss(&self, from_merge: bool) -> f64 {
+        let losses: Vec<f64> = self
+            .resumes
+            .iter()
+            .filter(|r| r.from_merge == from_merge)
+            .map(|r| {
+                if r.final_val_loss.is_finite() {
+                    r.final_val_loss
+                } else {
+                    f64::INFINITY
+                }
+            })
+            .collect();
+        losses.iter().sum::<f64>() / losses.len() as f64
+    }
+}
+
+/// Loss-spike rescue.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SpikeRecord {
-    /// The spiking run.
-    pub run: String,
-    /// First spiked step and its LR factor and length.
-    pub spike_step: u64,
-    /// LR multiplier.
-    pub factor: f64,
-    /// Spike length.
-    pub len_steps: u64,
-    /// Mean training loss of the steps just before the spike.
-    pub pre_spike_train_loss: f64,
-    /// Largest training loss from the spike on (non-finite when it diverged).
-    #[serde(with = "finite_or_null")]
-    pub max_train_loss: f64,
-    /// The run's last validation loss after the spike (non-finite when it diverged).
-    #[serde(with = "finite_or_null")]
-    pub final_val_loss: f64,
-    /// Newest checkpoint before the spike.
-    pub pre_spike_step: u64,
-    /// Its validation loss.
-    pub pre_spike_val_loss: f64,
-    /// The PMA merge of the checkpoints before the spike.
-    pub merge_id: String,
-    /// Resumed from the newest pre-spike checkpoint.
-    pub from_raw: RecoveryRecord,
-    /// Resumed from the PMA merge.
-    pub from_merge: RecoveryRecord,
+    /// The spike rule, in words.
+    pub rule: String,
+    /// The LR sweep, lowest LR first, up to the first run that spiked in time.
+    pub sweep: Vec<SweepRecord>,
+    /// The rescue, when a sweep run spiked with enough checkpoints before the spike.
+    pub rescue: Option<SpikeRescueRecord>,
 }
 
 /// One claim of the paper, checked here.
