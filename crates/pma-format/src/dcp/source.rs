@@ -113,6 +113,17 @@ impl MappedFile {
         }
     }
 
+    /// Drops from our RSS every page a read inside `r` may have mapped, not only those inside
+    /// it: a fault maps the whole page-cache folio it hits (up to [`FOLIO_SPAN`], kernel 6.18)
+    /// or a 64 KiB fault-around window, so bytes around a small read come in too. Only for
+    /// ranges no one else is reading (opening a checkpoint): the pipeline, whose jobs read
+    /// neighbouring ranges at once, releases exactly what it read.
+    pub(crate) fn release_around(&self, r: Range<u64>) {
+        let start = r.start / FOLIO_SPAN * FOLIO_SPAN;
+        let end = r.end.div_ceil(FOLIO_SPAN).saturating_mul(FOLIO_SPAN);
+        self.release(start..end.min(self.len()));
+    }
+
     pub(crate) fn release(&self, r: Range<u64>) {
         let page = page_size();
         let start = r.start.div_ceil(page) * page;
@@ -131,6 +142,10 @@ impl MappedFile {
         }
     }
 }
+
+/// The largest page-cache folio a fault may map at once on x86-64 and arm64 with 4 KiB pages
+/// (a PMD, 2 MiB); folios are aligned to their size in the file.
+const FOLIO_SPAN: u64 = 2 << 20;
 
 fn page_size() -> u64 {
     // SAFETY: sysconf has no preconditions.
