@@ -103,7 +103,11 @@ impl MappedFile {
     }
 
     fn prefetch(&self, r: Range<u64>) {
-        if r.start < r.end {
+        // On a warm cache the advice is pure cost: the kernel still looks up every 4 KiB page
+        // of the range (5% of a warm W8 DCP merge's CPU, on the pipeline's serial prefetch
+        // path). When the range's first and last pages are cached, the ones between (read
+        // with them) almost always are too; a page that is not faults in when read.
+        if r.start < r.end && !(self.is_cached(r.start) && self.is_cached(r.end - 1)) {
             // Advice is a hint: failure changes speed, never results.
             let _ = self.mmap.advise_range(
                 Advice::WillNeed,
@@ -111,6 +115,37 @@ impl MappedFile {
                 (r.end - r.start) as usize,
             );
         }
+    }
+
+    /// Drops from our RSS every page a read inside `r` may have mapped, not only those inside
+    /// it: a fault maps the whole page-cache folio it hits (up to [`FOLIO_SPAN`], kernel 6.18)
+    /// or a 64 KiB fault-around window, so bytes around a small read come in too. Only for
+    /// ranges no one else is reading (opening a checkpoint): the pipeline, whose jobs read
+    /// neighbouring ranges at once, releases exactly what it read.
+    /// Whether the page holding byte `at` is in the page cache (mapped by us or not). A failed
+    /// query answers no, so the caller prefetches.
+    fn is_cached(&self, at: u64) -> bool {
+        if at >= self.len() {
+            return false;
+        }
+        let page = page_size();
+        let start = at / page * page;
+        let mut vec = 0u8;
+        // SAFETY: one page of our own live mapping, and a one-byte result vector for it.
+        let rc = unsafe {
+            libc::mincore(
+                self.mmap.as_ptr().add(start as usize) as *mut libc::c_void,
+                1,
+                &mut vec,
+            )
+        };
+        rc == 0 && vec & 1 == 1
+    }
+
+    pub(crate) fn release_around(&self, r: Range<u64>) {
+        let start = r.start / FOLIO_SPAN * FOLIO_SPAN;
+        let end = r.end.div_ceil(FOLIO_SPAN).saturating_mul(FOLIO_SPAN);
+        self.release(start..end.min(self.len()));
     }
 
     pub(crate) fn release(&self, r: Range<u64>) {
@@ -131,6 +166,10 @@ impl MappedFile {
         }
     }
 }
+
+/// The largest page-cache folio a fault may map at once on x86-64 and arm64 with 4 KiB pages
+/// (a PMD, 2 MiB); folios are aligned to their size in the file.
+const FOLIO_SPAN: u64 = 2 << 20;
 
 fn page_size() -> u64 {
     // SAFETY: sysconf has no preconditions.
@@ -621,6 +660,20 @@ mod tests {
         let e = t.verify().unwrap_err();
         assert!(matches!(e, Error::FileChangedWhileMapped { .. }), "{e}");
         assert!(e.to_string().contains("__0_0.distcp"), "{e}");
+    }
+
+    #[test]
+    fn cache_residency_is_read_per_page_and_past_the_end_is_not_cached() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("__0_0.distcp");
+        std::fs::write(&path, vec![7u8; 3 * 4096 + 5]).unwrap();
+        // Reading the file puts every page in the page cache, whatever the filesystem.
+        assert_eq!(std::fs::read(&path).unwrap().len(), 3 * 4096 + 5);
+        let file = MappedFile::open(&path).unwrap();
+        assert!(file.is_cached(0) && file.is_cached(3 * 4096 + 4));
+        assert!(!file.is_cached(3 * 4096 + 5) && !file.is_cached(u64::MAX));
+        let empty = tempfile::NamedTempFile::new().unwrap();
+        assert!(!MappedFile::open(empty.path()).unwrap().is_cached(0));
     }
 
     #[test]
