@@ -135,6 +135,99 @@ pub fn execute(
     })
 }
 
+/// Executes an HF `plan` into `out`, an object-store URL, with no local copy of the weights:
+/// every shard is streamed into its own multipart upload while the merge computes
+/// ([`pma_format::StreamWriter`] on a URL), parts leaving as they fill, so memory stays at a
+/// few parts per upload and the store's write runs alongside the reads and the kernel.
+///
+/// The order keeps a half-written output from ever looking loadable (see
+/// [`pma_format::remote::Publication`]): an existing output (with `overwrite`) loses its
+/// commit file and its stale objects first; the sidecars (staged in `staging`, a local
+/// folder the caller owns and removes) go next; then the shards, each visible only once
+/// complete; and last the file that makes the output loadable: the shard index, or the lone
+/// `model.safetensors` (the last shard) when there is one shard, or the single file itself.
+/// A merge that fails deletes what it uploaded, so it leaves nothing to block a rerun.
+/// A DCP plan is staged locally and published whole by the caller instead.
+pub fn execute_to_store(
+    plan: &MergePlan,
+    out: &Path,
+    staging: &Path,
+    opts: &ExecOptions<'_>,
+    progress: &dyn Progress,
+) -> Result<MergeReport> {
+    let started = std::time::Instant::now();
+    crate::placement::check_plan_output(plan, out)?;
+    if plan.output_format() == OutputFormat::Dcp {
+        return Err(pma_format::Error::RemoteUnsupported {
+            url: out.to_string_lossy().into_owned(),
+            reason: "a DCP output is staged locally and published whole, not streamed".into(),
+        }
+        .into());
+    }
+    let mut sidecars = SidecarsCopied::default();
+    if !plan.single_file {
+        let newest = &plan.inputs[plan.inputs.len() - 1];
+        sidecars = copy_sidecars(newest.store(), plan.config.out_dtype, staging)?;
+    }
+    let mut names: Vec<String> = plan.shards.iter().map(|(n, _)| n.clone()).collect();
+    if plan.shards.len() > 1 {
+        names.push(pma_format::checkpoint::INDEX_FILE_NAME.to_string());
+    }
+    names.extend(
+        sidecars
+            .copied
+            .iter()
+            .map(|s| s.trim_end_matches('/').to_string()),
+    );
+    let mut publication = pma_format::remote::Publication::begin(out, opts.overwrite, &names)?;
+    if !plan.single_file {
+        publication.upload_dir(staging)?;
+    }
+    let files: Vec<ShardFile> = plan
+        .shards
+        .iter()
+        .map(|(name, range)| ShardFile {
+            path: if plan.single_file {
+                out.to_path_buf()
+            } else {
+                publication.url_of(name)
+            },
+            tensors: range
+                .clone()
+                .map(|t| (t, plan.tensors[t].spec.clone()))
+                .collect(),
+        })
+        .collect();
+    // The sink finishes each shard's upload as the next begins, and writes the index (an
+    // upload too) after the last one: the commit.
+    let sink = SafetensorsSink::new(files, plan.metadata.clone(), opts.direct_io, 0);
+    let kernel = MergeKernel::new(plan)?;
+    let total_read: u64 = plan.bytes_read_per_input().iter().sum();
+    let order = tensor_major(&plan.job_regions());
+    let report = match run_merge(plan, &order, &kernel, sink, opts, progress) {
+        Ok(report) => report,
+        Err(e) => {
+            // Unfinished uploads were aborted as their writers dropped; finished shards and
+            // the sidecars go too.
+            let shards: Vec<String> = plan.shards.iter().map(|(n, _)| n.clone()).collect();
+            publication.discard(if plan.single_file { &[] } else { &shards });
+            return Err(e);
+        }
+    };
+    publication.finish();
+    let elapsed_secs = started.elapsed().as_secs_f64();
+    Ok(MergeReport {
+        plan: plan.summary(report.threads),
+        output: out.to_path_buf(),
+        sidecars: sidecars.copied,
+        sidecars_skipped: sidecars.skipped,
+        warnings: report.warnings,
+        elapsed_secs,
+        read_bytes_per_sec: total_read as f64 / elapsed_secs.max(1e-9),
+        stale_staging: Vec::new(),
+    })
+}
+
 /// Merges the tensors of `files` (some or all of the plan's shards, each at its own path) and
 /// writes them, with the shard index when `index` is set and there is more than one file;
 /// `also` sees every job's output too (after the file writer). Tensors of shards not in `files`
