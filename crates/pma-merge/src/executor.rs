@@ -94,24 +94,15 @@ pub fn execute(
         OutputKind::Dir
     };
     let staged = StagedOutput::create(out, kind, publish)?;
-    let files: Vec<ShardFile> = plan
-        .shards
-        .iter()
-        .map(|(name, range)| ShardFile {
-            path: if plan.single_file {
-                staged.path().to_path_buf()
-            } else {
-                staged.path().join(name)
-            },
-            tensors: range
-                .clone()
-                .map(|t| (t, plan.tensors[t].spec.clone()))
-                .collect(),
-        })
-        .collect();
+    let files = shard_files(plan, |name| {
+        if plan.single_file {
+            staged.path().to_path_buf()
+        } else {
+            staged.path().join(name)
+        }
+    });
     let sink = SafetensorsSink::new(files, plan.metadata.clone(), opts.direct_io, 0);
     let kernel = MergeKernel::new(plan)?;
-    let total_read: u64 = plan.bytes_read_per_input().iter().sum();
     let order = tensor_major(&plan.job_regions());
     let report = run_merge(plan, &order, &kernel, sink, opts, progress)?;
 
@@ -122,17 +113,14 @@ pub fn execute(
     }
     let stale_staging = staged.stale_kept().to_vec();
     staged.commit()?;
-    let elapsed_secs = started.elapsed().as_secs_f64();
-    Ok(MergeReport {
-        plan: plan.summary(report.threads),
-        output: out.to_path_buf(),
-        sidecars: sidecars.copied,
-        sidecars_skipped: sidecars.skipped,
-        warnings: report.warnings,
-        elapsed_secs,
-        read_bytes_per_sec: total_read as f64 / elapsed_secs.max(1e-9),
+    Ok(hf_report(
+        plan,
+        out,
+        sidecars,
+        report,
+        started,
         stale_staging,
-    })
+    ))
 }
 
 /// Executes an HF `plan` into `out`, an object-store URL, with no local copy of the weights:
@@ -183,26 +171,17 @@ pub fn execute_to_store(
     if !plan.single_file {
         publication.upload_dir(staging)?;
     }
-    let files: Vec<ShardFile> = plan
-        .shards
-        .iter()
-        .map(|(name, range)| ShardFile {
-            path: if plan.single_file {
-                out.to_path_buf()
-            } else {
-                publication.url_of(name)
-            },
-            tensors: range
-                .clone()
-                .map(|t| (t, plan.tensors[t].spec.clone()))
-                .collect(),
-        })
-        .collect();
+    let files = shard_files(plan, |name| {
+        if plan.single_file {
+            out.to_path_buf()
+        } else {
+            publication.url_of(name)
+        }
+    });
     // The sink finishes each shard's upload as the next begins, and writes the index (an
     // upload too) after the last one: the commit.
     let sink = SafetensorsSink::new(files, plan.metadata.clone(), opts.direct_io, 0);
     let kernel = MergeKernel::new(plan)?;
-    let total_read: u64 = plan.bytes_read_per_input().iter().sum();
     let order = tensor_major(&plan.job_regions());
     let report = match run_merge(plan, &order, &kernel, sink, opts, progress) {
         Ok(report) => report,
@@ -215,8 +194,21 @@ pub fn execute_to_store(
         }
     };
     publication.finish();
+    Ok(hf_report(plan, out, sidecars, report, started, Vec::new()))
+}
+
+/// What an HF merge of `plan` into `out` that began at `started` reports.
+fn hf_report(
+    plan: &MergePlan,
+    out: &Path,
+    sidecars: SidecarsCopied,
+    report: PipelineReport,
+    started: std::time::Instant,
+    stale_staging: Vec<PathBuf>,
+) -> MergeReport {
+    let total_read: u64 = plan.bytes_read_per_input().iter().sum();
     let elapsed_secs = started.elapsed().as_secs_f64();
-    Ok(MergeReport {
+    MergeReport {
         plan: plan.summary(report.threads),
         output: out.to_path_buf(),
         sidecars: sidecars.copied,
@@ -224,8 +216,22 @@ pub fn execute_to_store(
         warnings: report.warnings,
         elapsed_secs,
         read_bytes_per_sec: total_read as f64 / elapsed_secs.max(1e-9),
-        stale_staging: Vec::new(),
-    })
+        stale_staging,
+    }
+}
+
+/// The plan's shards as the sink's files, shard `name` written at `path_of(name)`.
+fn shard_files(plan: &MergePlan, path_of: impl Fn(&str) -> PathBuf) -> Vec<ShardFile> {
+    plan.shards
+        .iter()
+        .map(|(name, range)| ShardFile {
+            path: path_of(name),
+            tensors: range
+                .clone()
+                .map(|t| (t, plan.tensors[t].spec.clone()))
+                .collect(),
+        })
+        .collect()
 }
 
 /// Merges the tensors of `files` (some or all of the plan's shards, each at its own path) and

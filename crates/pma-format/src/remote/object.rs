@@ -85,6 +85,22 @@ impl Shared {
         k * PREFETCH_BLOCK_BYTES..((k + 1) * PREFETCH_BLOCK_BYTES).min(self.n_bytes)
     }
 
+    fn block_len(&self, k: u64) -> u64 {
+        let r = self.block_range(k);
+        r.end - r.start
+    }
+
+    fn lock_blocks(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Block>> {
+        self.blocks
+            .lock()
+            .expect("block table lock is never poisoned")
+    }
+
+    /// Whether `range` is one that blocks serve (non-empty, inside the object).
+    fn in_blocks(&self, range: &Range<u64>) -> bool {
+        !range.is_empty() && range.end <= self.n_bytes
+    }
+
     /// Spawns block `k`'s download (its bytes already counted in the budget).
     fn start(&self, k: u64) -> Pending {
         // Spawned, so the download runs whether or not anyone waits on it yet.
@@ -116,24 +132,19 @@ fn start_queued() {
                 queue.pop_front();
                 continue;
             };
-            let n = object.block_range(*k).end - object.block_range(*k).start;
-            if !reserve(n) {
+            if !reserve(object.block_len(*k)) {
                 return;
             }
             let k = *k;
             queue.pop_front();
             (object, k)
         };
-        let mut blocks = object
-            .blocks
-            .lock()
-            .expect("block table lock is never poisoned");
+        let mut blocks = object.lock_blocks();
         match blocks.get_mut(&k) {
             Some(block) if block.download.is_none() => block.download = Some(object.start(k)),
             // Dropped, or started by a read, meanwhile: give the reservation back.
             _ => {
-                let r = object.block_range(k);
-                PREFETCHED_BYTES.fetch_sub(r.end - r.start, Ordering::AcqRel);
+                PREFETCHED_BYTES.fetch_sub(object.block_len(k), Ordering::AcqRel);
             }
         }
     }
@@ -189,18 +200,14 @@ impl RemoteObject {
             return Ok(Bytes::new());
         }
         let shared = &self.shared;
-        let downloads: Option<Vec<(u64, Pending)>> = if range.end <= shared.n_bytes {
-            let mut blocks = shared
-                .blocks
-                .lock()
-                .expect("block table lock is never poisoned");
+        let downloads: Option<Vec<(u64, Pending)>> = if shared.in_blocks(&range) {
+            let mut blocks = shared.lock_blocks();
             Self::block_indices(&range)
                 .map(|k| {
                     let block = blocks.get_mut(&k)?;
                     let download = block.download.get_or_insert_with(|| {
                         // Needed now: started past the budget (the queue skips it later).
-                        let r = shared.block_range(k);
-                        PREFETCHED_BYTES.fetch_add(r.end - r.start, Ordering::AcqRel);
+                        PREFETCHED_BYTES.fetch_add(shared.block_len(k), Ordering::AcqRel);
                         shared.start(k)
                     });
                     Some((k * PREFETCH_BLOCK_BYTES, download.clone()))
@@ -230,13 +237,10 @@ impl RemoteObject {
     /// their downloads now, or queueing them when the budget is spent.
     pub fn prefetch(&self, range: Range<u64>) {
         let shared = &self.shared;
-        if range.is_empty() || range.end > shared.n_bytes {
+        if !shared.in_blocks(&range) {
             return;
         }
-        let mut blocks = shared
-            .blocks
-            .lock()
-            .expect("block table lock is never poisoned");
+        let mut blocks = shared.lock_blocks();
         for k in Self::block_indices(&range) {
             let block = blocks.entry(k).or_insert(Block {
                 download: None,
@@ -247,9 +251,8 @@ impl RemoteObject {
                 continue;
             }
             let mut queue = QUEUE.lock().expect("prefetch queue lock is never poisoned");
-            let r = shared.block_range(k);
             // First in, first out: nothing starts ahead of a queued block.
-            if queue.is_empty() && reserve(r.end - r.start) {
+            if queue.is_empty() && reserve(shared.block_len(k)) {
                 block.download = Some(shared.start(k));
             } else {
                 queue.push_back((Arc::downgrade(shared), k));
@@ -261,14 +264,11 @@ impl RemoteObject {
     /// user of, then starts queued blocks the freed budget allows.
     pub fn release(&self, range: Range<u64>) {
         let shared = &self.shared;
-        if range.is_empty() || range.end > shared.n_bytes {
+        if !shared.in_blocks(&range) {
             return;
         }
         {
-            let mut blocks = shared
-                .blocks
-                .lock()
-                .expect("block table lock is never poisoned");
+            let mut blocks = shared.lock_blocks();
             for k in Self::block_indices(&range) {
                 let Some(block) = blocks.get_mut(&k) else {
                     continue;
@@ -277,8 +277,7 @@ impl RemoteObject {
                 if block.users == 0 {
                     let block = blocks.remove(&k).expect("found above");
                     if block.download.is_some() {
-                        let r = shared.block_range(k);
-                        PREFETCHED_BYTES.fetch_sub(r.end - r.start, Ordering::AcqRel);
+                        PREFETCHED_BYTES.fetch_sub(shared.block_len(k), Ordering::AcqRel);
                     }
                 }
             }
@@ -318,16 +317,10 @@ fn assemble(parts: &[(u64, Bytes)], range: &Range<u64>) -> Option<Bytes> {
 impl Drop for RemoteObject {
     fn drop(&mut self) {
         let shared = &self.shared;
-        let blocks = std::mem::take(
-            &mut *shared
-                .blocks
-                .lock()
-                .expect("block table lock is never poisoned"),
-        );
+        let blocks = std::mem::take(&mut *shared.lock_blocks());
         for (k, block) in blocks {
             if block.download.is_some() {
-                let r = shared.block_range(k);
-                PREFETCHED_BYTES.fetch_sub(r.end - r.start, Ordering::AcqRel);
+                PREFETCHED_BYTES.fetch_sub(shared.block_len(k), Ordering::AcqRel);
             }
         }
         start_queued();
