@@ -397,6 +397,17 @@ fn outputs_publish_to_s3_with_the_index_last_and_overwrite_kept() {
         let got = tmp.path().join(key);
         s3.download(key, &got);
         assert_same_checkpoint(&local, &got);
+        if !from.starts_with("s3://") {
+            // Same inputs, so the same provenance in the headers: the shards streamed into
+            // multipart uploads are byte for byte the files of the local merge.
+            for f in &files {
+                assert_eq!(
+                    std::fs::read(local.join(f)).unwrap(),
+                    std::fs::read(got.join(f)).unwrap(),
+                    "{f}"
+                );
+            }
+        }
     }
     // An existing output is refused without --overwrite, before anything is read or written.
     let refused = s3
@@ -544,9 +555,13 @@ fn large_members_stream_by_ranged_reads_and_outputs_upload_in_parts() {
     let (ok, rss_kib) = run_measured(&mut cmd);
     assert!(ok);
     let rss_mib = rss_kib / 1024;
+    // The bound: 64 MiB of prefetched blocks, the output's upload (at most 4 parts in flight
+    // and one filling, 40 MiB here), the pipeline's batches and the binary; downloading one
+    // member whole (160 MB) on top of the pipeline would pass it, as would staging the
+    // output in memory.
     assert!(
-        rss_mib < 150,
-        "peak RSS {rss_mib} MiB for 320 MB of members: inputs were not streamed"
+        rss_mib < 200,
+        "peak RSS {rss_mib} MiB for 320 MB of members: inputs or output were not streamed"
     );
     // 160 MiB and a header in 8 MiB parts: a multipart upload ("<md5>-<parts>", 21 parts).
     let info = pma_format::remote::head(Path::new(&s3.url("big-out/model.safetensors"))).unwrap();
@@ -611,6 +626,48 @@ fn missing_key_is_one_clear_error_and_publishes_nothing() {
     assert!(err.contains("no-such-run") && err.contains("404"), "{err}");
     assert!(s3.keys("o").is_empty());
     assert_no_secret(&o);
+}
+
+#[test]
+fn merge_failing_mid_upload_leaves_nothing_at_the_output() {
+    let Some(s3) = s3("midfail") else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    // 3M f32 elements (12 MB, three jobs) per member; with one thread a batch is two jobs, so
+    // the first batch (8 MB) starts the output's multipart upload (5 MiB parts) before the
+    // second reaches the NaN near the end of step 200.
+    let n: usize = 3 << 20;
+    for step in [100, 200] {
+        let dir = tmp.path().join(format!("step-{step}"));
+        write_streamed(&dir, n, |i| {
+            if step == 200 && i == n - 10 {
+                f32::NAN
+            } else {
+                (i % 7) as f32
+            }
+        });
+        s3.upload_dir(&dir, &format!("nan/step-{step}"));
+    }
+    let o = s3
+        .pma()
+        .env("PMA_S3_PART_BYTES", (5u64 << 20).to_string())
+        .env("PMA_STAGING_DIR", tmp.path())
+        .args(["merge", "--quiet", "--threads", "1", "--method", "sma"])
+        .args(["--run", &s3.url("nan")])
+        .args(["--out", &s3.url("nan-out")])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("non-finite") || err.contains("NaN"), "{err}");
+    // The sidecar uploaded before the shards and the aborted shard are both gone, so a rerun
+    // is not refused as an existing output.
+    assert!(s3.keys("nan-out").is_empty(), "{:?}", s3.keys("nan-out"));
+    let uploads = s3.request("GET", &format!("/{}?uploads", s3.bucket), b"");
+    assert!(
+        !String::from_utf8_lossy(&uploads.2).contains("<UploadId>"),
+        "multipart uploads left open: {}",
+        String::from_utf8_lossy(&uploads.2)
+    );
 }
 
 /// A free TCP port on 127.0.0.1.

@@ -94,24 +94,15 @@ pub fn execute(
         OutputKind::Dir
     };
     let staged = StagedOutput::create(out, kind, publish)?;
-    let files: Vec<ShardFile> = plan
-        .shards
-        .iter()
-        .map(|(name, range)| ShardFile {
-            path: if plan.single_file {
-                staged.path().to_path_buf()
-            } else {
-                staged.path().join(name)
-            },
-            tensors: range
-                .clone()
-                .map(|t| (t, plan.tensors[t].spec.clone()))
-                .collect(),
-        })
-        .collect();
+    let files = shard_files(plan, |name| {
+        if plan.single_file {
+            staged.path().to_path_buf()
+        } else {
+            staged.path().join(name)
+        }
+    });
     let sink = SafetensorsSink::new(files, plan.metadata.clone(), opts.direct_io, 0);
     let kernel = MergeKernel::new(plan)?;
-    let total_read: u64 = plan.bytes_read_per_input().iter().sum();
     let order = tensor_major(&plan.job_regions());
     let report = run_merge(plan, &order, &kernel, sink, opts, progress)?;
 
@@ -122,8 +113,102 @@ pub fn execute(
     }
     let stale_staging = staged.stale_kept().to_vec();
     staged.commit()?;
+    Ok(hf_report(
+        plan,
+        out,
+        sidecars,
+        report,
+        started,
+        stale_staging,
+    ))
+}
+
+/// Executes an HF `plan` into `out`, an object-store URL, with no local copy of the weights:
+/// every shard is streamed into its own multipart upload while the merge computes
+/// ([`pma_format::StreamWriter`] on a URL), parts leaving as they fill, so memory stays at a
+/// few parts per upload and the store's write runs alongside the reads and the kernel.
+///
+/// The order keeps a half-written output from ever looking loadable (see
+/// [`pma_format::remote::Publication`]): an existing output (with `overwrite`) loses its
+/// commit file and its stale objects first; the sidecars (staged in `staging`, a local
+/// folder the caller owns and removes) go next; then the shards, each visible only once
+/// complete; and last the file that makes the output loadable: the shard index, or the lone
+/// `model.safetensors` (the last shard) when there is one shard, or the single file itself.
+/// A merge that fails deletes what it uploaded, so it leaves nothing to block a rerun.
+/// A DCP plan is staged locally and published whole by the caller instead.
+pub fn execute_to_store(
+    plan: &MergePlan,
+    out: &Path,
+    staging: &Path,
+    opts: &ExecOptions<'_>,
+    progress: &dyn Progress,
+) -> Result<MergeReport> {
+    let started = std::time::Instant::now();
+    crate::placement::check_plan_output(plan, out)?;
+    if plan.output_format() == OutputFormat::Dcp {
+        return Err(pma_format::Error::RemoteUnsupported {
+            url: out.to_string_lossy().into_owned(),
+            reason: "a DCP output is staged locally and published whole, not streamed".into(),
+        }
+        .into());
+    }
+    let mut sidecars = SidecarsCopied::default();
+    if !plan.single_file {
+        let newest = &plan.inputs[plan.inputs.len() - 1];
+        sidecars = copy_sidecars(newest.store(), plan.config.out_dtype, staging)?;
+    }
+    let mut names: Vec<String> = plan.shards.iter().map(|(n, _)| n.clone()).collect();
+    if plan.shards.len() > 1 {
+        names.push(pma_format::checkpoint::INDEX_FILE_NAME.to_string());
+    }
+    names.extend(
+        sidecars
+            .copied
+            .iter()
+            .map(|s| s.trim_end_matches('/').to_string()),
+    );
+    let mut publication = pma_format::remote::Publication::begin(out, opts.overwrite, &names)?;
+    if !plan.single_file {
+        publication.upload_dir(staging)?;
+    }
+    let files = shard_files(plan, |name| {
+        if plan.single_file {
+            out.to_path_buf()
+        } else {
+            publication.url_of(name)
+        }
+    });
+    // The sink finishes each shard's upload as the next begins, and writes the index (an
+    // upload too) after the last one: the commit.
+    let sink = SafetensorsSink::new(files, plan.metadata.clone(), opts.direct_io, 0);
+    let kernel = MergeKernel::new(plan)?;
+    let order = tensor_major(&plan.job_regions());
+    let report = match run_merge(plan, &order, &kernel, sink, opts, progress) {
+        Ok(report) => report,
+        Err(e) => {
+            // Unfinished uploads were aborted as their writers dropped; finished shards and
+            // the sidecars go too.
+            let shards: Vec<String> = plan.shards.iter().map(|(n, _)| n.clone()).collect();
+            publication.discard(if plan.single_file { &[] } else { &shards });
+            return Err(e);
+        }
+    };
+    publication.finish();
+    Ok(hf_report(plan, out, sidecars, report, started, Vec::new()))
+}
+
+/// What an HF merge of `plan` into `out` that began at `started` reports.
+fn hf_report(
+    plan: &MergePlan,
+    out: &Path,
+    sidecars: SidecarsCopied,
+    report: PipelineReport,
+    started: std::time::Instant,
+    stale_staging: Vec<PathBuf>,
+) -> MergeReport {
+    let total_read: u64 = plan.bytes_read_per_input().iter().sum();
     let elapsed_secs = started.elapsed().as_secs_f64();
-    Ok(MergeReport {
+    MergeReport {
         plan: plan.summary(report.threads),
         output: out.to_path_buf(),
         sidecars: sidecars.copied,
@@ -132,7 +217,21 @@ pub fn execute(
         elapsed_secs,
         read_bytes_per_sec: total_read as f64 / elapsed_secs.max(1e-9),
         stale_staging,
-    })
+    }
+}
+
+/// The plan's shards as the sink's files, shard `name` written at `path_of(name)`.
+fn shard_files(plan: &MergePlan, path_of: impl Fn(&str) -> PathBuf) -> Vec<ShardFile> {
+    plan.shards
+        .iter()
+        .map(|(name, range)| ShardFile {
+            path: path_of(name),
+            tensors: range
+                .clone()
+                .map(|t| (t, plan.tensors[t].spec.clone()))
+                .collect(),
+        })
+        .collect()
 }
 
 /// Merges the tensors of `files` (some or all of the plan's shards, each at its own path) and

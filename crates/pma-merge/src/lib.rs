@@ -45,7 +45,9 @@ pub mod weights;
 
 pub use dcp_output::verbatim_entries;
 pub use error::{Error, Result};
-pub use executor::{execute, ExecOptions, MergeReport, NonFiniteWarning, SidecarSkipped};
+pub use executor::{
+    execute, execute_to_store, ExecOptions, MergeReport, NonFiniteWarning, SidecarSkipped,
+};
 pub use keys::{select_keys, Action, KeyEntry, KeySelection, KeySelectionConfig};
 pub use keys::{KeyGroup, KeySummary};
 pub use partition::{execute_part, finalize, FinalizeReport, PartCheck, PartReport, Partition};

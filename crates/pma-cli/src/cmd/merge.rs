@@ -436,10 +436,11 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// A merge whose --out is an object-store URL: the output is written and validated in a local
-/// staging folder (under `PMA_STAGING_DIR`, or the system temp dir), then published to the
-/// store with the commit file last ([`pma_format::remote::publish`]); the staging folder is
-/// removed whatever happens.
+/// A merge whose --out is an object-store URL. An HF output streams its shards into multipart
+/// uploads as it merges, with only the sidecars staged locally
+/// ([`pma_merge::execute_to_store`]); a DCP output is written and validated in a local staging
+/// folder, then published with the commit file last ([`pma_format::remote::publish`]). Staging
+/// is under `PMA_STAGING_DIR`, or the system temp dir, and is removed whatever happens.
 fn execute_to_store(
     plan: &MergePlan,
     args: &Args,
@@ -466,6 +467,14 @@ fn execute_to_store(
         .file_name()
         .map_or_else(|| "out".into(), |n| n.to_os_string());
     let local = staging.0.join(name);
+    if plan.output_format() == OutputFormat::Hf {
+        // Shards stream straight into multipart uploads; only the sidecars are staged.
+        std::fs::create_dir(&local)
+            .with_context(|| format!("creating the staging folder {}", local.display()))?;
+        return Ok(pma_merge::execute_to_store(
+            plan, &args.out, &local, opts, bar,
+        )?);
+    }
     let mut report = execute(plan, &local, opts, bar)?;
     pma_format::remote::publish(&local, &args.out, args.overwrite)?;
     report.output = args.out.clone();

@@ -11,8 +11,10 @@
 //!   whatever the model size and nothing is downloaded whole;
 //! - [`listing`]: the directory view (children of a prefix, one object's existence, small
 //!   objects read whole) that run discovery and checkpoint detection need;
-//! - [`upload`]: publishing a staged local output to a prefix with multipart uploads, the
-//!   index last as the commit (see the README on what "atomic" means on an object store).
+//! - [`upload`]: writing outputs with multipart uploads, the index last as the commit (see the
+//!   README on what "atomic" means on an object store): a merge streams its shards straight
+//!   into uploads ([`ObjectWriter`], through [`crate::StreamWriter`]), parts leaving while it
+//!   computes; other outputs are staged locally and published whole ([`publish`]).
 //!
 //! `object_store` is async. The layer owns one small multi-thread tokio runtime and exposes a
 //! blocking API, since the merge pipeline is rayon threads that block on their reads. Stores
@@ -46,7 +48,10 @@ pub use listing::{
 pub use object::{
     download, get_counters, RemoteObject, DOWNLOAD_RANGE_BYTES, PREFETCH_BUDGET_BYTES,
 };
-pub use upload::{check_output_absent, publish, PublishReport, DEFAULT_PART_BYTES, PART_BYTES_ENV};
+pub use upload::{
+    check_output_absent, publish, ObjectWriter, Publication, PublishReport, DEFAULT_PART_BYTES,
+    PART_BYTES_ENV,
+};
 
 /// URL schemes read as object-store locations.
 const SCHEMES: &[&str] = &[

@@ -90,42 +90,104 @@ pub fn check_output_absent(url: &Path, overwrite: bool) -> Result<()> {
 /// Uploads the finished local output `local` (a file or a directory) to `url`, the commit file
 /// last (see the module docs). Refuses an existing output unless `overwrite`.
 pub fn publish(local: &Path, url: &Path, overwrite: bool) -> Result<PublishReport> {
-    let location = Location::parse(url)?;
-    let old = existing(&location)?;
-    if !old.is_empty() && !overwrite {
-        return Err(Error::RemoteOutputExists { url: location.url });
-    }
-    let mut report = PublishReport::default();
     if local.is_file() {
+        let location = Location::parse(url)?;
+        if !overwrite && !existing(&location)?.is_empty() {
+            return Err(Error::RemoteOutputExists { url: location.url });
+        }
+        let mut report = PublishReport::default();
         upload_file(local, &location, "", &mut report)?;
         return Ok(report);
     }
     let mut files = Vec::new();
     collect_files(local, Path::new(""), &mut files)?;
-    let commit = COMMIT_FILES
+    let mut publication = Publication::begin(url, overwrite, &files)?;
+    publication.upload_dir(local)?;
+    if let Some(rel) = commit_file(&files) {
+        publication.upload(&local.join(rel), rel)?;
+    }
+    Ok(publication.finish())
+}
+
+/// The file of `files` (relative paths) that makes the output loadable, uploaded last.
+fn commit_file(files: &[String]) -> Option<&'static str> {
+    COMMIT_FILES
         .iter()
         .find(|c| files.iter().any(|f| f == *c))
-        .map(|c| c.to_string());
-    // The old output stops being loadable before any of its files changes.
-    for c in COMMIT_FILES {
-        if old.iter().any(|o| o == c) {
-            delete(&location.child(c))?;
+        .copied()
+}
+
+/// A directory output being published to a store in steps: [`Publication::begin`] unpublishes
+/// the old output, [`Publication::upload_dir`] sends local files, the caller streams the large
+/// files itself ([`ObjectWriter`] at [`Publication::url_of`]) and sends the commit file last.
+/// This is how a merge to a store writes its shards without staging them on local disk.
+#[derive(Debug)]
+pub struct Publication {
+    location: Location,
+    report: PublishReport,
+}
+
+impl Publication {
+    /// Starts publishing an output made of `files` (relative paths) at `url`. Refuses an
+    /// existing output unless `overwrite`; with it, deletes the old commit file first (the old
+    /// output stops being loadable before any of its files changes), then the old objects that
+    /// the new output lacks.
+    pub fn begin(url: &Path, overwrite: bool, files: &[String]) -> Result<Publication> {
+        let location = Location::parse(url)?;
+        let old = existing(&location)?;
+        if !old.is_empty() && !overwrite {
+            return Err(Error::RemoteOutputExists { url: location.url });
+        }
+        let mut report = PublishReport::default();
+        for c in COMMIT_FILES {
+            if old.iter().any(|o| o == c) {
+                delete(&location.child(c))?;
+            }
+        }
+        let new: BTreeSet<&String> = files.iter().collect();
+        for rel in old.iter().filter(|o| !o.is_empty() && !new.contains(o)) {
+            if !COMMIT_FILES.contains(&rel.as_str()) {
+                delete(&location.child(rel))?;
+            }
+            report.deleted.push(rel.clone());
+        }
+        Ok(Publication { location, report })
+    }
+
+    /// The URL of `rel` in the output.
+    pub fn url_of(&self, rel: &str) -> PathBuf {
+        PathBuf::from(self.location.child(rel).url)
+    }
+
+    /// Uploads every file under `local` as the same relative path, except a commit file.
+    pub fn upload_dir(&mut self, local: &Path) -> Result<()> {
+        let mut files = Vec::new();
+        collect_files(local, Path::new(""), &mut files)?;
+        for rel in files.iter().filter(|f| !COMMIT_FILES.contains(&f.as_str())) {
+            self.upload(&local.join(rel), rel)?;
+        }
+        Ok(())
+    }
+
+    /// Uploads the local file `path` as `rel`.
+    pub fn upload(&mut self, path: &Path, rel: &str) -> Result<()> {
+        upload_file(path, &self.location.child(rel), rel, &mut self.report)
+    }
+
+    /// What was uploaded and deleted.
+    pub fn finish(self) -> PublishReport {
+        self.report
+    }
+
+    /// Gives up after a failure: deletes, best effort, what this publication uploaded and the
+    /// objects `rels` (files the caller streamed), so that a failed write leaves no partial
+    /// output behind to block a rerun. The first error is the one to report, so failures here
+    /// are ignored (an object left over holds no commit file: it is not a checkpoint).
+    pub fn discard(self, rels: &[String]) {
+        for rel in self.report.uploaded.iter().chain(rels) {
+            let _ = delete(&self.location.child(rel));
         }
     }
-    for rel in files.iter().filter(|f| Some(*f) != commit.as_ref()) {
-        upload_file(&local.join(rel), &location.child(rel), rel, &mut report)?;
-    }
-    let new: BTreeSet<&String> = files.iter().collect();
-    for rel in old.iter().filter(|o| !o.is_empty() && !new.contains(o)) {
-        if !COMMIT_FILES.contains(&rel.as_str()) {
-            delete(&location.child(rel))?;
-        }
-        report.deleted.push(rel.clone());
-    }
-    if let Some(rel) = &commit {
-        upload_file(&local.join(rel), &location.child(rel), rel, &mut report)?;
-    }
-    Ok(report)
 }
 
 fn delete(location: &Location) -> Result<()> {
@@ -206,6 +268,114 @@ fn upload_file(
     report.uploaded.push(rel.to_string());
     report.n_bytes += n_bytes;
     Ok(())
+}
+
+/// One object written as a stream: bytes are gathered into parts of [`PART_BYTES_ENV`] bytes,
+/// each uploaded as soon as it is full while the caller goes on producing the next, with at
+/// most [`PARTS_IN_FLIGHT`] parts uploading at once (a `write` waits for one to finish past
+/// that). Memory is therefore at most `PARTS_IN_FLIGHT + 1` parts, whatever the object's size,
+/// and nothing touches local disk. An object no larger than one part is sent by one PUT at
+/// [`ObjectWriter::finish`]. The object appears whole at `finish` or not at all: a writer
+/// dropped unfinished (an error, a cancelled merge) aborts its multipart upload.
+pub struct ObjectWriter {
+    location: Location,
+    part_bytes: usize,
+    /// Bytes gathered before the multipart upload starts (at most one part).
+    head: Vec<u8>,
+    upload: Option<WriteMultipart>,
+    n_bytes: u64,
+}
+
+impl std::fmt::Debug for ObjectWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ObjectWriter")
+            .field("url", &self.location.url)
+            .field("n_bytes", &self.n_bytes)
+            .finish()
+    }
+}
+
+impl ObjectWriter {
+    /// A writer of the object at `url` (replaced when complete if it exists: callers check
+    /// first, see [`check_output_absent`]). Sends nothing until the first part is full.
+    pub fn create(url: &Path) -> Result<ObjectWriter> {
+        Ok(ObjectWriter {
+            location: Location::parse(url)?,
+            part_bytes: part_bytes(),
+            head: Vec::new(),
+            upload: None,
+            n_bytes: 0,
+        })
+    }
+
+    fn fail(&self, e: &object_store::Error) -> Error {
+        store_error(&self.location.url, "uploading", e)
+    }
+
+    /// Appends `bytes`, waiting while [`PARTS_IN_FLIGHT`] parts are uploading.
+    pub fn write(&mut self, mut bytes: &[u8]) -> Result<()> {
+        self.n_bytes += bytes.len() as u64;
+        if self.upload.is_none() {
+            let room = self.part_bytes - self.head.len();
+            if bytes.len() <= room {
+                self.head.extend_from_slice(bytes);
+                return Ok(());
+            }
+            let upload = block_on(self.location.store.put_multipart(&self.location.key))
+                .map_err(|e| self.fail(&e))?;
+            let mut writer = WriteMultipart::new_with_chunk_size(upload, self.part_bytes);
+            let head = std::mem::take(&mut self.head);
+            // The writer spawns each full part's upload onto the current runtime.
+            let _runtime = super::enter();
+            writer.write(&head);
+            self.upload = Some(writer);
+        }
+        let writer = self.upload.as_mut().expect("started above");
+        while !bytes.is_empty() {
+            // One part at a time, so that a large write cannot queue more than the bound.
+            let n = bytes.len().min(self.part_bytes);
+            let waited = block_on(writer.wait_for_capacity(PARTS_IN_FLIGHT));
+            if let Err(e) = waited {
+                return Err(store_error(&self.location.url, "uploading", &e));
+            }
+            let _runtime = super::enter();
+            writer.write(&bytes[..n]);
+            bytes = &bytes[n..];
+        }
+        Ok(())
+    }
+
+    /// Uploads what is left and completes the object; returns its length in bytes.
+    pub fn finish(mut self) -> Result<u64> {
+        match self.upload.take() {
+            None => {
+                let payload = PutPayload::from(std::mem::take(&mut self.head));
+                block_on(self.location.store.put(&self.location.key, payload))
+                    .map_err(|e| self.fail(&e))?;
+            }
+            Some(writer) => {
+                let _runtime = super::enter();
+                block_on(writer.finish()).map_err(|e| self.fail(&e))?;
+            }
+        }
+        Ok(self.n_bytes)
+    }
+
+    /// Whether the object is being sent as a multipart upload (it outgrew one part).
+    pub fn is_multipart(&self) -> bool {
+        self.upload.is_some()
+    }
+}
+
+impl Drop for ObjectWriter {
+    fn drop(&mut self) {
+        if let Some(writer) = self.upload.take() {
+            // Unfinished: abort, so no parts are left behind to be billed (a failed abort
+            // leaves parts the store's lifecycle rules expire).
+            let _runtime = super::enter();
+            let _ = block_on(writer.abort());
+        }
+    }
 }
 
 fn read_full(file: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {

@@ -6,8 +6,14 @@ use std::path::Path;
 
 use crate::error::{Error, Result};
 
-/// Writes a small file and fsyncs it.
+/// Writes a small file and fsyncs it (at an object-store URL: uploads it).
 pub fn write_file_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+    if crate::remote::is_url(path) {
+        // One PUT: the object is durable and whole when the store answers.
+        let mut object = crate::remote::ObjectWriter::create(path)?;
+        object.write(bytes)?;
+        return object.finish().map(drop);
+    }
     let mut f = File::create(path).map_err(|e| Error::io(path, "creating", e))?;
     f.write_all(bytes)
         .map_err(|e| Error::io(path, "writing", e))?;

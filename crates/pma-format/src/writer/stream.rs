@@ -6,6 +6,10 @@
 //! overlap the work that produces the data and the final `fdatasync` has almost nothing left to
 //! do. Where the filesystem refuses `O_DIRECT`, the writer goes through the page cache and asks
 //! the kernel to start write-back as it goes (`sync_file_range`), to the same effect.
+//!
+//! A path that is an object-store URL ([`crate::remote::is_url`]) is written the same way into
+//! a streaming multipart upload ([`crate::remote::ObjectWriter`]): parts leave while the merge
+//! goes on, memory stays at a few parts, and the object appears whole at `finish`.
 
 use std::fs::File;
 use std::os::unix::io::AsRawFd;
@@ -52,7 +56,9 @@ impl DirectIo {
 #[derive(Debug)]
 pub struct StreamWriter {
     path: PathBuf,
-    file: File,
+    /// Set for an object-store URL: every byte goes there, and there is no `file`.
+    remote: Option<crate::remote::ObjectWriter>,
+    file: Option<File>,
     pub(crate) direct: Option<DirectSink>,
     /// File offset of the next byte not yet handed to the kernel.
     pos: u64,
@@ -91,15 +97,31 @@ impl StreamWriter {
         direct_io: DirectIo,
     ) -> Result<StreamWriter> {
         let header = encode_header(tensors, metadata);
+        let expected = tensors.iter().map(TensorSpec::n_bytes).sum();
+        if crate::remote::is_url(path) {
+            let mut remote = crate::remote::ObjectWriter::create(path)?;
+            remote.write(&header)?;
+            return Ok(StreamWriter {
+                path: path.into(),
+                remote: Some(remote),
+                file: None,
+                direct: None,
+                pos: header.len() as u64,
+                data_start: header.len() as u64,
+                expected,
+                written: 0,
+                flushed_to: 0,
+            });
+        }
         let file = File::options()
             .write(true)
             .create_new(true)
             .open(path)
             .map_err(|e| Error::io(path, "creating", e))?;
-        let expected = tensors.iter().map(TensorSpec::n_bytes).sum();
         let mut w = StreamWriter {
             path: path.into(),
-            file,
+            remote: None,
+            file: Some(file),
             direct: None,
             pos: 0,
             data_start: header.len() as u64,
@@ -116,6 +138,12 @@ impl StreamWriter {
         }
         w.push(&header)?;
         Ok(w)
+    }
+
+    fn file(&self) -> &File {
+        self.file
+            .as_ref()
+            .expect("only a local writer reaches file I/O (a remote one returns before)")
     }
 
     /// Appends data bytes.
@@ -135,6 +163,10 @@ impl StreamWriter {
 
     fn push(&mut self, mut bytes: &[u8]) -> Result<()> {
         use std::os::unix::fs::FileExt;
+        if let Some(remote) = self.remote.as_mut() {
+            self.pos += bytes.len() as u64;
+            return remote.write(bytes);
+        }
         while let Some(sink) = self.direct.as_mut() {
             if bytes.is_empty() {
                 return Ok(());
@@ -144,7 +176,7 @@ impl StreamWriter {
                 self.flush_direct(full)?;
             }
         }
-        self.file
+        self.file()
             .write_all_at(bytes, self.pos)
             .map_err(|e| Error::io(&self.path, "writing", e))?;
         self.pos += bytes.len() as u64;
@@ -169,7 +201,7 @@ impl StreamWriter {
             let filled = sink.filled;
             let sink = self.direct.take().expect("checked above");
             let rest = sink.buf_slice(filled).to_vec();
-            self.file
+            self.file()
                 .write_all_at(&rest, self.pos)
                 .map_err(|e| Error::io(&self.path, "writing", e))?;
             self.pos += rest.len() as u64;
@@ -189,7 +221,7 @@ impl StreamWriter {
         // fdatasync still makes everything durable.
         unsafe {
             libc::sync_file_range(
-                self.file.as_raw_fd(),
+                self.file().as_raw_fd(),
                 start as libc::off64_t,
                 len as libc::off64_t,
                 libc::SYNC_FILE_RANGE_WRITE,
@@ -213,6 +245,9 @@ impl StreamWriter {
                 found: self.written,
             });
         }
+        if let Some(remote) = self.remote.take() {
+            return remote.finish();
+        }
         if let Some(sink) = self.direct.as_ref() {
             let aligned = sink_len_aligned(sink.filled);
             self.flush_direct(aligned)?;
@@ -220,12 +255,12 @@ impl StreamWriter {
         // The unaligned tail goes through the page cache.
         if let Some(sink) = self.direct.take() {
             let tail = sink.buf_slice(sink.filled).to_vec();
-            self.file
+            self.file()
                 .write_all_at(&tail, self.pos)
                 .map_err(|e| Error::io(&self.path, "writing", e))?;
             self.pos += tail.len() as u64;
         }
-        self.file
+        self.file()
             .sync_data()
             .map_err(|e| Error::io(&self.path, "syncing", e))?;
         debug_assert_eq!(self.pos, self.data_start + self.written);
