@@ -850,7 +850,7 @@ mod tests {
         let (mut cos, mut sin) = (Vec::new(), Vec::new());
         for p in 0..t {
             for i in 0..half {
-                let angle = p as f64 * 10000f64.powf(-(2 * i) as f64 / d as f64);
+                let angle = p as f64 * 10000f64.powf(-((2 * i) as f64) / d as f64);
                 cos.push(angle.cos());
                 sin.push(angle.sin());
             }
