@@ -425,6 +425,13 @@ struct SharedMut<T>(*mut T);
 unsafe impl<T> Send for SharedMut<T> {}
 unsafe impl<T> Sync for SharedMut<T> {}
 
+impl<T> SharedMut<T> {
+    /// The pointer; a method, so closures capture the whole (Sync) wrapper, not its field.
+    fn ptr(&self) -> *mut T {
+        self.0
+    }
+}
+
 /// `dst[m x n] (+)= lhs[m x k] rhs[k x n]`, single-threaded (the caller is already one rayon
 /// task of many), with element strides `(row, col)` for each matrix.
 ///
@@ -553,7 +560,6 @@ impl CausalAttention {
             let mut qr = vec![T::zero(); t * d];
             let mut kr = vec![T::zero(); t * d];
             let mut s = vec![T::zero(); ATTN_TILE.min(t) * t];
-            let dst = dst;
             // SAFETY: the offsets stay inside [B*T, N*D] inputs the caller checked; this task
             // writes only batch b's rows of head h's columns of `out`.
             unsafe {
@@ -578,7 +584,7 @@ impl CausalAttention {
                         (1, d),
                     );
                     causal_softmax_tile(&mut s, t, r0, rows, scale);
-                    let op = dst.0.add((b * t + r0) * q_rs + h * d);
+                    let op = dst.ptr().add((b * t + r0) * q_rs + h * d);
                     matmul_into(
                         (rows, d, width),
                         op,
@@ -614,7 +620,6 @@ impl CausalAttention {
             let (mut qr, mut kr) = (vec![T::zero(); t * d], vec![T::zero(); t * d]);
             let (mut dqr, mut dkr) = (vec![T::zero(); t * d], vec![T::zero(); t * d]);
             let (mut p, mut dp) = (vec![T::zero(); tile_len], vec![T::zero(); tile_len]);
-            let (dqp, dkp, dvp) = (dqp, dkp, dvp);
             // SAFETY: offsets stay inside the checked [B*T, N*D] buffers; this task writes only
             // batch b's rows of KV head g's columns of dk, dv and of its heads' columns of dq.
             unsafe {
@@ -622,7 +627,7 @@ impl CausalAttention {
                 let kp = k.as_ptr().add(kv_off);
                 rotate_rows(kp, kv_rs, kr.as_mut_ptr(), d, (&cos, &sin), t, half, false);
                 let vp = v.as_ptr().add(kv_off);
-                let dv_g = dvp.0.add(kv_off);
+                let dv_g = dvp.ptr().add(kv_off);
                 for h in g * rep..(g + 1) * rep {
                     let q_off = b * t * q_rs + h * d;
                     let qp = q.as_ptr().add(q_off);
@@ -697,10 +702,10 @@ impl CausalAttention {
                             (d, 1),
                         );
                     }
-                    let dq_h = dqp.0.add(q_off);
+                    let dq_h = dqp.ptr().add(q_off);
                     rotate_rows(dqr.as_ptr(), d, dq_h, q_rs, (&cos, &sin), t, half, true);
                 }
-                let dk_g = dkp.0.add(kv_off);
+                let dk_g = dkp.ptr().add(kv_off);
                 rotate_rows(dkr.as_ptr(), d, dk_g, kv_rs, (&cos, &sin), t, half, true);
             }
         });
