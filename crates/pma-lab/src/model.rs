@@ -153,6 +153,30 @@ impl Attention {
         mask: Option<&Tensor>,
     ) -> Result<Tensor> {
         let (nh, nkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
+        let scale = 1.0 / (hd as f64).sqrt();
+        if let (None, Some((cos, sin))) = (mask, &rope.host) {
+            // One fused op from the projections to the heads' outputs, in their [B*T, N*D]
+            // layout: no per-head copies and no T x T tensors in the graph.
+            let op = crate::fused::CausalAttention {
+                cos: cos.clone(),
+                sin: sin.clone(),
+                batch: b,
+                seq: t,
+                n_heads: nh,
+                n_kv_heads: nkv,
+                head_dim: hd,
+                scale,
+            };
+            let (q, k, v) = (
+                linear(x, &self.q_proj)?,
+                linear(x, &self.k_proj)?,
+                linear(x, &self.v_proj)?,
+            );
+            let o = q
+                .contiguous()?
+                .apply_op3(&k.contiguous()?, &v.contiguous()?, op)?;
+            return linear(&o, &self.o_proj);
+        }
         let heads = |w: &Tensor, n: usize| -> Result<Tensor> {
             Ok(linear(x, w)?
                 .reshape((b, t, n, hd))?
@@ -162,14 +186,12 @@ impl Attention {
         let q = rope.apply(&heads(&self.q_proj, nh)?)?;
         let k = repeat_kv(rope.apply(&heads(&self.k_proj, nkv)?)?, nh / nkv)?;
         let v = repeat_kv(heads(&self.v_proj, nkv)?, nh / nkv)?;
-        let scale = 1.0 / (hd as f64).sqrt();
         let scores = q.matmul(&k.t()?)?;
-        let p = match mask {
-            Some(mask) => softmax_last(&(scores * scale)?.broadcast_add(mask)?)?,
-            None => scores
-                .contiguous()?
-                .apply_op1(crate::fused::CausalSoftmax { scale })?,
+        let mask = match mask {
+            Some(mask) => mask.clone(),
+            None => causal_mask(t, x.dtype(), x.device())?,
         };
+        let p = softmax_last(&(scores * scale)?.broadcast_add(&mask)?)?;
         let o = p.matmul(&v)?.transpose(1, 2)?.reshape((b * t, nh * hd))?;
         linear(&o, &self.o_proj)
     }
@@ -348,7 +370,7 @@ pub fn param_shapes(config: &ModelConfig) -> Vec<(String, Vec<usize>)> {
 struct Rope {
     cos: Tensor,
     sin: Tensor,
-    /// The `[T, D/2]` halves for the fused kernel, when it is in use.
+    /// The `[T, D/2]` halves for the fused attention, when it is in use.
     host: Option<(Vec<f64>, Vec<f64>)>,
 }
 
@@ -388,15 +410,6 @@ impl Rope {
     /// `x cos + rotate_half(x) sin` on `[B, N, T, D]`, with `rotate_half(x) = [-x2, x1]`.
     fn apply(&self, x: &Tensor) -> Result<Tensor> {
         let d = x.dim(D::Minus1)?;
-        if let Some((cos, sin)) = &self.host {
-            let op = crate::fused::Rotary {
-                cos: cos.clone(),
-                sin: sin.clone(),
-                t: x.dim(2)?,
-                half: d / 2,
-            };
-            return Ok(x.contiguous()?.apply_op1(op)?);
-        }
         let x1 = x.narrow(D::Minus1, 0, d / 2)?;
         let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
         let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
