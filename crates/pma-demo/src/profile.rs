@@ -213,7 +213,7 @@ impl Profile {
     /// outcome of a finding.
     ///
     /// Measured on a shared 2-core box (other builds running, load average 7–10), release build
-    /// with the lab's fused CPU kernels: `demo --profile quick` 59 s wall; `demo --profile tiny`
+    /// with the lab's fused CPU kernels: `demo --profile quick` 59 s wall (with one annealing fork, before the fused attention); `demo --profile tiny`
     /// 2 s (6 s with a debug build). Before the fused kernels, `reproduce --profile quick` took
     /// 11 min wall (357 s CPU) under the same load. `reproduce --profile full` with the fused
     /// kernels: 11 min wall (790 s CPU) at `nice 19` on that box, every section included.
@@ -278,7 +278,8 @@ impl Profile {
                 merge_points: vec![200, 300, 400],
                 ns: vec![3, 6, 10],
                 ema_alphas: vec![0.2],
-                anneal_from: vec![300],
+                // Two forks, so the annealing prediction is a curve, not one point.
+                anneal_from: vec![200, 300],
                 decay_steps: 100,
                 shape_forks_from: Some(300),
                 eval_tokens: 16_384,
