@@ -22,7 +22,7 @@ use crate::error::{Error, Result};
 pub enum Scale {
     /// Seconds per run; for CI and tests (under two minutes in all).
     Tiny,
-    /// The demo's default: about five minutes on two cores.
+    /// The demo's default: about three minutes on two quiet cores, within five.
     Quick,
     /// The reproduction's default: about 11 minutes measured on a loaded 2-core box, within an hour.
     Full,
@@ -213,7 +213,7 @@ impl Profile {
     /// outcome of a finding.
     ///
     /// Measured on a shared 2-core box (other builds running, load average 7–10), release build
-    /// with the lab's fused CPU kernels: `demo --profile quick` 59 s wall (with one annealing fork, before the fused attention); `demo --profile tiny`
+    /// with the lab's fused CPU kernels: `demo --profile quick` 59 s wall (its earlier, 139K-parameter shape with one fork); the 669K-parameter quick profile with two forks and the fused attention: 167 s wall on a quiet 2-core box; `demo --profile tiny`
     /// 2 s (6 s with a debug build). Before the fused kernels, `reproduce --profile quick` took
     /// 11 min wall (357 s CPU) under the same load. `reproduce --profile full` with the fused
     /// kernels: 11 min wall (790 s CPU) at `nice 19` on that box, every section included.
@@ -267,21 +267,21 @@ impl Profile {
             },
             Scale::Quick => Profile {
                 scale,
-                model: dense(64, 2, 4, 64),
+                model: dense(128, 3, 4, 64),
                 batch_size: 16,
                 seq_len: 64,
                 lr: 3e-3,
                 min_lr: 3e-4,
-                warmup_steps: 30,
-                trunk_steps: 400,
-                save_every: 20,
-                merge_points: vec![200, 300, 400],
+                warmup_steps: 50,
+                trunk_steps: 800,
+                save_every: 40,
+                merge_points: vec![400, 600, 800],
                 ns: vec![3, 6, 10],
                 ema_alphas: vec![0.2],
                 // Two forks, so the annealing prediction is a curve, not one point.
-                anneal_from: vec![200, 300],
-                decay_steps: 100,
-                shape_forks_from: Some(300),
+                anneal_from: vec![400, 600],
+                decay_steps: 200,
+                shape_forks_from: Some(600),
                 eval_tokens: 16_384,
                 sweep_ns: vec![3, 6, 10, 15],
                 sweep_v_multiples: vec![1, 2, 3, 4],
