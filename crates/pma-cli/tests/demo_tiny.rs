@@ -24,7 +24,7 @@ fn arr<'a>(v: &'a Value, key: &str) -> &'a Vec<Value> {
 
 /// Checks the parts of `results.json` that every scope has.
 fn check_common(out: &Path, r: &Value) {
-    assert_eq!(r["schema_version"], 2);
+    assert_eq!(r["schema_version"], 3);
     assert!(r["seed"].is_u64());
     assert!(r["config"]["trunk_steps"].is_u64());
 
@@ -239,17 +239,63 @@ fn tiny_reproduce_covers_every_section() {
     );
     let report = std::fs::read_to_string(out.join("report.md")).unwrap();
     assert!(report.contains("## Decay-emulating merges"));
+    // Continued training: raw and PMA-init per data order, held-out loss from the init (step 0)
+    // to the end at four saved steps, with a warmup-then-cosine schedule.
     let c = &r["continued"];
-    for k in [
-        "initial_heldout_loss",
-        "final_heldout_loss",
-        "max_grad_norm",
-        "grad_norm_std",
-    ] {
-        for v in arr(c, k) {
-            finite(v, k);
+    for v in arr(c, "initial_heldout_loss") {
+        finite(v, "initial_heldout_loss");
+    }
+    assert!(c["schedule"].as_str().unwrap().starts_with("cosine"), "{c}");
+    let orders = arr(c, "orders");
+    assert_eq!(orders.len(), 2, "the tiny profile's 2 data orders");
+    for (i, o) in orders.iter().enumerate() {
+        assert_eq!(o["raw_run"], format!("ct-raw-{i}"));
+        assert_eq!(o["merge_run"], format!("ct-pma-{i}"));
+        let steps: Vec<u64> = arr(o, "heldout_curve")
+            .iter()
+            .map(|p| {
+                finite(&p[1], "raw held-out loss");
+                finite(&p[2], "PMA held-out loss");
+                p[0].as_u64().unwrap()
+            })
+            .collect();
+        assert_eq!(steps, [0, 3, 6, 9, 12]);
+        for k in ["early_grad_norm_std", "max_grad_norm"] {
+            for v in arr(o, k) {
+                finite(v, k);
+            }
         }
     }
+    // Seeds: the tiny profile repeats the trunk-level study with a second seed in its own
+    // directory, and judges those findings over both.
+    let st = &r["seeds"];
+    let seeds = arr(st, "seeds");
+    assert_eq!(seeds.len(), 2);
+    assert_eq!(seeds[0]["dir"], ".");
+    let second = seeds[1]["dir"].as_str().unwrap();
+    assert!(second.starts_with("seeds/seed-"), "{second}");
+    assert!(out.join(second).join("runs/trunk").is_dir());
+    assert_ne!(seeds[0]["seed"], seeds[1]["seed"]);
+    assert_ne!(
+        seeds[0]["checkpoints"][0]["val_loss"], seeds[1]["checkpoints"][0]["val_loss"],
+        "a second seed must train a different trunk"
+    );
+    let findings = arr(&r, "findings");
+    for sf in arr(st, "findings") {
+        let effects = arr(sf, "effects");
+        assert_eq!(effects.len(), 2);
+        let e: Vec<f64> = effects.iter().map(|v| finite(v, "effect")).collect();
+        let mean = finite(&sf["mean"], "mean");
+        let std = finite(&sf["std"], "std");
+        assert!((mean - (e[0] + e[1]) / 2.0).abs() < 1e-12);
+        assert!((std - (e[0] - e[1]).abs() / 2f64.sqrt()).abs() < 1e-12);
+        assert_eq!(sf["held"].as_bool().unwrap(), mean > std, "{sf}");
+        // The verdict in the findings list is the one over the seeds.
+        let f = findings.iter().find(|f| f["id"] == sf["id"]).unwrap();
+        assert_eq!(f["held"], sf["held"], "{f}");
+        assert!(f["evidence"].as_str().unwrap().contains("Over 2 seeds"));
+    }
+    assert!(report.contains("## Seeds"));
     // The spike study: a sweep, lowest LR first, then the rescue from its spiking run.
     let s = &r["spike"];
     let sweep = arr(s, "sweep");

@@ -6,7 +6,7 @@
 //! whose experiment did not run is left out rather than reported as held.
 
 use crate::ids::{RunId, Tag};
-use crate::results::{Finding, MergeRecord, Results};
+use crate::results::{Finding, MergeRecord, Results, SeedFinding, SeedRun, SeedStudy};
 
 /// Every check that has data, in report order.
 pub fn derive_findings(r: &Results) -> Vec<Finding> {
@@ -67,14 +67,14 @@ fn merge_beats_newest(r: &Results, run: RunId, tag: Tag, id: &str) -> Option<Fin
     if points.is_empty() {
         return None;
     }
-    let mut held = true;
+    let mut effect = f64::INFINITY;
     let mut parts = Vec::new();
     for step in points {
         let raw = r.checkpoint(run, step)?;
         let all: Vec<&MergeRecord> = at(r, run, tag, step).collect();
         let b = best(all.iter().copied())?;
         let n_better = all.iter().filter(|m| m.val_loss < raw.val_loss).count();
-        held &= b.val_loss < raw.val_loss;
+        effect = effect.min(raw.val_loss - b.val_loss);
         parts.push(format!(
             "step {step}: newest raw {} vs best merge {} (N={}) {} ({:+.4}; {n_better}/{} merges beat the raw checkpoint)",
             fmt_loss(raw.val_loss),
@@ -93,8 +93,9 @@ fn merge_beats_newest(r: &Results, run: RunId, tag: Tag, id: &str) -> Option<Fin
     Some(Finding {
         id: id.into(),
         claim: format!("{what} the last N constant-LR checkpoints beats the newest checkpoint."),
-        held,
+        held: effect > 0.0,
         evidence: parts.join("; "),
+        effect: Some(effect),
     })
 }
 
@@ -104,12 +105,16 @@ fn predicts_annealing(r: &Results) -> Option<Finding> {
     if r.predictions.is_empty() {
         return None;
     }
-    let mut held = true;
+    let mut effect = f64::INFINITY;
     let mut parts = Vec::new();
     for p in &r.predictions {
         // Without an annealing gain there is nothing to predict; that counts against the claim.
-        let gained = p.annealed_loss < p.raw_loss;
-        held &= gained && p.recovered_fraction >= 0.5;
+        let gain = p.raw_loss - p.annealed_loss;
+        let gained = gain > 0.0;
+        // In loss units: the merge's improvement beyond half the annealing gain.
+        effect = effect
+            .min(gain)
+            .min((p.raw_loss - p.merge_loss) - 0.5 * gain);
         let share = if gained {
             format!(
                 "merge recovers {:.0}% of the annealing gain",
@@ -131,8 +136,9 @@ fn predicts_annealing(r: &Results) -> Option<Finding> {
     Some(Finding {
         id: "merge_predicts_annealing".into(),
         claim: "A merge of constant-LR checkpoints approximates the annealed model at the same token count (rule: it recovers at least half of the raw-to-annealed improvement).".into(),
-        held,
+        held: effect > 0.0,
         evidence: parts.join("; "),
+        effect: Some(effect),
     })
 }
 
@@ -178,6 +184,7 @@ fn method_spread_shrinks(r: &Results) -> Option<Finding> {
             "N={n}: spread across methods {:.4} at step {early}, {:.4} at step {late}",
             se, sl
         ),
+        effect: Some(se - sl),
     })
 }
 
@@ -200,7 +207,16 @@ fn weighted_best_early(r: &Results) -> Option<Finding> {
         .iter()
         .filter_map(|m| m.alpha)
         .fold(f64::NEG_INFINITY, f64::max);
-    let held = b.method == "wma" || b.alpha == Some(max_alpha);
+    let weighted = |m: &&MergeRecord| m.method == "wma" || m.alpha == Some(max_alpha);
+    let best_of = |w: bool| {
+        ms.iter()
+            .filter(|m| weighted(m) == w)
+            .map(|m| m.val_loss)
+            .fold(f64::INFINITY, f64::min)
+    };
+    // How much better the best recent-weighted merge is than the best of the others.
+    let effect = best_of(false) - best_of(true);
+    let held = weighted(&b);
     let table: Vec<String> = ms
         .iter()
         .map(|m| format!("{} {}", m.label(), fmt_loss(m.val_loss)))
@@ -210,6 +226,7 @@ fn weighted_best_early(r: &Results) -> Option<Finding> {
         claim: "Early in training, methods that weight recent checkpoints more (WMA, EMA with a higher alpha) merge best.".into(),
         held,
         evidence: format!("step {early}, N={n}: {} (best: {})", table.join(", "), b.label()),
+        effect: Some(effect),
     })
 }
 
@@ -228,6 +245,7 @@ fn n_sweep(r: &Results) -> Option<Finding> {
     };
     let (e, l) = (line(early), line(late));
     let (e0, e1, l0, l1) = (e.first()?, e.last()?, l.first()?, l.last()?);
+    let effect = (e1.val_loss - e0.val_loss).min(l0.val_loss - l1.val_loss);
     let held = e1.val_loss > e0.val_loss && l1.val_loss < l0.val_loss;
     let fmt = |v: &[&MergeRecord]| {
         v.iter()
@@ -240,6 +258,7 @@ fn n_sweep(r: &Results) -> Option<Finding> {
         claim: "A large N hurts early in training and helps late (SMA, V = K).".into(),
         held,
         evidence: format!("step {early}: {}; step {late}: {}", fmt(&e), fmt(&l)),
+        effect: Some(effect),
     })
 }
 
@@ -277,6 +296,7 @@ fn v_sweep(r: &Results) -> Option<Finding> {
         ),
         held: e1.val_loss > e0.val_loss,
         evidence: format!("step {early}: {}{late_text}", fmt(&e)),
+        effect: Some(e1.val_loss - e0.val_loss),
     })
 }
 
@@ -284,7 +304,7 @@ fn v_sweep(r: &Results) -> Option<Finding> {
 /// than that checkpoint.
 fn anneal_branch(r: &Results) -> Option<Finding> {
     let mut parts = Vec::new();
-    let mut held = true;
+    let mut effect = f64::INFINITY;
     for a in &r.annealed {
         let ms: Vec<&MergeRecord> = r
             .merges_tagged(Tag::AnnealBranch)
@@ -293,7 +313,7 @@ fn anneal_branch(r: &Results) -> Option<Finding> {
         let Some(b) = best(ms.iter().copied()) else {
             continue;
         };
-        held &= b.val_loss <= a.val_loss;
+        effect = effect.min(a.val_loss - b.val_loss);
         parts.push(format!(
             "{}: annealed {} vs best in-branch merge {} (N={}) {} ({:+.4})",
             a.run,
@@ -310,8 +330,9 @@ fn anneal_branch(r: &Results) -> Option<Finding> {
     Some(Finding {
         id: "merge_during_annealing".into(),
         claim: "Merging the last checkpoints of the annealing branch is no worse than its final checkpoint (the paper sees small or no gains once the LR is annealed).".into(),
-        held,
+        held: effect >= 0.0,
         evidence: parts.join("; "),
+        effect: Some(effect),
     })
 }
 
@@ -329,7 +350,10 @@ fn decay_emulation(r: &Results) -> Option<Finding> {
     if judged.is_empty() {
         return None;
     }
-    let held = judged.iter().all(|d| d.decay_gap() < d.sma_gap());
+    let effect = judged
+        .iter()
+        .map(|d| d.sma_gap() - d.decay_gap())
+        .fold(f64::INFINITY, f64::min);
     let parts: Vec<String> = r
         .decay_emulation
         .iter()
@@ -359,34 +383,158 @@ fn decay_emulation(r: &Results) -> Option<Finding> {
     Some(Finding {
         id: "decay_merge_emulates_its_shape".into(),
         claim: "A merge weighted by an LR decay shape (WSM) predicts the model annealed with that shape over the same steps better than SMA of the same checkpoints does.".into(),
-        held,
+        held: effect > 0.0,
         evidence: parts.join("; "),
+        effect: Some(effect),
     })
 }
 
-/// Rule: continued training from the merge has a smaller gradient-norm spread and a final
-/// held-out loss no worse than continued training from the newest raw checkpoint.
+/// Rule: over the data orders, continued training from the merge has a steadier start (the
+/// standard deviation of its gradient norm over the first quarter of the steps is lower, on
+/// average over the orders) and ends no worse: the mean of (raw − PMA) final held-out loss is at
+/// least minus its standard deviation across orders, so a deficit within data-order noise does
+/// not count against it. The effect is that mean final-loss difference.
 fn continued(r: &Results) -> Option<Finding> {
     let c = r.continued.as_ref()?;
-    let held =
-        c.grad_norm_std.1 <= c.grad_norm_std.0 && c.final_heldout_loss.1 <= c.final_heldout_loss.0;
+    if c.orders.is_empty() {
+        return None;
+    }
+    let finals: Vec<(f64, f64)> = c.orders.iter().map(|o| o.final_heldout_loss()).collect();
+    let diffs: Vec<f64> = finals.iter().map(|(raw, pma)| raw - pma).collect();
+    let (m, sd) = mean_std(&diffs);
+    let steadier = mean_of(c.orders.iter().map(|o| {
+        let (raw, pma) = o.early_grad_norm_std;
+        raw - pma
+    }));
+    let sd_or_zero = if sd.is_nan() { 0.0 } else { sd };
+    let held = steadier > 0.0 && m >= -sd_or_zero;
+    let per_order: Vec<String> = c
+        .orders
+        .iter()
+        .zip(&finals)
+        .map(|(o, (raw, pma))| {
+            format!(
+                "order {}: final raw {} / PMA {}, early grad-norm std raw {:.3} / PMA {:.3}",
+                o.order,
+                fmt_loss(*raw),
+                fmt_loss(*pma),
+                o.early_grad_norm_std.0,
+                o.early_grad_norm_std.1
+            )
+        })
+        .collect();
     Some(Finding {
         id: "pma_init_continued_training".into(),
-        claim: "PMA-init (starting continued training from a merge) gives steadier gradient norms and no worse a loss than starting from the newest checkpoint.".into(),
+        claim: "PMA-init (starting continued training from a merge) starts steadier (lower gradient-norm spread early) and ends no worse than starting from the newest checkpoint.".into(),
         held,
         evidence: format!(
-            "held-out loss before: raw {} / PMA {}; after {} steps: raw {} / PMA {}; grad-norm std raw {:.3} / PMA {:.3}; max grad norm raw {:.3} / PMA {:.3}",
+            "held-out loss of the inits: raw {} / PMA {}; {} steps ({}); {}; mean final (raw − PMA) {:+.4} ± {:.4} over {} orders; mean early grad-norm std (raw − PMA) {:+.3}",
             fmt_loss(c.initial_heldout_loss.0),
             fmt_loss(c.initial_heldout_loss.1),
             r.config.continued.steps,
-            fmt_loss(c.final_heldout_loss.0),
-            fmt_loss(c.final_heldout_loss.1),
-            c.grad_norm_std.0,
-            c.grad_norm_std.1,
-            c.max_grad_norm.0,
-            c.max_grad_norm.1
+            c.schedule,
+            per_order.join("; "),
+            m,
+            sd_or_zero,
+            c.orders.len(),
+            steadier
         ),
+        effect: Some(m),
     })
+}
+
+fn mean_of(values: impl Iterator<Item = f64>) -> f64 {
+    let v: Vec<f64> = values.collect();
+    mean_std(&v).0
+}
+
+/// Mean and sample standard deviation (n − 1); the deviation is NaN for fewer than two values.
+pub fn mean_std(values: &[f64]) -> (f64, f64) {
+    let n = values.len();
+    if n == 0 {
+        return (f64::NAN, f64::NAN);
+    }
+    let m = values.iter().sum::<f64>() / n as f64;
+    if n < 2 {
+        return (m, f64::NAN);
+    }
+    let var = values.iter().map(|x| (x - m) * (x - m)).sum::<f64>() / (n - 1) as f64;
+    (m, var.sqrt())
+}
+
+/// The findings a seed of the trunk study decides on its own, and which the full reproduction
+/// therefore repeats over seeds.
+pub const TRUNK_FINDINGS: [&str; 8] = [
+    "merge_beats_newest",
+    "merge_predicts_annealing",
+    "method_differences_shrink",
+    "weighted_best_early",
+    "large_n_hurts_early_helps_late",
+    "large_v_hurts_early",
+    "merge_during_annealing",
+    "decay_merge_emulates_its_shape",
+];
+
+/// The seed rule, fixed in code before any run.
+pub const SEED_RULE: &str = "Each trunk-level finding has an effect per seed, in nats per byte, positive when its claim held in that seed. Over the seeds, it holds only when every seed measured it and the mean effect exceeds the spread: the sample standard deviation of the effects across seeds.";
+
+/// Each trunk-level finding over the seeds, by [`SEED_RULE`].
+pub fn seed_findings(seeds: &[SeedRun]) -> Vec<SeedFinding> {
+    TRUNK_FINDINGS
+        .iter()
+        .filter(|id| {
+            seeds
+                .iter()
+                .any(|s| s.findings.iter().any(|f| f.id == **id))
+        })
+        .map(|id| {
+            let effects: Vec<f64> = seeds
+                .iter()
+                .map(|s| {
+                    s.findings
+                        .iter()
+                        .find(|f| f.id == *id)
+                        .and_then(|f| f.effect)
+                        .unwrap_or(f64::NAN)
+                })
+                .collect();
+            let (mean, std) = mean_std(&effects);
+            SeedFinding {
+                id: (*id).into(),
+                held: effects.iter().all(|e| e.is_finite()) && mean > std,
+                effects,
+                mean,
+                std,
+            }
+        })
+        .collect()
+}
+
+/// Replaces each trunk-level finding's verdict with its verdict over the seeds, and adds the
+/// per-seed numbers to its evidence.
+pub fn apply_seed_verdicts(findings: &mut [Finding], study: &SeedStudy) {
+    for sf in &study.findings {
+        let Some(f) = findings.iter_mut().find(|f| f.id == sf.id) else {
+            continue;
+        };
+        let effects: Vec<String> = study
+            .seeds
+            .iter()
+            .zip(&sf.effects)
+            .map(|(s, e)| format!("seed {} {e:+.4}", s.seed))
+            .collect();
+        f.held = sf.held;
+        f.evidence = format!(
+            "Seed {}: {}. Over {} seeds, effect {} (mean {:+.4}, spread {:.4}): the mean {} the spread.",
+            study.seeds.first().map_or(0, |s| s.seed),
+            f.evidence,
+            study.seeds.len(),
+            effects.join(", "),
+            sf.mean,
+            sf.std,
+            if sf.held { "exceeds" } else { "does not exceed" }
+        );
+    }
 }
 
 /// Rule: over the data orders, resumptions at the spiking LR from the PMA merge spike again in
@@ -421,6 +569,8 @@ fn spike(r: &Results) -> Option<Finding> {
             fmt_loss(s.merge_val_loss),
             show(pma_loss),
         ),
+        // Counts of re-spikes and a loss are not one unit.
+        effect: None,
     })
 }
 
@@ -460,6 +610,7 @@ mod tests {
             decay_emulation: Vec::new(),
             continued: None,
             spike: None,
+            seeds: None,
             findings: vec![],
             timings: vec![],
             elapsed_secs: 0.0,
@@ -496,6 +647,120 @@ mod tests {
             metrics: metrics(v),
             path: String::new(),
         }
+    }
+
+    fn finding(id: &str, effect: f64) -> Finding {
+        Finding {
+            id: id.into(),
+            claim: String::new(),
+            held: effect > 0.0,
+            evidence: "e".into(),
+            effect: Some(effect),
+        }
+    }
+
+    fn seed(seed: u64, findings: Vec<Finding>) -> SeedRun {
+        SeedRun {
+            seed,
+            dir: format!("seeds/seed-{seed}"),
+            runs: vec![],
+            checkpoints: vec![],
+            merges: vec![],
+            annealed: vec![],
+            predictions: vec![],
+            findings,
+        }
+    }
+
+    #[test]
+    fn a_finding_holds_over_seeds_only_beyond_their_spread() {
+        let seeds = vec![
+            seed(
+                0,
+                vec![
+                    finding("merge_beats_newest", 0.03),
+                    finding("large_v_hurts_early", 0.02),
+                ],
+            ),
+            seed(
+                1,
+                vec![
+                    finding("merge_beats_newest", 0.01),
+                    finding("large_v_hurts_early", -0.03),
+                ],
+            ),
+            seed(2, vec![finding("merge_beats_newest", 0.02)]),
+        ];
+        let sf = seed_findings(&seeds);
+        assert_eq!(sf.len(), 2);
+        // Mean 0.02, spread 0.01: held.
+        assert_eq!(sf[0].id, "merge_beats_newest");
+        assert!((sf[0].mean - 0.02).abs() < 1e-12 && (sf[0].std - 0.01).abs() < 1e-12);
+        assert!(sf[0].held);
+        // Missing in one seed: not held, whatever the others say.
+        assert_eq!(sf[1].id, "large_v_hurts_early");
+        assert!(sf[1].effects[2].is_nan() && !sf[1].held);
+        // Positive in every seed but within the spread: not held.
+        let noisy = vec![
+            seed(0, vec![finding("merge_beats_newest", 0.001)]),
+            seed(1, vec![finding("merge_beats_newest", 0.05)]),
+        ];
+        let sf = seed_findings(&noisy);
+        assert!(sf[0].mean > 0.0 && !sf[0].held, "{sf:?}");
+        let mut findings = vec![finding("merge_beats_newest", 0.001)];
+        let study = SeedStudy {
+            rule: SEED_RULE.into(),
+            seeds: noisy,
+            findings: sf,
+        };
+        apply_seed_verdicts(&mut findings, &study);
+        assert!(!findings[0].held);
+        assert!(
+            findings[0].evidence.contains("Over 2 seeds"),
+            "{}",
+            findings[0].evidence
+        );
+    }
+
+    #[test]
+    fn pma_init_must_start_steadier_and_end_no_worse_beyond_order_noise() {
+        let order = |i: u64, raw: f64, pma: f64, gn: (f64, f64)| crate::results::ContinuedOrder {
+            order: i,
+            raw_run: format!("ct-raw-{i}"),
+            merge_run: format!("ct-pma-{i}"),
+            heldout_curve: vec![(0, 2.0, 1.9), (8, raw, pma)],
+            early_grad_norm_std: gn,
+            max_grad_norm: (1.0, 1.0),
+        };
+        let mut r = empty();
+        r.continued = Some(crate::results::ContinuedRecord {
+            data: "x".into(),
+            schedule: "cosine".into(),
+            from_step: 60,
+            merge_id: "m".into(),
+            initial_heldout_loss: (2.0, 1.9),
+            // PMA ends a little worse on average, within the orders' spread; steadier.
+            orders: vec![
+                order(0, 1.50, 1.52, (0.2, 0.1)),
+                order(1, 1.50, 1.47, (0.2, 0.1)),
+                order(2, 1.50, 1.52, (0.2, 0.1)),
+            ],
+        });
+        let f = continued(&r).unwrap();
+        assert!(f.held, "{}", f.evidence);
+        assert!(f.effect.unwrap() < 0.0);
+        // Worse in every order by the same margin: no spread to hide in.
+        let c = r.continued.as_mut().unwrap();
+        for o in &mut c.orders {
+            o.heldout_curve[1].2 = 1.52;
+        }
+        assert!(!continued(&r).unwrap().held);
+        // Better at the end but not steadier: not held either.
+        for o in &mut r.continued.as_mut().unwrap().orders {
+            o.heldout_curve[1].2 = 1.4;
+            o.early_grad_norm_std = (0.1, 0.2);
+        }
+        assert!(!continued(&r).unwrap().held);
     }
 
     #[test]

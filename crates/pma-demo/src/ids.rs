@@ -38,10 +38,17 @@ pub enum RunId {
         /// The MoE step it starts from.
         from: u64,
     },
-    /// Continued training from the newest raw trunk checkpoint. `ct-raw`.
-    ContinuedRaw,
-    /// Continued training from a PMA merge. `ct-pma`.
-    ContinuedPma,
+    /// Continued training from the newest raw trunk checkpoint, with data order `order`.
+    /// `ct-raw-{order}`.
+    ContinuedRaw {
+        /// Which data order (0-based).
+        order: u64,
+    },
+    /// Continued training from a PMA merge, with data order `order`. `ct-pma-{order}`.
+    ContinuedPma {
+        /// Which data order (0-based).
+        order: u64,
+    },
     /// Run `index` of the spike study's LR sweep. `lr-sweep-{index}`.
     LrSweep {
         /// Its place in the sweep, lowest LR first.
@@ -63,25 +70,20 @@ pub enum RunId {
 
 impl RunId {
     /// Every run without a parameter, for parsing.
-    const PLAIN: [RunId; 4] = [
-        RunId::Trunk,
-        RunId::Moe,
-        RunId::ContinuedRaw,
-        RunId::ContinuedPma,
-    ];
+    const PLAIN: [RunId; 2] = [RunId::Trunk, RunId::Moe];
 
     fn plain_name(self) -> Option<&'static str> {
         Some(match self {
             RunId::Trunk => "trunk",
             RunId::Moe => "moe",
-            RunId::ContinuedRaw => "ct-raw",
-            RunId::ContinuedPma => "ct-pma",
             RunId::Anneal { .. }
             | RunId::AnnealShaped { .. }
             | RunId::MoeAnneal { .. }
             | RunId::LrSweep { .. }
             | RunId::ResumeRaw { .. }
-            | RunId::ResumePma { .. } => return None,
+            | RunId::ResumePma { .. }
+            | RunId::ContinuedRaw { .. }
+            | RunId::ContinuedPma { .. } => return None,
         })
     }
 
@@ -104,6 +106,8 @@ impl RunId {
             (None, RunId::LrSweep { index }) => fork_step(name, "lr-sweep-") == Some(index as u64),
             (None, RunId::ResumeRaw { order }) => fork_step(name, "resume-raw-") == Some(order),
             (None, RunId::ResumePma { order }) => fork_step(name, "resume-pma-") == Some(order),
+            (None, RunId::ContinuedRaw { order }) => fork_step(name, "ct-raw-") == Some(order),
+            (None, RunId::ContinuedPma { order }) => fork_step(name, "ct-pma-") == Some(order),
             (None, _) => unreachable!("only numbered runs have no plain name"),
         }
     }
@@ -136,6 +140,8 @@ impl fmt::Display for RunId {
             (None, RunId::LrSweep { index }) => write!(f, "lr-sweep-{index}"),
             (None, RunId::ResumeRaw { order }) => write!(f, "resume-raw-{order}"),
             (None, RunId::ResumePma { order }) => write!(f, "resume-pma-{order}"),
+            (None, RunId::ContinuedRaw { order }) => write!(f, "ct-raw-{order}"),
+            (None, RunId::ContinuedPma { order }) => write!(f, "ct-pma-{order}"),
             (None, _) => unreachable!("only numbered runs have no plain name"),
         }
     }
@@ -166,6 +172,12 @@ impl FromStr for RunId {
         }
         if let Some(order) = fork_step(s, "resume-pma-") {
             return Ok(RunId::ResumePma { order });
+        }
+        if let Some(order) = fork_step(s, "ct-raw-") {
+            return Ok(RunId::ContinuedRaw { order });
+        }
+        if let Some(order) = fork_step(s, "ct-pma-") {
+            return Ok(RunId::ContinuedPma { order });
         }
         Err(format!("'{s}' is not a demo run"))
     }
@@ -266,13 +278,19 @@ pub(crate) mod seed_offset {
     pub(crate) const TRUNK: u64 = 0;
     /// The MoE run and its fork.
     pub(crate) const MOE: u64 = 1;
-    /// Both continued-training runs: the same batches, so only the init differs.
-    pub(crate) const CONTINUED: u64 = 2;
     /// Every run of the LR sweep (the same init and batches; only the LR differs).
     pub(crate) const SPIKE: u64 = 3;
     /// The resumptions after the spike, plus their data order: raw and PMA of one order see
     /// the same batches.
     pub(crate) const SPIKE_RESUME: u64 = 4;
+    /// The continued-training runs, plus their data order times [`CONTINUED_ORDER_STRIDE`]:
+    /// raw and PMA-init of one order see the same batches.
+    pub(crate) const CONTINUED: u64 = 2;
+    /// Between the continued-training data orders: clear of the resumptions' `4 + order`.
+    pub(crate) const CONTINUED_ORDER_STRIDE: u64 = 1 << 16;
+    /// Between the seeds of a multi-seed reproduction: far beyond every offset above and every
+    /// fork's start step, so no run of one seed shares a seed with a run of another.
+    pub(crate) const SEED_STRIDE: u64 = 1 << 32;
 }
 
 #[cfg(test)]
@@ -294,8 +312,8 @@ mod tests {
             },
             RunId::Moe,
             RunId::MoeAnneal { from: 0 },
-            RunId::ContinuedRaw,
-            RunId::ContinuedPma,
+            RunId::ContinuedRaw { order: 0 },
+            RunId::ContinuedPma { order: 2 },
             RunId::LrSweep { index: 2 },
             RunId::ResumeRaw { order: 0 },
             RunId::ResumePma { order: 1 },
@@ -310,8 +328,8 @@ mod tests {
                 "anneal-300-1-sqrt",
                 "moe",
                 "moe-anneal-0",
-                "ct-raw",
-                "ct-pma",
+                "ct-raw-0",
+                "ct-pma-2",
                 "lr-sweep-2",
                 "resume-raw-0",
                 "resume-pma-1"

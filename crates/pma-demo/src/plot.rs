@@ -54,6 +54,9 @@ pub enum Mark {
     LineDots,
     /// Dots only.
     Dots,
+    /// A shaded area: `points` run along its upper edge, left to right, then back along its
+    /// lower edge. It takes the colour of the series after it, the one it is the spread of.
+    Band,
 }
 
 /// One labelled series of a chart.
@@ -130,13 +133,15 @@ const AXIS_LABELS: usize = 10;
 
 /// Decimals that tell apart the ticks plotters places on `lo..hi`: it steps by the smallest
 /// 1, 2 or 5 × 10^k that gives at most [`AXIS_LABELS`] ticks. A fixed format printed "0 0 0"
-/// for an axis from 0.1 to 0.3 million tokens.
+/// for an axis from 0.1 to 0.3 million tokens. Plotters counts the ticks that fit inside the
+/// range, so its step can be just under span / [`AXIS_LABELS`] (0.05 on 0.488..0.997, whose
+/// labels read "0.9 0.9 0.8" with one decimal); sizing for half that step never prints too few.
 fn axis_decimals(lo: f64, hi: f64) -> usize {
     let span = (hi - lo).abs();
     if !span.is_finite() || span == 0.0 {
         return 0;
     }
-    let rough = span / AXIS_LABELS as f64;
+    let rough = span / AXIS_LABELS as f64 / 2.0;
     let magnitude = 10f64.powf(rough.log10().floor());
     let step = [1.0, 2.0, 5.0, 10.0]
         .iter()
@@ -176,8 +181,13 @@ fn draw_chart(
         .x_label_formatter(&|x| format!("{:.*}", axis_decimals(x0, x1), x))
         .draw()
         .map_err(|e| e.to_string())?;
-    for (i, s) in chart.series.iter().enumerate() {
-        let color = COLORS[i % COLORS.len()];
+    // Bands share the colour of the series they are the spread of, which follows them.
+    let mut line = 0;
+    for s in &chart.series {
+        let color = COLORS[line % COLORS.len()];
+        if s.mark != Mark::Band {
+            line += 1;
+        }
         let pts: Vec<(f64, f64)> = s
             .points
             .iter()
@@ -204,6 +214,13 @@ fn draw_chart(
                     .map_err(|e| e.to_string())?
                     .label(s.label.as_str())
                     .legend(move |(x, y)| Circle::new((x + 10, y), 5, color.filled()));
+            }
+            Mark::Band => {
+                let fill = color.mix(0.2).filled();
+                ctx.draw_series(std::iter::once(Polygon::new(pts, fill)))
+                    .map_err(|e| e.to_string())?
+                    .label(s.label.as_str())
+                    .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 20, y + 5)], fill));
             }
         }
     }
@@ -340,6 +357,50 @@ pub fn merge_steps(r: &Results, run: RunId, tag: Tag) -> Vec<u64> {
     s
 }
 
+/// A [`Mark::Band`] from the values of each x: its minimum to its maximum. Left out (`None`)
+/// where no x has two values, as in a one-seed run.
+fn band(
+    label: &str,
+    values: &std::collections::BTreeMap<u64, Vec<f64>>,
+    scale: f64,
+) -> Option<Series> {
+    let edges: Vec<(f64, f64, f64)> = values
+        .iter()
+        .filter_map(|(&x, v)| {
+            let v: Vec<f64> = v.iter().copied().filter(|y| y.is_finite()).collect();
+            (v.len() >= 2).then(|| {
+                let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+                let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                (x as f64 / scale, lo, hi)
+            })
+        })
+        .collect();
+    if edges.is_empty() {
+        return None;
+    }
+    let mut points: Vec<(f64, f64)> = edges.iter().map(|&(x, _, hi)| (x, hi)).collect();
+    points.extend(edges.iter().rev().map(|&(x, lo, _)| (x, lo)));
+    Some(Series {
+        label: label.into(),
+        points,
+        mark: Mark::Band,
+    })
+}
+
+/// Collects `(x, value)` pairs from every seed into per-x lists.
+fn per_x(pairs: impl Iterator<Item = (u64, f64)>) -> std::collections::BTreeMap<u64, Vec<f64>> {
+    let mut m: std::collections::BTreeMap<u64, Vec<f64>> = Default::default();
+    for (x, v) in pairs {
+        m.entry(x).or_default().push(v);
+    }
+    m
+}
+
+/// The seeds of a multi-seed run (empty otherwise).
+fn seed_runs(r: &Results) -> &[crate::results::SeedRun] {
+    r.seeds.as_ref().map_or(&[], |s| s.seeds.as_slice())
+}
+
 /// Draws every plot the results have data for; returns the files written, relative to `out`.
 pub fn draw_all(r: &Results, out: &Path) -> Result<Vec<String>> {
     let dir = plots_dir(out);
@@ -373,16 +434,19 @@ pub fn draw_all(r: &Results, out: &Path) -> Result<Vec<String>> {
     if r.run(RunId::Moe).is_some() {
         put("moe.png", &|p| draw_charts(p, &[moe_chart(r)]))?;
     }
-    if r.continued.is_some() {
+    if let Some(c) = &r.continued {
         let runs = [
-            (RunId::ContinuedRaw, "from newest raw"),
-            (RunId::ContinuedPma, "from PMA merge"),
+            (
+                RunId::ContinuedRaw { order: 0 },
+                "from newest raw (order 0)",
+            ),
+            (RunId::ContinuedPma { order: 0 }, "from PMA merge (order 0)"),
         ];
         put("continued.png", &|p| {
             draw_charts(
                 p,
                 &[
-                    curve_chart(r, &runs, "Continued training: train loss", false, false),
+                    continued_chart(c),
                     curve_chart(r, &runs, "Continued training: grad norm", true, false),
                 ],
             )
@@ -427,47 +491,87 @@ pub fn draw_all(r: &Results, out: &Path) -> Result<Vec<String>> {
     Ok(written)
 }
 
+/// The best merge of the trunk at each grid and prediction step (interval K), by step.
+fn best_merges(
+    merges: &[crate::results::MergeRecord],
+    predictions: &[crate::results::PredictionRecord],
+    save_every: u64,
+) -> std::collections::BTreeMap<u64, f64> {
+    let steps = merges
+        .iter()
+        .filter(|m| m.run == RunId::Trunk && m.has_tag(Tag::Grid))
+        .map(|m| m.step)
+        .chain(
+            predictions
+                .iter()
+                .filter(|p| p.run == RunId::Trunk)
+                .map(|p| p.step),
+        );
+    steps
+        .filter_map(|s| {
+            merges
+                .iter()
+                .filter(|m| m.run == RunId::Trunk && m.step == s && m.interval == save_every)
+                .min_by(|a, b| a.val_loss.total_cmp(&b.val_loss))
+                .map(|m| (s, m.val_loss))
+        })
+        .collect()
+}
+
 fn loss_chart(r: &Results) -> Chart {
+    let seeds = seed_runs(r);
     let raw: Vec<(f64, f64)> = r
         .checkpoints
         .iter()
         .filter(|c| c.run == RunId::Trunk)
         .map(|c| (c.global_step as f64, c.val_loss))
         .collect();
-    let mut series = vec![Series {
+    let mut series = Vec::new();
+    series.extend(band(
+        "raw: seeds' min to max",
+        &per_x(seeds.iter().flat_map(|s| {
+            s.checkpoints
+                .iter()
+                .filter(|c| c.run == RunId::Trunk)
+                .map(|c| (c.global_step, c.val_loss))
+        })),
+        1.0,
+    ));
+    series.push(Series {
         label: "raw checkpoints (constant LR)".into(),
         points: raw,
         mark: Mark::LineDots,
-    }];
-    let best: Vec<(f64, f64)> = merge_steps(r, RunId::Trunk, Tag::Grid)
-        .into_iter()
-        .chain(
-            r.predictions
+    });
+    let save_every = r.config.save_every;
+    series.extend(band(
+        "best merge: seeds' min to max",
+        &per_x(
+            seeds
                 .iter()
-                .filter(|p| p.run == RunId::Trunk)
-                .map(|p| p.step),
-        )
-        .filter_map(|s| {
-            r.merges
-                .iter()
-                .filter(|m| {
-                    m.run == RunId::Trunk && m.step == s && m.interval == r.config.save_every
-                })
-                .min_by(|a, b| a.val_loss.total_cmp(&b.val_loss))
-                .map(|m| (s, m.val_loss))
-        })
-        .collect::<std::collections::BTreeMap<u64, f64>>()
-        .into_iter()
-        .map(|(s, v)| (s as f64, v))
-        .collect();
+                .flat_map(|s| best_merges(&s.merges, &s.predictions, save_every)),
+        ),
+        1.0,
+    ));
     series.push(Series {
         label: "best merge at each point".into(),
-        points: best,
+        points: best_merges(&r.merges, &r.predictions, save_every)
+            .into_iter()
+            .map(|(s, v)| (s as f64, v))
+            .collect(),
         mark: Mark::Dots,
     });
     series.extend(annealed_series(r, RunId::Trunk, "annealed from"));
+    let title = if seeds.is_empty() {
+        "Validation loss vs step".to_string()
+    } else {
+        format!(
+            "Validation loss vs step (lines: seed {}; bands: {} seeds)",
+            r.seed,
+            seeds.len()
+        )
+    };
     Chart {
-        title: "Validation loss vs step".into(),
+        title,
         x_label: "trunk step".into(),
         y_label: "val loss (nats/byte)".into(),
         series,
@@ -571,34 +675,46 @@ fn sweep_charts(r: &Results) -> Vec<Chart> {
 }
 
 fn prediction_chart(r: &Results) -> Chart {
-    let pick = |f: &dyn Fn(&crate::results::PredictionRecord) -> f64| -> Vec<(f64, f64)> {
+    type Pick = fn(&crate::results::PredictionRecord) -> f64;
+    let pick = |f: Pick| -> Vec<(f64, f64)> {
         r.predictions
             .iter()
             .filter(|p| p.run == RunId::Trunk)
             .map(|p| (p.tokens as f64 / 1e6, f(p)))
             .collect()
     };
+    // Across seeds, keyed by token count (the same grid in every seed).
+    let spread = |f: Pick, label: &str| {
+        band(
+            label,
+            &per_x(seed_runs(r).iter().flat_map(|s| {
+                s.predictions
+                    .iter()
+                    .filter(|p| p.run == RunId::Trunk)
+                    .map(move |p| (p.tokens, f(p)))
+            })),
+            1e6,
+        )
+    };
+    let lines: [(&str, Pick); 3] = [
+        ("raw (constant LR)", |p| p.raw_loss),
+        ("best merge (constant LR)", |p| p.merge_loss),
+        ("annealed", |p| p.annealed_loss),
+    ];
+    let mut series = Vec::new();
+    for (label, f) in lines {
+        series.extend(spread(f, &format!("{label}: seeds' min to max")));
+        series.push(Series {
+            label: label.into(),
+            points: pick(f),
+            mark: Mark::LineDots,
+        });
+    }
     Chart {
         title: "Annealing prediction at matched token counts (dense trunk)".into(),
         x_label: "training tokens (millions)".into(),
-        y_label: "val loss".into(),
-        series: vec![
-            Series {
-                label: "raw (constant LR)".into(),
-                points: pick(&|p| p.raw_loss),
-                mark: Mark::LineDots,
-            },
-            Series {
-                label: "best merge (constant LR)".into(),
-                points: pick(&|p| p.merge_loss),
-                mark: Mark::LineDots,
-            },
-            Series {
-                label: "annealed".into(),
-                points: pick(&|p| p.annealed_loss),
-                mark: Mark::LineDots,
-            },
-        ],
+        y_label: "val loss (nats/byte)".into(),
+        series,
     }
 }
 
@@ -661,6 +777,38 @@ fn moe_chart(r: &Results) -> Chart {
     }
 }
 
+/// Held-out loss along continued training: each init's spread over the data orders and its
+/// first order.
+fn continued_chart(c: &crate::results::ContinuedRecord) -> Chart {
+    type Pick = fn(&(u64, f64, f64)) -> f64;
+    let inits: [(&str, Pick); 2] = [("from newest raw", |p| p.1), ("from PMA merge", |p| p.2)];
+    let mut series = Vec::new();
+    for (label, f) in inits {
+        series.extend(band(
+            &format!("{label}: orders' min to max"),
+            &per_x(
+                c.orders
+                    .iter()
+                    .flat_map(|o| o.heldout_curve.iter().map(move |p| (p.0, f(p)))),
+            ),
+            1.0,
+        ));
+        series.push(Series {
+            label: format!("{label} (order 0)"),
+            points: c.orders.first().map_or(Vec::new(), |o| {
+                o.heldout_curve.iter().map(|p| (p.0 as f64, f(p))).collect()
+            }),
+            mark: Mark::LineDots,
+        });
+    }
+    Chart {
+        title: "Continued training: held-out loss".into(),
+        x_label: "continued-training step".into(),
+        y_label: "held-out loss (nats/byte)".into(),
+        series,
+    }
+}
+
 fn curve_chart(
     r: &Results,
     runs: &[(RunId, &str)],
@@ -718,6 +866,8 @@ mod tests {
         assert_eq!(axis_decimals(0.1, 0.3), 2);
         assert_eq!(axis_decimals(0.0, 2.4), 1);
         assert_eq!(axis_decimals(0.0, 12_000.0), 0);
+        // Ten ticks 0.05 apart fit in 0.488..0.997 (a grad-norm axis).
+        assert_eq!(axis_decimals(0.488, 0.997), 2);
         assert_eq!(axis_decimals(1.6, 1.75), 2);
         assert_eq!(axis_decimals(3.0, 3.0), 0);
         // Against the ticks plotters itself places: every label distinct.
@@ -727,6 +877,7 @@ mod tests {
             (1.62, 1.71),
             (-0.004, 0.013),
             (0.0, 9e5),
+            (0.488, 0.997),
         ] {
             let d = axis_decimals(lo, hi);
             let ticks = RangedCoordf64::from(lo..hi).key_points(AXIS_LABELS);

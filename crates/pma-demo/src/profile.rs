@@ -98,7 +98,8 @@ pub struct MoeProfile {
     pub decay_steps: u64,
 }
 
-/// PMA-init for continued training on held-out text.
+/// PMA-init for continued training on held-out text, as the paper's continued-training (CT)
+/// stage: fresh optimizers, linear warmup, then a cosine decay to the trunk's `min_lr`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ContinuedProfile {
     /// Steps of continued training from each init.
@@ -109,6 +110,13 @@ pub struct ContinuedProfile {
     pub warmup_steps: u64,
     /// Checkpoints in the SMA merge used as PMA-init.
     pub n: usize,
+    /// Data orders each pair of runs (raw and PMA-init) is repeated with.
+    #[serde(default = "one")]
+    pub orders: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 /// Loss-spike rescue: an LR sweep that finds a spontaneous spike, then resumptions from before
@@ -182,6 +190,10 @@ pub struct Profile {
     pub continued: ContinuedProfile,
     /// Spike recovery, reproduction only.
     pub spike: SpikeProfile,
+    /// Seeds the trunk-level study runs with, reproduction only; with more than one, its
+    /// findings are judged over the seeds.
+    #[serde(default = "one")]
+    pub seeds: usize,
 }
 
 fn dense(hidden: usize, layers: usize, heads: usize, seq_len: usize) -> ModelConfig {
@@ -248,10 +260,11 @@ impl Profile {
                     decay_steps: 10,
                 },
                 continued: ContinuedProfile {
-                    steps: 10,
+                    steps: 12,
                     lr: 3e-3,
                     warmup_steps: 2,
                     n: 3,
+                    orders: 2,
                 },
                 spike: SpikeProfile {
                     lr_multiples: vec![2.0, 4.0, 8.0, 16.0, 32.0],
@@ -264,6 +277,7 @@ impl Profile {
                     // so CI exercises the rescue. Tiny verdicts mean nothing.
                     jump_ratio: 1.0,
                 },
+                seeds: 2,
             },
             Scale::Quick => Profile {
                 scale,
@@ -295,10 +309,11 @@ impl Profile {
                     decay_steps: 100,
                 },
                 continued: ContinuedProfile {
-                    steps: 60,
+                    steps: 80,
                     lr: 3e-3,
-                    warmup_steps: 5,
+                    warmup_steps: 8,
                     n: 6,
+                    orders: 2,
                 },
                 spike: SpikeProfile {
                     lr_multiples: vec![2.0, 4.0, 8.0, 16.0, 32.0],
@@ -309,6 +324,7 @@ impl Profile {
                     resume_orders: 3,
                     jump_ratio: 1.3,
                 },
+                seeds: 1,
             },
             Scale::Full => Profile {
                 scale,
@@ -341,8 +357,9 @@ impl Profile {
                 continued: ContinuedProfile {
                     steps: 200,
                     lr: 3e-3,
-                    warmup_steps: 10,
+                    warmup_steps: 20,
                     n: 6,
+                    orders: 3,
                 },
                 spike: SpikeProfile {
                     lr_multiples: vec![2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0],
@@ -353,6 +370,7 @@ impl Profile {
                     resume_orders: 5,
                     jump_ratio: 1.3,
                 },
+                seeds: 3,
             },
         }
     }
@@ -434,6 +452,19 @@ impl Profile {
                 return bad(
                     "spike.jump_ratio",
                     format!("{} would flag a loss that fell", s.jump_ratio),
+                );
+            }
+            if self.seeds == 0 {
+                return bad("seeds", "the study needs at least one seed".into());
+            }
+            let c = &self.continued;
+            if c.orders == 0 || c.steps < 4 || c.steps % 4 != 0 || c.warmup_steps >= c.steps {
+                return bad(
+                    "continued.steps",
+                    format!(
+                        "{} orders of {} steps (warmup {}): needs an order, a multiple of 4 steps (4 evaluations) and a decay after the warmup",
+                        c.orders, c.steps, c.warmup_steps
+                    ),
                 );
             }
             if s.resume_orders == 0 || s.resume_steps == 0 {

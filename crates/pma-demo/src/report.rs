@@ -107,9 +107,17 @@ pub fn render_report(r: &Results) -> String {
     };
     let trunk = r.run(RunId::Trunk);
     let _ = writeln!(o, "# {title}\n");
+    let seeds_said = match &r.seeds {
+        Some(st) => format!(
+            "The trunk-level study ran with **{} seeds** ({}); its findings are judged over them (see *Seeds*). The MoE, continued-training and spike studies ran with the first seed.",
+            st.seeds.len(),
+            st.seeds.iter().map(|s| s.seed.to_string()).collect::<Vec<_>>().join(", ")
+        ),
+        None => "This is **one seed**: no verdict below comes with a spread across seeds, so an effect smaller than seed noise can flip with `--seed`.".into(),
+    };
     let _ = writeln!(
         o,
-        "`pma {}` with profile **{}**, seed **{}** (pma-demo {}), {:.0} s wall in all. Every number below is in `results.json`; every model was trained and evaluated in this invocation. This is **one seed**: no verdict below comes with a spread across seeds, so an effect smaller than seed noise can flip with `--seed`. Re-run with `pma {} --profile {} --seed {}`.\n",
+        "`pma {}` with profile **{}**, seed **{}** (pma-demo {}), {:.0} s wall in all. Every number below is in `results.json`; every model was trained and evaluated in this invocation. {seeds_said} Re-run with `pma {} --profile {} --seed {}`.\n",
         r.scope, r.profile, r.seed, r.pma_version, r.elapsed_secs, r.scope, r.profile, r.seed
     );
     if let Some(t) = trunk {
@@ -138,6 +146,33 @@ pub fn render_report(r: &Results) -> String {
         );
     }
     o.push('\n');
+    if let Some(st) = &r.seeds {
+        let _ = writeln!(o, "## Seeds\n");
+        let _ = writeln!(o, "Rule, fixed before any run: {}\n", st.rule);
+        let _ = write!(o, "| finding |");
+        for s in &st.seeds {
+            let _ = write!(o, " seed {} |", s.seed);
+        }
+        let _ = write!(o, " mean | spread (std) | over the seeds |\n|---|");
+        for _ in &st.seeds {
+            o.push_str("---|");
+        }
+        o.push_str("---|---|---|\n");
+        for f in &st.findings {
+            let _ = write!(o, "| `{}` |", f.id);
+            for e in &f.effects {
+                let _ = write!(o, " {e:+.4} |");
+            }
+            let _ = writeln!(
+                o,
+                " {:+.4} | {:.4} | {} |",
+                f.mean,
+                f.std,
+                if f.held { "held" } else { "**did not hold**" }
+            );
+        }
+        let _ = writeln!(o, "\nEffects are in nats per byte, positive where the claim held in that seed. Seed directories: {}. The plots draw the seeds' minimum to maximum as a band.\n", st.seeds.iter().map(|s| format!("`{}`", s.dir)).collect::<Vec<_>>().join(", "));
+    }
     if r.findings.iter().any(|f| !f.held) {
         let _ = writeln!(
             o,
@@ -385,36 +420,41 @@ pub fn render_report(r: &Results) -> String {
     }
     if let Some(c) = &r.continued {
         let _ = writeln!(o, "## PMA-init for continued training\n");
-        let _ = writeln!(o, "Continued training on {} from trunk step {}: from the newest raw checkpoint (`{}`) and from the merge `{}` (`{}`). Same batches, fresh optimizers, {} steps.\n", c.data, c.from_step, c.raw_run, c.merge_id, c.merge_run, r.config.continued.steps);
-        let _ = writeln!(o, "| | from raw | from PMA merge |\n|---|---|---|");
+        let _ = writeln!(o, "The paper's continued-training setup: from trunk step {}, train on {} from the newest raw checkpoint and from the merge `{}`, fresh optimizers, {} steps ({}). Both inits see the same batches; the pair is repeated over {} data orders.\n", c.from_step, c.data, c.merge_id, r.config.continued.steps, c.schedule, c.orders.len());
         let _ = writeln!(
             o,
-            "| held-out loss before | {} | {} |",
+            "Held-out loss of the inits: raw {}, PMA {}.\n",
             loss(c.initial_heldout_loss.0),
             loss(c.initial_heldout_loss.1)
         );
         let _ = writeln!(
             o,
-            "| held-out loss after | {} | {} |",
-            loss(c.final_heldout_loss.0),
-            loss(c.final_heldout_loss.1)
+            "| order | step | held-out raw | held-out PMA | PMA − raw |\n|---|---|---|---|---|"
         );
-        let _ = writeln!(
-            o,
-            "| mean train loss, first quarter | {} | {} |",
-            loss(c.early_train_loss.0),
-            loss(c.early_train_loss.1)
-        );
-        let _ = writeln!(
-            o,
-            "| max grad norm | {:.3} | {:.3} |",
-            c.max_grad_norm.0, c.max_grad_norm.1
-        );
-        let _ = writeln!(
-            o,
-            "| grad norm std | {:.3} | {:.3} |",
-            c.grad_norm_std.0, c.grad_norm_std.1
-        );
+        for q in &c.orders {
+            for &(step, raw, pma) in q.heldout_curve.iter().skip(1) {
+                let _ = writeln!(
+                    o,
+                    "| {} | {step} | {} | {} | {:+.4} |",
+                    q.order,
+                    loss(raw),
+                    loss(pma),
+                    pma - raw
+                );
+            }
+        }
+        let _ = writeln!(o, "\n| order | grad-norm std, first quarter: raw | PMA | max grad norm: raw | PMA |\n|---|---|---|---|---|");
+        for q in &c.orders {
+            let _ = writeln!(
+                o,
+                "| {} | {:.3} | {:.3} | {:.3} | {:.3} |",
+                q.order,
+                q.early_grad_norm_std.0,
+                q.early_grad_norm_std.1,
+                q.max_grad_norm.0,
+                q.max_grad_norm.1
+            );
+        }
         let _ = writeln!(o, "\n![continued training](plots/continued.png)\n");
     }
     if let Some(s) = &r.spike {

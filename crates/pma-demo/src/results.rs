@@ -14,7 +14,7 @@ use crate::ids::{RunId, Tag};
 use crate::profile::Profile;
 
 /// Version of the `results.json` layout.
-pub const RESULTS_SCHEMA_VERSION: u32 = 2;
+pub const RESULTS_SCHEMA_VERSION: u32 = 3;
 
 /// The whole record of one `pma demo` / `pma reproduce` invocation.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -50,6 +50,9 @@ pub struct Results {
     pub continued: Option<ContinuedRecord>,
     /// Loss-spike recovery (reproduction only).
     pub spike: Option<SpikeRecord>,
+    /// The trunk-level study repeated over several seeds (reproduction with `seeds` > 1).
+    #[serde(default)]
+    pub seeds: Option<SeedStudy>,
     /// Which of the paper's findings held here.
     pub findings: Vec<Finding>,
     /// Wall time of each stage, in order.
@@ -286,24 +289,43 @@ pub struct PredictionRecord {
 pub struct ContinuedRecord {
     /// Description of the held-out text.
     pub data: String,
+    /// The continued runs' LR schedule, in words.
+    pub schedule: String,
     /// Trunk step both inits come from.
     pub from_step: u64,
     /// The merge used as PMA-init.
     pub merge_id: String,
+    /// Loss of each init on the held-out text before continued training: (raw, merge).
+    pub initial_heldout_loss: (f64, f64),
+    /// One pair of runs (raw and PMA-init, the same batches) per data order.
+    pub orders: Vec<ContinuedOrder>,
+}
+
+/// Continued training from both inits with one data order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ContinuedOrder {
+    /// Which data order (0-based).
+    pub order: u64,
     /// Run started from the newest raw checkpoint.
     pub raw_run: String,
     /// Run started from the merge.
     pub merge_run: String,
-    /// Loss of each init on the held-out text before continued training: (raw, merge).
-    pub initial_heldout_loss: (f64, f64),
-    /// Loss on the held-out text after continued training: (raw, merge).
-    pub final_heldout_loss: (f64, f64),
-    /// Mean training loss over the first quarter of the steps: (raw, merge).
-    pub early_train_loss: (f64, f64),
+    /// Held-out loss at each saved step, from the init (step 0) to the end: (step, raw, merge).
+    pub heldout_curve: Vec<(u64, f64, f64)>,
+    /// Standard deviation of the gradient norm over the first quarter of the steps:
+    /// (raw, merge).
+    pub early_grad_norm_std: (f64, f64),
     /// Largest gradient norm over the run: (raw, merge).
     pub max_grad_norm: (f64, f64),
-    /// Standard deviation of the gradient norm over the run: (raw, merge).
-    pub grad_norm_std: (f64, f64),
+}
+
+impl ContinuedOrder {
+    /// Held-out loss at the end: (raw, merge).
+    pub fn final_heldout_loss(&self) -> (f64, f64) {
+        self.heldout_curve
+            .last()
+            .map_or((f64::NAN, f64::NAN), |&(_, r, m)| (r, m))
+    }
 }
 
 /// One run of the spike study's LR sweep.
@@ -418,10 +440,108 @@ pub struct Finding {
     pub id: String,
     /// The claim in the paper's words.
     pub claim: String,
-    /// Whether it held in this run.
+    /// Whether it held in this run (over every seed, when [`Results::seeds`] lists it).
     pub held: bool,
     /// The numbers behind the verdict, quoted from this file.
     pub evidence: String,
+    /// How far the claim held, in validation-loss units (nats per byte): positive when it held
+    /// in this seed. `None` for a claim not measured in loss.
+    #[serde(default)]
+    pub effect: Option<f64>,
+}
+
+/// The trunk-level study (trunk, annealing forks, merges and their findings) repeated with
+/// several seeds, each changing the init and the data order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SeedStudy {
+    /// The rule that turns per-seed effects into a verdict, in words.
+    pub rule: String,
+    /// Every seed, the invocation's own first.
+    pub seeds: Vec<SeedRun>,
+    /// Each trunk-level finding over the seeds.
+    pub findings: Vec<SeedFinding>,
+}
+
+/// The trunk-level records of one seed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SeedRun {
+    /// The trunk's seed.
+    pub seed: u64,
+    /// Its output directory, relative to the invocation's (`.` for the first seed).
+    pub dir: String,
+    /// Its training runs, with their curves.
+    pub runs: Vec<RunRecord>,
+    /// Its raw checkpoints.
+    pub checkpoints: Vec<CheckpointRecord>,
+    /// Its merges.
+    pub merges: Vec<MergeRecord>,
+    /// Its annealing forks' last checkpoints.
+    pub annealed: Vec<AnnealedRecord>,
+    /// Its annealing predictions.
+    pub predictions: Vec<PredictionRecord>,
+    /// Its trunk-level findings.
+    pub findings: Vec<Finding>,
+}
+
+impl SeedRun {
+    /// The trunk-level records of `r` (its trunk and the trunk's forks), found in `dir`, and
+    /// the trunk-level findings derived from those records alone, so that every seed's effect
+    /// comes from the same data (the first seed's results also hold the MoE run's).
+    pub fn of(r: &Results, dir: &str) -> SeedRun {
+        let trunk_level = |run: &str| {
+            run.parse::<RunId>()
+                .is_ok_and(|id| id == RunId::Trunk || id.base() == Some(RunId::Trunk))
+        };
+        let mut only = Results {
+            runs: keep(&r.runs, |x| trunk_level(&x.name)),
+            checkpoints: keep(&r.checkpoints, |c| trunk_level(&c.run)),
+            merges: keep(&r.merges, |m| trunk_level(&m.run)),
+            annealed: keep(&r.annealed, |a| trunk_level(&a.run)),
+            predictions: keep(&r.predictions, |p| trunk_level(&p.run)),
+            continued: None,
+            spike: None,
+            seeds: None,
+            findings: Vec::new(),
+            timings: Vec::new(),
+            ..r.clone()
+        };
+        only.findings = crate::findings::derive_findings(&only)
+            .into_iter()
+            .filter(|f| crate::findings::TRUNK_FINDINGS.contains(&f.id.as_str()))
+            .collect();
+        SeedRun {
+            seed: r.seed,
+            dir: dir.into(),
+            runs: only.runs,
+            checkpoints: only.checkpoints,
+            merges: only.merges,
+            annealed: only.annealed,
+            predictions: only.predictions,
+            findings: only.findings,
+        }
+    }
+}
+
+fn keep<T: Clone>(all: &[T], pred: impl Fn(&T) -> bool) -> Vec<T> {
+    all.iter().filter(|x| pred(x)).cloned().collect()
+}
+
+/// One finding's effect across seeds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SeedFinding {
+    /// The finding's id.
+    pub id: String,
+    /// Its effect in each seed, in [`SeedStudy::seeds`] order (NaN where a seed lacks it).
+    #[serde(with = "finite_vec")]
+    pub effects: Vec<f64>,
+    /// Mean effect.
+    #[serde(with = "finite_or_null")]
+    pub mean: f64,
+    /// Sample standard deviation of the effect across seeds: the spread.
+    #[serde(with = "finite_or_null")]
+    pub std: f64,
+    /// Whether the mean effect exceeds the spread.
+    pub held: bool,
 }
 
 /// Wall time of one stage.
@@ -477,6 +597,21 @@ impl Results {
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     pma_format::write_file_atomic(path, bytes, pma_format::Publish::Replace)
         .map_err(|e| pma_merge::Error::from(e).into())
+}
+
+/// [`finite_or_null`] for each element.
+mod finite_vec {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[f64], s: S) -> Result<S::Ok, S::Error> {
+        let opt: Vec<Option<f64>> = v.iter().map(|x| x.is_finite().then_some(*x)).collect();
+        opt.serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<f64>, D::Error> {
+        let opt = Vec::<Option<f64>>::deserialize(d)?;
+        Ok(opt.into_iter().map(|x| x.unwrap_or(f64::NAN)).collect())
+    }
 }
 
 /// JSON has no NaN or infinity: non-finite values (a diverged run) are written as `null` and read

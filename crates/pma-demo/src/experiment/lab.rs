@@ -128,6 +128,7 @@ impl<'a> Lab<'a> {
             decay_emulation: Vec::new(),
             continued: None,
             spike: None,
+            seeds: None,
             findings: Vec::new(),
             timings: Vec::new(),
             elapsed_secs: 0.0,

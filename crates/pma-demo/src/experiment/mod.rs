@@ -8,7 +8,9 @@
 //! 4. evaluate every raw checkpoint;
 //! 5. merge (SMA / EMA / WMA over the last N checkpoints at interval V) with `pma-merge` into
 //!    `merges/`, evaluating each merge as it is written;
-//! 6. reproduction only: the MoE run, PMA-init for continued training and spike recovery.
+//! 6. reproduction only: the MoE run, PMA-init for continued training and spike recovery;
+//! 7. reproduction with several seeds: stages 2–5 again for each further seed, in
+//!    `seeds/seed-S/`, and the trunk-level findings judged over all seeds.
 //!
 //! Every evaluation uses the same token stream: a fixed prefix of the embedded corpus's
 //! validation split, which no run trains on.
@@ -25,10 +27,10 @@ use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 use crate::error::{Error, Result};
-use crate::findings::derive_findings;
-use crate::ids::RunId;
+use crate::findings::{apply_seed_verdicts, derive_findings, seed_findings, SEED_RULE};
+use crate::ids::{seed_offset, RunId};
 use crate::profile::{Profile, Scope};
-use crate::results::Results;
+use crate::results::{Results, SeedRun, SeedStudy, StageTiming};
 use annealing::{decay_emulation, predictions};
 use lab::{Lab, RunSpec, Trained};
 use plan::{branch_merge_specs, decay_emulation_specs, trunk_merge_specs};
@@ -93,6 +95,7 @@ pub const OUTPUT_ENTRIES: &[&str] = &[
     "data",
     "runs",
     "merges",
+    "seeds",
     "plots",
     "results.json",
     "report.md",
@@ -110,7 +113,35 @@ pub fn run(
     p.validate(config.scope)?;
     prepare_out_dir(&config.out_dir, config.overwrite)?;
     let mut lab = Lab::new(config, progress, cancel)?;
+    let trunk = trunk_study(&mut lab)?;
+    if config.scope == Scope::Reproduce {
+        lab.moe()?;
+        lab.results.predictions = predictions(&lab.results);
+        lab.continued(&trunk)?;
+        lab.spike()?;
+    }
 
+    let mut results = lab.finish();
+    results.findings = derive_findings(&results);
+    if config.scope == Scope::Reproduce && p.seeds > 1 {
+        let study = seed_study(config, &mut results, progress, cancel)?;
+        apply_seed_verdicts(&mut results.findings, &study);
+        results.seeds = Some(study);
+    }
+    results.elapsed_secs = started.elapsed().as_secs_f64();
+    crate::plot::draw_all(&results, &config.out_dir)?;
+    results.write(&config.out_dir)?;
+    let report = crate::report::render_report(&results);
+    crate::results::write_atomic(&config.out_dir.join("report.md"), report.as_bytes())?;
+    Ok(results)
+}
+
+/// The trunk-level study of one seed: the trunk, its annealing forks (and the decay-shape
+/// forks of a reproduction), every checkpoint's evaluation, the merges, the annealing
+/// predictions and the decay-emulation records. Returns the trunk.
+fn trunk_study(lab: &mut Lab<'_>) -> Result<Trained> {
+    let config = lab.config;
+    let p = &config.profile;
     // Trunk.
     let trunk = lab.train(RunSpec {
         id: RunId::Trunk,
@@ -193,21 +224,46 @@ pub fn run(
         .collect();
     lab.results.decay_emulation = decay_emulation(&lab.results, &shaped);
 
-    if config.scope == Scope::Reproduce {
-        lab.moe()?;
-        lab.results.predictions = predictions(&lab.results);
-        lab.continued(&trunk)?;
-        lab.spike()?;
-    }
+    Ok(trunk)
+}
 
-    let mut results = lab.finish();
-    results.findings = derive_findings(&results);
-    results.elapsed_secs = started.elapsed().as_secs_f64();
-    crate::plot::draw_all(&results, &config.out_dir)?;
-    results.write(&config.out_dir)?;
-    let report = crate::report::render_report(&results);
-    crate::results::write_atomic(&config.out_dir.join("report.md"), report.as_bytes())?;
-    Ok(results)
+/// Repeats the trunk-level study with `profile.seeds - 1` further seeds, each in
+/// `seeds/seed-S/`, and judges the trunk-level findings over all seeds, `first` included. The
+/// further seeds' stage timings join `first`'s.
+fn seed_study(
+    config: &DemoConfig,
+    first: &mut Results,
+    progress: &dyn Progress,
+    cancel: Option<&AtomicBool>,
+) -> Result<SeedStudy> {
+    let mut seeds = vec![SeedRun::of(first, ".")];
+    for i in 1..config.profile.seeds as u64 {
+        let seed = config
+            .seed
+            .wrapping_add(i.wrapping_mul(seed_offset::SEED_STRIDE));
+        let dir = Path::new("seeds").join(format!("seed-{seed}"));
+        let seed_config = DemoConfig {
+            seed,
+            out_dir: config.out_dir.join(&dir),
+            ..config.clone()
+        };
+        std::fs::create_dir_all(seed_config.out_dir.join("data"))
+            .map_err(|e| Error::io(&seed_config.out_dir, "creating", e))?;
+        let mut lab = Lab::new(&seed_config, progress, cancel)?;
+        trunk_study(&mut lab)?;
+        let mut r = lab.finish();
+        r.findings = derive_findings(&r);
+        first.timings.extend(r.timings.iter().map(|t| StageTiming {
+            stage: format!("seed {seed}: {}", t.stage),
+            elapsed_secs: t.elapsed_secs,
+        }));
+        seeds.push(SeedRun::of(&r, &dir.display().to_string()));
+    }
+    Ok(SeedStudy {
+        rule: SEED_RULE.into(),
+        findings: seed_findings(&seeds),
+        seeds,
+    })
 }
 
 fn prepare_out_dir(out: &Path, overwrite: bool) -> Result<()> {
