@@ -362,12 +362,13 @@ impl Profile {
                     orders: 3,
                 },
                 spike: SpikeProfile {
-                    lr_multiples: vec![2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0],
+                    // Doubling, as the quick profile: the 3-seed trunk study needs the time.
+                    lr_multiples: vec![2.0, 4.0, 8.0, 16.0, 32.0],
                     steps: 500,
                     save_every: 25,
                     n: 3,
                     resume_steps: 200,
-                    resume_orders: 5,
+                    resume_orders: 3,
                     jump_ratio: 1.3,
                 },
                 seeds: 3,
