@@ -217,7 +217,17 @@ fn draw_chart(
             }
             Mark::Band => {
                 let fill = color.mix(0.2).filled();
-                ctx.draw_series(std::iter::once(Polygon::new(pts, fill)))
+                // A band over one x has no width: draw it as a thick bar, an error bar.
+                let x = pts[0].0;
+                let area: Box<dyn Iterator<Item = _>> = if pts.iter().all(|p| p.0 == x) {
+                    let bar = ShapeStyle::from(&color.mix(0.35)).stroke_width(8);
+                    Box::new(std::iter::once(
+                        PathElement::new(pts.clone(), bar).into_dyn(),
+                    ))
+                } else {
+                    Box::new(std::iter::once(Polygon::new(pts, fill).into_dyn()))
+                };
+                ctx.draw_series(area)
                     .map_err(|e| e.to_string())?
                     .label(s.label.as_str())
                     .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 20, y + 5)], fill));
@@ -637,7 +647,7 @@ fn sweep_charts(r: &Results) -> Vec<Chart> {
     ] {
         let series = merge_steps(r, RunId::Trunk, tag)
             .into_iter()
-            .map(|step| {
+            .flat_map(|step| {
                 let mut pts: Vec<(f64, f64)> = r
                     .merges_tagged(tag)
                     .filter(|m| m.run == RunId::Trunk && m.step == step)
@@ -653,11 +663,28 @@ fn sweep_charts(r: &Results) -> Vec<Chart> {
                     })
                     .collect();
                 pts.sort_by(|a, b| a.0.total_cmp(&b.0));
-                Series {
+                let x_of = |m: &crate::results::MergeRecord| {
+                    if key == 0 {
+                        m.n as u64
+                    } else {
+                        m.interval
+                    }
+                };
+                let spread = band(
+                    &format!("step {step}: seeds' min to max"),
+                    &per_x(seed_runs(r).iter().flat_map(|s| {
+                        s.merges
+                            .iter()
+                            .filter(|m| m.has_tag(tag) && m.run == RunId::Trunk && m.step == step)
+                            .map(|m| (x_of(m), m.val_loss))
+                    })),
+                    1.0,
+                );
+                spread.into_iter().chain(std::iter::once(Series {
                     label: format!("SMA ending at step {step}"),
                     points: pts,
                     mark: Mark::LineDots,
-                }
+                }))
             })
             .collect();
         charts.push(Chart {
@@ -667,7 +694,7 @@ fn sweep_charts(r: &Results) -> Vec<Chart> {
                 "V sweep (fixed N)".into()
             },
             x_label: x_label.into(),
-            y_label: "val loss".into(),
+            y_label: "val loss (nats/byte)".into(),
             series,
         });
     }
@@ -772,7 +799,7 @@ fn moe_chart(r: &Results) -> Chart {
     Chart {
         title: "MoE: validation loss".into(),
         x_label: "step".into(),
-        y_label: "val loss".into(),
+        y_label: "val loss (nats/byte)".into(),
         series,
     }
 }
@@ -845,9 +872,9 @@ fn curve_chart(
             "step".into()
         },
         y_label: if grad_norm {
-            "grad norm".into()
+            "grad norm (L2)".into()
         } else {
-            "train loss".into()
+            "train loss (nats/byte)".into()
         },
         series,
     }
