@@ -119,6 +119,11 @@ fn one() -> usize {
     1
 }
 
+/// What resumptions used before the field existed (the full profile's continued warmup).
+fn resume_warmup() -> u64 {
+    10
+}
+
 /// Loss-spike rescue: an LR sweep that finds a spontaneous spike, then resumptions from before
 /// it (see `experiment/spike.rs`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -136,6 +141,10 @@ pub struct SpikeProfile {
     pub resume_steps: u64,
     /// Data orders every resumption is repeated with.
     pub resume_orders: usize,
+    /// Linear warmup of each resumption back to the spiking LR (a merge has no optimizer state,
+    /// so both inits start fresh).
+    #[serde(default = "resume_warmup")]
+    pub resume_warmup_steps: u64,
     /// The spike rule's threshold: a loss above this times the median of the ten before it.
     pub jump_ratio: f64,
 }
@@ -273,6 +282,7 @@ impl Profile {
                     n: 3,
                     resume_steps: 12,
                     resume_orders: 2,
+                    resume_warmup_steps: 2,
                     // Tiny runs are too short to spike: any rise over the recent median counts,
                     // so CI exercises the rescue. Tiny verdicts mean nothing.
                     jump_ratio: 1.0,
@@ -322,6 +332,7 @@ impl Profile {
                     n: 3,
                     resume_steps: 100,
                     resume_orders: 3,
+                    resume_warmup_steps: 5,
                     jump_ratio: 1.3,
                 },
                 seeds: 1,
@@ -369,6 +380,7 @@ impl Profile {
                     n: 3,
                     resume_steps: 200,
                     resume_orders: 3,
+                    resume_warmup_steps: 10,
                     jump_ratio: 1.3,
                 },
                 seeds: 3,

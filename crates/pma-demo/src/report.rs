@@ -485,7 +485,7 @@ pub fn render_report(r: &Results) -> String {
                 let _ = writeln!(
                     o,
                     "\n`{}` spiked at step {}. Every resumption trains {} steps at its LR ({:e}) with a fresh optimizer and a {}-step warmup, from the step-{} checkpoint (val {}) or from the SMA merge `{}` of the {} checkpoints ending there (val {}). Raw and PMA resumptions of one data order see the same batches.\n",
-                    x.run, x.spike_step, r.config.spike.resume_steps, x.lr, r.config.continued.warmup_steps,
+                    x.run, x.spike_step, r.config.spike.resume_steps, x.lr, r.config.spike.resume_warmup_steps,
                     x.pre_spike_step, loss(x.pre_spike_val_loss), x.merge_id, r.config.spike.n, loss(x.merge_val_loss)
                 );
                 let _ = writeln!(o, "| data order | from | spiked again at | max train loss | final val loss |\n|---|---|---|---|---|");

@@ -162,7 +162,7 @@ impl Lab<'_> {
                     lr,
                     // A merge has no optimizer state, so both start fresh, with the same short
                     // warmup back to the spiking LR.
-                    warmup_steps: Some(p.continued.warmup_steps),
+                    warmup_steps: Some(s.resume_warmup_steps),
                     seed: self
                         .config
                         .seed
@@ -187,7 +187,7 @@ impl Lab<'_> {
                     run: id.to_string(),
                     from_merge: matches!(id, RunId::ResumePma { .. }),
                     order,
-                    spike_step: first_spike(curve, p.continued.warmup_steps, s.jump_ratio),
+                    spike_step: first_spike(curve, s.resume_warmup_steps, s.jump_ratio),
                     max_train_loss: max_loss(curve.iter()),
                     final_val_loss: self.final_val_loss(&resumed),
                 });
