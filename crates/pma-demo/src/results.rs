@@ -311,6 +311,8 @@ pub struct ContinuedOrder {
     /// Run started from the merge.
     pub merge_run: String,
     /// Held-out loss at each saved step, from the init (step 0) to the end: (step, raw, merge).
+    /// A step a diverged run never reached is NaN (`null` in the file).
+    #[serde(with = "finite_triples")]
     pub heldout_curve: Vec<(u64, f64, f64)>,
     /// Standard deviation of the gradient norm over the first quarter of the steps:
     /// (raw, merge).
@@ -599,6 +601,27 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         .map_err(|e| pma_merge::Error::from(e).into())
 }
 
+/// [`finite_or_null`] for the losses of `(step, loss, loss)` triples.
+mod finite_triples {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    fn opt(x: f64) -> Option<f64> {
+        x.is_finite().then_some(x)
+    }
+
+    pub fn serialize<S: Serializer>(v: &[(u64, f64, f64)], s: S) -> Result<S::Ok, S::Error> {
+        let o: Vec<(u64, Option<f64>, Option<f64>)> =
+            v.iter().map(|&(t, a, b)| (t, opt(a), opt(b))).collect();
+        o.serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<(u64, f64, f64)>, D::Error> {
+        let o = Vec::<(u64, Option<f64>, Option<f64>)>::deserialize(d)?;
+        let nan = |x: Option<f64>| x.unwrap_or(f64::NAN);
+        Ok(o.into_iter().map(|(t, a, b)| (t, nan(a), nan(b))).collect())
+    }
+}
+
 /// [`finite_or_null`] for each element.
 mod finite_vec {
     use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -629,5 +652,36 @@ mod finite_or_null {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
         Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn non_finite_losses_round_trip_as_null() {
+        let order = ContinuedOrder {
+            order: 1,
+            raw_run: "ct-raw-1".into(),
+            merge_run: "ct-pma-1".into(),
+            heldout_curve: vec![(0, 2.0, 1.9), (8, f64::NAN, 1.5)],
+            early_grad_norm_std: (0.1, 0.2),
+            max_grad_norm: (1.0, 2.0),
+        };
+        let json = serde_json::to_string(&order).unwrap();
+        assert!(json.contains("[8,null,1.5]"), "{json}");
+        let back: ContinuedOrder = serde_json::from_str(&json).unwrap();
+        assert!(back.heldout_curve[1].1.is_nan());
+        assert_eq!(back.final_heldout_loss().1, 1.5);
+        let sf = SeedFinding {
+            id: "x".into(),
+            effects: vec![0.1, f64::NAN],
+            mean: f64::NAN,
+            std: f64::NAN,
+            held: false,
+        };
+        let back: SeedFinding = serde_json::from_str(&serde_json::to_string(&sf).unwrap()).unwrap();
+        assert!(back.effects[1].is_nan() && back.mean.is_nan() && !back.held);
     }
 }
