@@ -787,6 +787,124 @@ fn overwrite_replaces_shards_and_leaves_no_stale_object() {
     s3.assert_no_open_uploads();
 }
 
+fn dcp_fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../pma-format/tests/fixtures/dcp")
+}
+
+/// DCP runs on S3 (torch.save items, re-sharded 2 -> 4 ranks, SAFETENSORS serialization), found
+/// by listing, read by ranged GETs: the merge, `inspect` and `diff` equal the local ones bit for
+/// bit, and the merges equal the fixtures' expected merges (computed outside pma).
+#[test]
+fn dcp_runs_on_s3_merge_bit_identical_to_local() {
+    let Some(s3) = s3("dcp") else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let steps = [
+        "step-0000100",
+        "step-0000200",
+        "step-0000300",
+        "step-0000400",
+    ];
+    for run in ["run-single", "run-resharded", "run-safetensors"] {
+        let local_run = dcp_fixtures().join(run);
+        for step in steps {
+            s3.upload_dir(&local_run.join(step), &format!("{run}/{step}"));
+        }
+        for (method, expected) in [
+            (&["--method", "sma"][..], "sma-n4"),
+            (&["--method", "ema", "--alpha", "0.2"][..], "ema0.2-n4"),
+        ] {
+            let local = tmp
+                .path()
+                .join(format!("{run}-{expected}-local.safetensors"));
+            pma()
+                .args(["merge", "--quiet", "--run"])
+                .arg(&local_run)
+                .args(method)
+                .arg("--out")
+                .arg(&local)
+                .assert()
+                .success();
+            let remote = tmp.path().join(format!("{run}-{expected}-s3.safetensors"));
+            let o = s3
+                .pma()
+                .args(["merge", "--quiet", "--run", &s3.url(run)])
+                .args(method)
+                .arg("--out")
+                .arg(&remote)
+                .output()
+                .unwrap();
+            assert!(
+                o.status.success(),
+                "{run}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+            assert_no_secret(&o);
+            let got = common::read_tensors(&remote);
+            assert!(got == common::read_tensors(&local), "{run} {expected}");
+            let want = local_run.join(format!("expected/{expected}.safetensors"));
+            assert!(got == common::read_tensors(&want), "{run} {expected}");
+        }
+        let member = |step: &str| format!("{}/{step}", s3.url(run));
+        let json = |cmd: &mut assert_cmd::Command, key: &str| {
+            let o = cmd.output().unwrap();
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+            let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+            v[key]["tensors"].clone()
+        };
+        let shown = json(
+            s3.pma().args(["inspect", "--json", &member(steps[3])]),
+            "inspect",
+        );
+        let local_shown = json(
+            pma()
+                .args(["inspect", "--json"])
+                .arg(local_run.join(steps[3])),
+            "inspect",
+        );
+        assert_eq!(shown, local_shown, "{run}");
+        let diffed = json(
+            s3.pma()
+                .args(["diff", "--json", &member(steps[0]), &member(steps[3])]),
+            "diff",
+        );
+        let local_diffed = json(
+            pma()
+                .args(["diff", "--json"])
+                .arg(local_run.join(steps[0]))
+                .arg(local_run.join(steps[3])),
+            "diff",
+        );
+        assert_eq!(diffed, local_diffed, "{run}");
+        assert!(diffed.as_array().is_some_and(|a| !a.is_empty()));
+    }
+    // A checkpoint whose `.metadata` names a `.distcp` object that is not there.
+    let broken = tmp.path().join("broken");
+    common::copy_tree(&dcp_fixtures().join("run-single/step-0000200"), &broken);
+    std::fs::remove_file(broken.join("__0_0.distcp")).unwrap();
+    s3.upload_dir(&broken, "broken/step-0000200");
+    let out = tmp.path().join("never.safetensors");
+    let o = s3
+        .pma()
+        .args(["merge", "--quiet", "--method", "sma"])
+        .args([
+            &format!("{}/step-0000100", s3.url("run-single")),
+            &s3.url("broken/step-0000200"),
+        ])
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains(&s3.url("broken/step-0000200")) && err.contains("__0_0.distcp"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(!out.exists());
+    assert_no_secret(&o);
+}
+
 /// A free TCP port on 127.0.0.1.
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")

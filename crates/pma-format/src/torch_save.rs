@@ -270,7 +270,7 @@ pub(crate) fn open_archive(
     what: &str,
 ) -> Result<(TorchArchive, Value)> {
     let path = file.path();
-    let bytes = &file.bytes()[base as usize..(base + len) as usize];
+    let bytes = &*file.item_view(base, len)?;
     let zip_err = |source| Error::Zip {
         path: path.into(),
         what: what.into(),
@@ -331,8 +331,8 @@ impl TorchSaveFile {
     /// Opens a torch.save file, parses its `data.pkl` and locates every tensor's bytes.
     pub fn open(path: &Path) -> Result<TorchSaveFile> {
         let file = MappedFile::open(path)?;
-        let bytes = file.bytes();
-        if bytes.first() == Some(&PICKLE_PROTO) {
+        let first = file.read_at(0..file.len().min(1))?;
+        if first.first() == Some(&PICKLE_PROTO) {
             return Err(Error::TorchLegacyFormat { path: path.into() });
         }
         let what = "torch.save archive";
