@@ -269,8 +269,17 @@ pub(crate) fn open_archive(
     len: u64,
     what: &str,
 ) -> Result<(TorchArchive, Value)> {
+    open_archive_in(file, &file.item_view(base, len)?, what)
+}
+
+/// [`open_archive`] over the archive's bytes `bytes` (a view of `file` from
+/// [`MappedFile::item_view`]).
+pub(crate) fn open_archive_in(
+    file: &MappedFile,
+    bytes: &[u8],
+    what: &str,
+) -> Result<(TorchArchive, Value)> {
     let path = file.path();
-    let bytes = &*file.item_view(base, len)?;
     let zip_err = |source| Error::Zip {
         path: path.into(),
         what: what.into(),

@@ -52,7 +52,7 @@ use crate::error::{Error, Result};
 use crate::header::{Header, MAX_HEADER_BYTES};
 use crate::pickle;
 use crate::region::{Region, TensorSource};
-use crate::torch_save::{locate_view, open_archive, rebuild_tensor};
+use crate::torch_save::{locate_view, open_archive_in, rebuild_tensor};
 use crate::Dtype;
 use metadata::RawEntry;
 use source::StoredChunk;
@@ -489,10 +489,18 @@ fn locate_chunk(
     region: &Region,
     blobs: &mut HashMap<(String, u64), BlobHeader>,
 ) -> Result<StoredChunk> {
-    let magic = file.read_at(loc.offset..loc.offset + loc.length.min(4))?;
-    if magic.starts_with(b"PK\x03\x04") {
+    // SAFETENSORS serialization: the item offset is the start of the file's blob, shared by
+    // its entries (parsed once; on a store, no request per entry).
+    let key = (loc.relative_path.clone(), loc.offset);
+    // The item's view (on a store, its windows: one or two GETs) tells its kind by its first
+    // bytes and is then parsed, so the kind costs no request of its own.
+    let view = match blobs.contains_key(&key) {
+        true => None,
+        false => Some(file.item_view(loc.offset, loc.length)?),
+    };
+    if let Some(view) = view.filter(|v| v.starts_with(b"PK\x03\x04")) {
         let what = format!("tensor '{fqn}' item at {}", loc.offset);
-        let (archive, value) = open_archive(file, loc.offset, loc.length, &what)?;
+        let (archive, value) = open_archive_in(file, &view, &what)?;
         let t = rebuild_tensor(&value).map_err(|reason| Error::TorchSave {
             path: file.path().into(),
             key: fqn.into(),
@@ -503,8 +511,6 @@ fn locate_chunk(
         chunk.region = region.clone();
         return Ok(chunk);
     }
-    // SAFETENSORS serialization: the item offset is the start of the file's blob.
-    let key = (loc.relative_path.clone(), loc.offset);
     if !blobs.contains_key(&key) {
         let blob = read_blob(file, loc.offset)?;
         blobs.insert(key.clone(), blob);

@@ -168,9 +168,8 @@ impl MappedFile {
             .len(len as usize)
             .map_anon()
             .map_err(|e| Error::io(&self.path, "mapping a view of", e))?;
-        let head = len.min(ITEM_HEAD_BYTES);
+        let (head, tail) = item_windows(len);
         view[..head as usize].copy_from_slice(&self.read_at(base..base + head)?);
-        let tail = len.min(ITEM_TAIL_BYTES).max(head) - head;
         if tail > 0 {
             let from = len - tail;
             view[from as usize..].copy_from_slice(&self.read_at(base + from..end)?);
@@ -275,9 +274,20 @@ impl std::ops::Deref for ItemView<'_> {
 
 /// What [`MappedFile::item_view`] fetches of a remote item's start: torch.save writes
 /// `data.pkl` (small: one tensor's pickle), `byteorder` and the storage's local header first.
-pub(crate) const ITEM_HEAD_BYTES: u64 = 1 << 20;
-/// ... and of its end: the trailing small records, the central directory and the end records.
-pub(crate) const ITEM_TAIL_BYTES: u64 = 256 << 10;
+/// An item no larger than both windows together comes in one GET.
+pub(crate) const ITEM_HEAD_BYTES: u64 = 64 << 10;
+/// ... and of its end: the trailing small records, the central directory and the end records
+/// (within the last 64 KiB + 22 bytes, the end record's search range, and little before it).
+pub(crate) const ITEM_TAIL_BYTES: u64 = 128 << 10;
+
+/// How many bytes of an item of `len` bytes [`MappedFile::item_view`] fetches from its start
+/// and from its end: at most [`ITEM_HEAD_BYTES`], then at most [`ITEM_TAIL_BYTES`] of the rest.
+fn item_windows(len: u64) -> (u64, u64) {
+    if len <= ITEM_HEAD_BYTES + ITEM_TAIL_BYTES {
+        return (len, 0);
+    }
+    (ITEM_HEAD_BYTES, ITEM_TAIL_BYTES)
+}
 
 /// The largest page-cache folio a fault may map at once on x86-64 and arm64 with 4 KiB pages
 /// (a PMD, 2 MiB); folios are aligned to their size in the file.
@@ -801,6 +811,18 @@ mod tests {
         assert!(!file.is_cached(3 * 4096 + 5) && !file.is_cached(u64::MAX));
         let empty = tempfile::NamedTempFile::new().unwrap();
         assert!(!MappedFile::open(empty.path()).unwrap().is_cached(0));
+    }
+
+    /// Regression: an item larger than both windows got no tail window, so the zip's end
+    /// records (at its end) read as zeros.
+    #[test]
+    fn remote_item_windows_cover_the_start_and_the_end() {
+        assert_eq!(item_windows(0), (0, 0));
+        assert_eq!(item_windows(100), (100, 0));
+        let both = ITEM_HEAD_BYTES + ITEM_TAIL_BYTES;
+        assert_eq!(item_windows(both), (both, 0));
+        assert_eq!(item_windows(both + 10), (ITEM_HEAD_BYTES, ITEM_TAIL_BYTES));
+        assert_eq!(item_windows(100 << 20), (ITEM_HEAD_BYTES, ITEM_TAIL_BYTES));
     }
 
     #[test]
