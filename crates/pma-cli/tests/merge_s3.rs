@@ -670,6 +670,241 @@ fn merge_failing_mid_upload_leaves_nothing_at_the_output() {
     );
 }
 
+impl S3 {
+    /// Every object under `prefix/` with its bytes, sorted by key.
+    fn snapshot(&self, prefix: &str) -> Vec<(String, Vec<u8>)> {
+        self.keys(prefix)
+            .into_iter()
+            .map(|k| {
+                let bytes = self.get(&k);
+                (k, bytes)
+            })
+            .collect()
+    }
+
+    /// Fails when a multipart upload of the bucket is still open.
+    fn assert_no_open_uploads(&self) {
+        let uploads = self.request("GET", &format!("/{}?uploads", self.bucket), b"");
+        assert!(
+            !String::from_utf8_lossy(&uploads.2).contains("<UploadId>"),
+            "multipart uploads left open: {}",
+            String::from_utf8_lossy(&uploads.2)
+        );
+    }
+}
+
+/// Regression: `--overwrite` of an S3 output used to delete the old output before the merge
+/// ran, so a merge failing midway lost it. The old output must stay byte for byte as it was.
+#[test]
+fn overwrite_failing_mid_upload_leaves_the_old_output_byte_identical() {
+    let Some(s3) = s3("owfail") else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    // As in merge_failing_mid_upload_leaves_nothing_at_the_output: the second batch reaches a
+    // NaN after the output's multipart upload has started. A run without the NaN makes the
+    // old output, whose keys (model.safetensors, config.json) the failing merge also writes.
+    let n: usize = 3 << 20;
+    for (run, nan) in [("good", false), ("nan", true)] {
+        for step in [100, 200] {
+            let dir = tmp.path().join(run).join(format!("step-{step}"));
+            write_streamed(&dir, n, |i| {
+                if nan && step == 200 && i == n - 10 {
+                    f32::NAN
+                } else {
+                    ((i + step) % 7) as f32
+                }
+            });
+            s3.upload_dir(&dir, &format!("{run}/step-{step}"));
+        }
+    }
+    let merge = |run: &str| {
+        s3.pma()
+            .env("PMA_S3_PART_BYTES", (5u64 << 20).to_string())
+            .env("PMA_STAGING_DIR", tmp.path())
+            .args(["merge", "--quiet", "--overwrite", "--threads", "1"])
+            .args(["--method", "sma", "--run", &s3.url(run)])
+            .args(["--out", &s3.url("out")])
+            .output()
+            .unwrap()
+    };
+    let o = merge("good");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let before = s3.snapshot("out");
+    assert_eq!(
+        before.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(),
+        ["out/config.json", "out/model.safetensors"]
+    );
+    let o = merge("nan");
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("non-finite") || err.contains("NaN"), "{err}");
+    // The same keys (no staging left behind) and the same bytes.
+    assert!(s3.snapshot("out") == before, "{:?}", s3.keys("out"));
+    s3.assert_no_open_uploads();
+}
+
+/// `--overwrite` of a sharded S3 output: with the same shard names (the staged shards are
+/// copied into place) and with fewer shards (the stale ones are deleted after the commit),
+/// the result is exactly the local merge's files, with nothing of the old output left.
+#[test]
+fn overwrite_replaces_shards_and_leaves_no_stale_object() {
+    let Some(s3) = s3("owshards") else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let run = bf16_run(tmp.path());
+    s3.upload_dir(&run, "runs/bf16");
+    // 12 shards, 12 shards again (other bytes under the same names), then 6.
+    for (method, shard_bytes) in [("sma", "5000"), ("ema", "5000"), ("wma", "12000")] {
+        let local = tmp.path().join(format!("local-{method}"));
+        pma()
+            .args(["merge", "--quiet", "--method", method, "--run"])
+            .arg(&run)
+            .args(["--max-shard-size", shard_bytes, "--out"])
+            .arg(&local)
+            .assert()
+            .success();
+        let o = s3
+            .pma()
+            .args(["merge", "--quiet", "--overwrite", "--method", method])
+            .args([
+                "--run",
+                &s3.url("runs/bf16"),
+                "--max-shard-size",
+                shard_bytes,
+            ])
+            .args(["--out", &s3.url("ow")])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let want: Vec<String> = common::listing(&local)
+            .into_iter()
+            .filter(|f| !f.ends_with('/'))
+            .map(|f| format!("ow/{f}"))
+            .collect();
+        assert_eq!(s3.keys("ow"), want, "{method}");
+        let got = tmp.path().join(format!("got-{method}"));
+        s3.download("ow", &got);
+        assert_same_checkpoint(&local, &got);
+    }
+    s3.assert_no_open_uploads();
+}
+
+fn dcp_fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../pma-format/tests/fixtures/dcp")
+}
+
+/// DCP runs on S3 (torch.save items, re-sharded 2 -> 4 ranks, SAFETENSORS serialization), found
+/// by listing, read by ranged GETs: the merge, `inspect` and `diff` equal the local ones bit for
+/// bit, and the merges equal the fixtures' expected merges (computed outside pma).
+#[test]
+fn dcp_runs_on_s3_merge_bit_identical_to_local() {
+    let Some(s3) = s3("dcp") else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let steps = [
+        "step-0000100",
+        "step-0000200",
+        "step-0000300",
+        "step-0000400",
+    ];
+    for run in ["run-single", "run-resharded", "run-safetensors"] {
+        let local_run = dcp_fixtures().join(run);
+        for step in steps {
+            s3.upload_dir(&local_run.join(step), &format!("{run}/{step}"));
+        }
+        for (method, expected) in [
+            (&["--method", "sma"][..], "sma-n4"),
+            (&["--method", "ema", "--alpha", "0.2"][..], "ema0.2-n4"),
+        ] {
+            let local = tmp
+                .path()
+                .join(format!("{run}-{expected}-local.safetensors"));
+            pma()
+                .args(["merge", "--quiet", "--run"])
+                .arg(&local_run)
+                .args(method)
+                .arg("--out")
+                .arg(&local)
+                .assert()
+                .success();
+            let remote = tmp.path().join(format!("{run}-{expected}-s3.safetensors"));
+            let o = s3
+                .pma()
+                .args(["merge", "--quiet", "--run", &s3.url(run)])
+                .args(method)
+                .arg("--out")
+                .arg(&remote)
+                .output()
+                .unwrap();
+            assert!(
+                o.status.success(),
+                "{run}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+            assert_no_secret(&o);
+            let got = common::read_tensors(&remote);
+            assert!(got == common::read_tensors(&local), "{run} {expected}");
+            let want = local_run.join(format!("expected/{expected}.safetensors"));
+            assert!(got == common::read_tensors(&want), "{run} {expected}");
+        }
+        let member = |step: &str| format!("{}/{step}", s3.url(run));
+        let json = |cmd: &mut assert_cmd::Command, key: &str| {
+            let o = cmd.output().unwrap();
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+            let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+            v[key]["tensors"].clone()
+        };
+        let shown = json(
+            s3.pma().args(["inspect", "--json", &member(steps[3])]),
+            "inspect",
+        );
+        let local_shown = json(
+            pma()
+                .args(["inspect", "--json"])
+                .arg(local_run.join(steps[3])),
+            "inspect",
+        );
+        assert_eq!(shown, local_shown, "{run}");
+        let diffed = json(
+            s3.pma()
+                .args(["diff", "--json", &member(steps[0]), &member(steps[3])]),
+            "diff",
+        );
+        let local_diffed = json(
+            pma()
+                .args(["diff", "--json"])
+                .arg(local_run.join(steps[0]))
+                .arg(local_run.join(steps[3])),
+            "diff",
+        );
+        assert_eq!(diffed, local_diffed, "{run}");
+        assert!(diffed.as_array().is_some_and(|a| !a.is_empty()));
+    }
+    // A checkpoint whose `.metadata` names a `.distcp` object that is not there.
+    let broken = tmp.path().join("broken");
+    common::copy_tree(&dcp_fixtures().join("run-single/step-0000200"), &broken);
+    std::fs::remove_file(broken.join("__0_0.distcp")).unwrap();
+    s3.upload_dir(&broken, "broken/step-0000200");
+    let out = tmp.path().join("never.safetensors");
+    let o = s3
+        .pma()
+        .args(["merge", "--quiet", "--method", "sma"])
+        .args([
+            &format!("{}/step-0000100", s3.url("run-single")),
+            &s3.url("broken/step-0000200"),
+        ])
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains(&s3.url("broken/step-0000200")) && err.contains("__0_0.distcp"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(!out.exists());
+    assert_no_secret(&o);
+}
+
 /// A free TCP port on 127.0.0.1.
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")

@@ -542,6 +542,21 @@ pub enum Error {
         /// The output URL.
         url: String,
     },
+    /// An `--overwrite` whose new file must replace an old one of the same name by a
+    /// server-side copy larger than the store copies in one request.
+    #[error(
+        "{url}: the new object is {n_bytes} bytes and S3 copies at most {max_bytes} bytes in one \
+         request, so it cannot replace the old one; the old output is unchanged (write to a new \
+         prefix, or use a smaller --max-shard-size)"
+    )]
+    RemoteCopyTooLarge {
+        /// The URL of the object that would be replaced.
+        url: String,
+        /// The new object's size.
+        n_bytes: u64,
+        /// The largest copy the store makes.
+        max_bytes: u64,
+    },
 }
 
 /// `Result` with this crate's [`Error`].

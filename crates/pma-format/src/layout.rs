@@ -201,8 +201,20 @@ fn detect_remote(path: &Path) -> Result<DetectedCheckpoint> {
     if probe_file(&path.join(INDEX_FILE_NAME))? || probe_file(&path.join(SINGLE_FILE_NAME))? {
         return hf();
     }
-    if probe_file(&path.join(".metadata"))? {
-        return Err(refuse("a DCP checkpoint"));
+    if let Some(dir) = find_dcp_dir(path) {
+        let framework = if dir.file_name().is_some_and(|n| n == "model_and_optim") {
+            Framework::OlmoCore
+        } else if dir.file_name().is_some_and(|n| n == "pytorch_model_fsdp_0") {
+            Framework::AccelerateFsdp
+        } else if probe_file(&dir.join("metadata.json"))? || probe_file(&dir.join("common.pt"))? {
+            Framework::MegatronTorchDist
+        } else {
+            Framework::Dcp
+        };
+        return Ok(DetectedCheckpoint {
+            format: CheckpointFormat::Dcp { dir },
+            framework,
+        });
     }
     if !crate::remote::is_dir(path)? {
         return Err(Error::Remote {

@@ -269,8 +269,17 @@ pub(crate) fn open_archive(
     len: u64,
     what: &str,
 ) -> Result<(TorchArchive, Value)> {
+    open_archive_in(file, &file.item_view(base, len)?, what)
+}
+
+/// [`open_archive`] over the archive's bytes `bytes` (a view of `file` from
+/// [`MappedFile::item_view`]).
+pub(crate) fn open_archive_in(
+    file: &MappedFile,
+    bytes: &[u8],
+    what: &str,
+) -> Result<(TorchArchive, Value)> {
     let path = file.path();
-    let bytes = &file.bytes()[base as usize..(base + len) as usize];
     let zip_err = |source| Error::Zip {
         path: path.into(),
         what: what.into(),
@@ -331,8 +340,8 @@ impl TorchSaveFile {
     /// Opens a torch.save file, parses its `data.pkl` and locates every tensor's bytes.
     pub fn open(path: &Path) -> Result<TorchSaveFile> {
         let file = MappedFile::open(path)?;
-        let bytes = file.bytes();
-        if bytes.first() == Some(&PICKLE_PROTO) {
+        let first = file.read_at(0..file.len().min(1))?;
+        if first.first() == Some(&PICKLE_PROTO) {
             return Err(Error::TorchLegacyFormat { path: path.into() });
         }
         let what = "torch.save archive";

@@ -129,12 +129,14 @@ pub fn execute(
 /// few parts per upload and the store's write runs alongside the reads and the kernel.
 ///
 /// The order keeps a half-written output from ever looking loadable (see
-/// [`pma_format::remote::Publication`]): an existing output (with `overwrite`) loses its
-/// commit file and its stale objects first; the sidecars (staged in `staging`, a local
-/// folder the caller owns and removes) go next; then the shards, each visible only once
-/// complete; and last the file that makes the output loadable: the shard index, or the lone
+/// [`pma_format::remote::Publication`]): the sidecars (staged in `staging`, a local folder
+/// the caller owns and removes) go first; then the shards, each visible only once complete;
+/// and last the file that makes the output loadable: the shard index, or the lone
 /// `model.safetensors` (the last shard) when there is one shard, or the single file itself.
-/// A merge that fails deletes what it uploaded, so it leaves nothing to block a rerun.
+/// An existing output (with `overwrite`) stays as it was until the new one is complete: files
+/// that replace old ones are staged under the output and copied into place at the commit, and
+/// only then are the old output's stale objects deleted. A merge that fails deletes what it
+/// uploaded and nothing else, so it leaves the old output, or nothing to block a rerun.
 /// A DCP plan is staged locally and published whole by the caller instead.
 pub fn execute_to_store(
     plan: &MergePlan,
@@ -167,6 +169,11 @@ pub fn execute_to_store(
             .iter()
             .map(|s| s.trim_end_matches('/').to_string()),
     );
+    if plan.single_file {
+        // One object, written at `out` itself: its multipart upload replaces an old one
+        // whole when it completes, so nothing is staged.
+        names.clear();
+    }
     let mut publication = pma_format::remote::Publication::begin(out, opts.overwrite, &names)?;
     if !plan.single_file {
         publication.upload_dir(staging)?;
@@ -178,22 +185,39 @@ pub fn execute_to_store(
             publication.url_of(name)
         }
     });
-    // The sink finishes each shard's upload as the next begins, and writes the index (an
-    // upload too) after the last one: the commit.
-    let sink = SafetensorsSink::new(files, plan.metadata.clone(), opts.direct_io, 0);
+    // The sink finishes each shard's upload as the next begins; the index, the commit, is
+    // written here once every shard is complete, and the publication puts it in place last.
+    let sink =
+        SafetensorsSink::new(files, plan.metadata.clone(), opts.direct_io, 0).without_index();
     let kernel = MergeKernel::new(plan)?;
     let order = tensor_major(&plan.job_regions());
-    let report = match run_merge(plan, &order, &kernel, sink, opts, progress) {
+    let merged = run_merge(plan, &order, &kernel, sink, opts, progress).and_then(|report| {
+        if plan.shards.len() > 1 {
+            let listing: Vec<(String, Vec<&pma_format::TensorSpec>)> = plan
+                .shards
+                .iter()
+                .map(|(name, range)| {
+                    let specs = range.clone().map(|t| &plan.tensors[t].spec).collect();
+                    (name.clone(), specs)
+                })
+                .collect();
+            pma_format::write_index(staging, &listing)?;
+            let index = pma_format::checkpoint::INDEX_FILE_NAME;
+            publication.upload(&staging.join(index), index)?;
+        }
+        Ok(report)
+    });
+    let report = match merged {
         Ok(report) => report,
         Err(e) => {
             // Unfinished uploads were aborted as their writers dropped; finished shards and
-            // the sidecars go too.
+            // the sidecars go too (never an object of the old output).
             let shards: Vec<String> = plan.shards.iter().map(|(n, _)| n.clone()).collect();
             publication.discard(if plan.single_file { &[] } else { &shards });
             return Err(e);
         }
     };
-    publication.finish();
+    publication.commit()?;
     Ok(hf_report(plan, out, sidecars, report, started, Vec::new()))
 }
 

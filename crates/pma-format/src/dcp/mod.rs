@@ -52,7 +52,7 @@ use crate::error::{Error, Result};
 use crate::header::{Header, MAX_HEADER_BYTES};
 use crate::pickle;
 use crate::region::{Region, TensorSource};
-use crate::torch_save::{locate_view, open_archive, rebuild_tensor};
+use crate::torch_save::{locate_view, open_archive_in, rebuild_tensor};
 use crate::Dtype;
 use metadata::RawEntry;
 use source::StoredChunk;
@@ -222,10 +222,17 @@ impl DcpCheckpoint {
     /// the module docs describe.
     pub fn open(dir: &Path) -> Result<DcpCheckpoint> {
         let md_path = dir.join(METADATA_FILE);
-        if !md_path.is_file() {
+        if !crate::remote::probe_file(&md_path)? {
             return Err(Error::DcpNoMetadata { path: dir.into() });
         }
-        let bytes = std::fs::read(&md_path).map_err(|e| Error::io(&md_path, "reading", e))?;
+        let bytes = if crate::remote::is_url(&md_path) {
+            // Ranged GETs of 8 MiB: `.metadata` is read whole, as from a local file.
+            let mut bytes = Vec::new();
+            crate::remote::download(&md_path, None, &mut bytes)?;
+            bytes
+        } else {
+            std::fs::read(&md_path).map_err(|e| Error::io(&md_path, "reading", e))?
+        };
         let value = pickle::parse(&bytes).map_err(|source| Error::Pickle {
             path: md_path.clone(),
             what: METADATA_FILE.into(),
@@ -368,10 +375,10 @@ impl DcpCheckpoint {
 
     /// The raw bytes of an item (validated at open), to copy it verbatim into another
     /// checkpoint. `loc` must come from this checkpoint.
-    pub fn item_bytes(&self, loc: &StorageLocation) -> Option<&[u8]> {
+    pub fn item_bytes(&self, loc: &StorageLocation) -> Option<std::borrow::Cow<'_, [u8]>> {
         let f = self.files.get(&loc.relative_path)?;
         let end = loc.offset.checked_add(loc.length)?;
-        f.bytes().get(loc.offset as usize..end as usize)
+        f.read_at(loc.offset..end).ok()
     }
 
     /// The `.distcp` files this checkpoint uses (relative paths), sorted.
@@ -393,7 +400,7 @@ fn open_range(
         Some(f) => f.clone(),
         None => {
             let p = dir.join(&loc.relative_path);
-            if !p.is_file() {
+            if !crate::remote::probe_file(&p)? {
                 return Err(Error::DcpMissingFile {
                     path: dir.into(),
                     file: loc.relative_path.clone(),
@@ -482,10 +489,18 @@ fn locate_chunk(
     region: &Region,
     blobs: &mut HashMap<(String, u64), BlobHeader>,
 ) -> Result<StoredChunk> {
-    let item = &file.bytes()[loc.offset as usize..(loc.offset + loc.length) as usize];
-    if item.starts_with(b"PK\x03\x04") {
+    // SAFETENSORS serialization: the item offset is the start of the file's blob, shared by
+    // its entries (parsed once; on a store, no request per entry).
+    let key = (loc.relative_path.clone(), loc.offset);
+    // The item's view (on a store, its windows: one or two GETs) tells its kind by its first
+    // bytes and is then parsed, so the kind costs no request of its own.
+    let view = match blobs.contains_key(&key) {
+        true => None,
+        false => Some(file.item_view(loc.offset, loc.length)?),
+    };
+    if let Some(view) = view.filter(|v| v.starts_with(b"PK\x03\x04")) {
         let what = format!("tensor '{fqn}' item at {}", loc.offset);
-        let (archive, value) = open_archive(file, loc.offset, loc.length, &what)?;
+        let (archive, value) = open_archive_in(file, &view, &what)?;
         let t = rebuild_tensor(&value).map_err(|reason| Error::TorchSave {
             path: file.path().into(),
             key: fqn.into(),
@@ -496,8 +511,6 @@ fn locate_chunk(
         chunk.region = region.clone();
         return Ok(chunk);
     }
-    // SAFETENSORS serialization: the item offset is the start of the file's blob.
-    let key = (loc.relative_path.clone(), loc.offset);
     if !blobs.contains_key(&key) {
         let blob = read_blob(file, loc.offset)?;
         blobs.insert(key.clone(), blob);
@@ -545,15 +558,17 @@ fn locate_chunk(
 
 fn read_blob(file: &MappedFile, offset: u64) -> Result<BlobHeader> {
     let path = file.path();
-    let bytes = &file.bytes()[offset as usize..];
-    let Some(prefix) = bytes.get(..8) else {
+    // The blob's bytes from `offset` on, read in two steps (length, then header) so that a
+    // remote blob costs two small GETs.
+    let available = file.len().saturating_sub(offset);
+    if available < 8 {
         return Err(Error::TooShort {
             path: path.into(),
-            n_bytes: bytes.len() as u64,
+            n_bytes: available,
         });
-    };
+    }
     let mut b = [0u8; 8];
-    b.copy_from_slice(prefix);
+    b.copy_from_slice(&file.read_at(offset..offset + 8)?);
     let n = u64::from_le_bytes(b);
     if n > MAX_HEADER_BYTES {
         return Err(Error::HeaderTooLarge {
@@ -562,15 +577,15 @@ fn read_blob(file: &MappedFile, offset: u64) -> Result<BlobHeader> {
             max_bytes: MAX_HEADER_BYTES,
         });
     }
-    if n > bytes.len() as u64 - 8 {
+    if n > available - 8 {
         return Err(Error::HeaderPastEnd {
             path: path.into(),
             header_bytes: n,
             file_bytes: file.len(),
         });
     }
-    let header = Header::parse(path, &bytes[8..8 + n as usize], n)?;
-    if header.file_len() > bytes.len() as u64 {
+    let header = Header::parse(path, &file.read_at(offset + 8..offset + 8 + n)?, n)?;
+    if header.file_len() > available {
         return Err(Error::FileLength {
             path: path.into(),
             expected: offset + header.file_len(),
@@ -629,7 +644,9 @@ pub fn find_dcp_dir(path: &Path) -> Option<PathBuf> {
                 path.join(sub)
             }
         })
-        .find(|d| d.join(METADATA_FILE).is_file())
+        // On a store a HEAD request; a failing one (credentials, network) reads as "not
+        // here", and the open that follows reports it.
+        .find(|d| crate::remote::probe_file(&d.join(METADATA_FILE)).unwrap_or(false))
 }
 
 #[cfg(test)]

@@ -32,18 +32,35 @@ use crate::error::{Error, Result};
 use crate::region::{Region, TensorSource};
 use crate::Dtype;
 
-/// A file mapped read-only, shared by every chunk stored in it.
+/// A file mapped read-only, shared by every chunk stored in it; or an object on an object
+/// store ([`crate::remote`]) read by ranged GETs, which has no mapping: its readers go through
+/// [`MappedFile::read_at`], which borrows from a mapping and copies from a store.
 #[derive(Debug)]
 pub struct MappedFile {
     path: PathBuf,
-    // Declared before `mmap`: unregistered before the mapping goes (fields drop in order).
-    guard: crate::fault::Registration,
-    mmap: Mmap,
+    backing: Backing,
+}
+
+/// Where a [`MappedFile`]'s bytes are.
+#[derive(Debug)]
+enum Backing {
+    Mapped {
+        // Declared before `mmap`: unregistered before the mapping goes (fields drop in order).
+        guard: crate::fault::Registration,
+        mmap: Mmap,
+    },
+    Remote(crate::remote::RemoteObject),
 }
 
 impl MappedFile {
-    /// Opens and maps `path` read-only.
+    /// Opens and maps `path` read-only; an object-store URL is opened for ranged reads.
     pub fn open(path: &Path) -> Result<Arc<MappedFile>> {
+        if crate::remote::is_url(path) {
+            return Ok(Arc::new(MappedFile {
+                path: path.into(),
+                backing: Backing::Remote(crate::remote::RemoteObject::open(path)?),
+            }));
+        }
         let file = File::open(path).map_err(|e| Error::io(path, "opening", e))?;
         let len = file
             .metadata()
@@ -67,8 +84,7 @@ impl MappedFile {
         let guard = crate::fault::register(mmap.as_ptr(), mmap.len());
         Ok(Arc::new(MappedFile {
             path: path.into(),
-            guard,
-            mmap,
+            backing: Backing::Mapped { guard, mmap },
         }))
     }
 
@@ -79,37 +95,100 @@ impl MappedFile {
 
     /// The file's length in bytes.
     pub fn len(&self) -> u64 {
-        self.mmap.len() as u64
+        match &self.backing {
+            Backing::Mapped { mmap, .. } => mmap.len() as u64,
+            Backing::Remote(object) => object.n_bytes(),
+        }
     }
 
     /// Whether the file is empty.
     pub fn is_empty(&self) -> bool {
-        self.mmap.is_empty()
+        self.len() == 0
     }
 
     /// Fails if a read of this mapping hit a truncation (see [`crate::fault`]).
     pub fn check_faults(&self) -> Result<()> {
-        if self.guard.faulted() {
-            return Err(Error::FileChangedWhileMapped {
-                path: self.path.clone(),
-            });
+        if let Backing::Mapped { guard, .. } = &self.backing {
+            if guard.faulted() {
+                return Err(Error::FileChangedWhileMapped {
+                    path: self.path.clone(),
+                });
+            }
         }
         Ok(())
     }
 
-    /// The whole mapping.
-    pub fn bytes(&self) -> &[u8] {
-        &self.mmap
+    /// The whole mapping; `None` for an object on a store.
+    pub fn mapped(&self) -> Option<&[u8]> {
+        match &self.backing {
+            Backing::Mapped { mmap, .. } => Some(mmap),
+            Backing::Remote(_) => None,
+        }
+    }
+
+    /// The bytes `range` of the file: borrowed from the mapping, or fetched (one ranged GET,
+    /// or from blocks a prefetch announced). A range past the end is
+    /// [`Error::TooShort`], naming the file.
+    pub fn read_at(&self, range: Range<u64>) -> Result<std::borrow::Cow<'_, [u8]>> {
+        if range.start > range.end || range.end > self.len() {
+            return Err(Error::TooShort {
+                path: self.path.clone(),
+                n_bytes: self.len(),
+            });
+        }
+        match &self.backing {
+            Backing::Mapped { mmap, .. } => Ok(std::borrow::Cow::Borrowed(
+                &mmap[range.start as usize..range.end as usize],
+            )),
+            Backing::Remote(object) => {
+                Ok(std::borrow::Cow::Owned(object.read_range(range)?.to_vec()))
+            }
+        }
+    }
+
+    /// The item `[base, base + len)` for a parser that reads only a few structures of it (a
+    /// torch.save zip: its end records and central directory, its local headers, `data.pkl`):
+    /// the mapping itself, or for an object on a store its first [`ITEM_HEAD_BYTES`] and last
+    /// [`ITEM_TAIL_BYTES`] fetched into an anonymous zero-filled map of the item's length.
+    /// Pages of that map never written are never resident, so a multi-GB item costs two small
+    /// GETs and no memory; a structure the parser looks for outside the fetched windows reads
+    /// as zeros and fails its signature check (an error naming the file, never a wrong value).
+    pub(crate) fn item_view(&self, base: u64, len: u64) -> Result<ItemView<'_>> {
+        let end = base.checked_add(len).filter(|&e| e <= self.len());
+        let Some(end) = end else {
+            return Err(Error::TooShort {
+                path: self.path.clone(),
+                n_bytes: self.len(),
+            });
+        };
+        if let Backing::Mapped { mmap, .. } = &self.backing {
+            return Ok(ItemView::Mapped(&mmap[base as usize..end as usize]));
+        }
+        let mut view = memmap2::MmapOptions::new()
+            .len(len as usize)
+            .map_anon()
+            .map_err(|e| Error::io(&self.path, "mapping a view of", e))?;
+        let (head, tail) = item_windows(len);
+        view[..head as usize].copy_from_slice(&self.read_at(base..base + head)?);
+        if tail > 0 {
+            let from = len - tail;
+            view[from as usize..].copy_from_slice(&self.read_at(base + from..end)?);
+        }
+        Ok(ItemView::Fetched(view))
     }
 
     fn prefetch(&self, r: Range<u64>) {
+        let mmap = match &self.backing {
+            Backing::Mapped { mmap, .. } => mmap,
+            Backing::Remote(object) => return object.prefetch(r),
+        };
         // On a warm cache the advice is pure cost: the kernel still looks up every 4 KiB page
         // of the range (5% of a warm W8 DCP merge's CPU, on the pipeline's serial prefetch
         // path). When the range's first and last pages are cached, the ones between (read
         // with them) almost always are too; a page that is not faults in when read.
         if r.start < r.end && !(self.is_cached(r.start) && self.is_cached(r.end - 1)) {
             // Advice is a hint: failure changes speed, never results.
-            let _ = self.mmap.advise_range(
+            let _ = mmap.advise_range(
                 Advice::WillNeed,
                 r.start as usize,
                 (r.end - r.start) as usize,
@@ -125,6 +204,9 @@ impl MappedFile {
     /// Whether the page holding byte `at` is in the page cache (mapped by us or not). A failed
     /// query answers no, so the caller prefetches.
     fn is_cached(&self, at: u64) -> bool {
+        let Backing::Mapped { mmap, .. } = &self.backing else {
+            return false;
+        };
         if at >= self.len() {
             return false;
         }
@@ -134,7 +216,7 @@ impl MappedFile {
         // SAFETY: one page of our own live mapping, and a one-byte result vector for it.
         let rc = unsafe {
             libc::mincore(
-                self.mmap.as_ptr().add(start as usize) as *mut libc::c_void,
+                mmap.as_ptr().add(start as usize) as *mut libc::c_void,
                 1,
                 &mut vec,
             )
@@ -143,12 +225,19 @@ impl MappedFile {
     }
 
     pub(crate) fn release_around(&self, r: Range<u64>) {
+        if self.mapped().is_none() {
+            return; // nothing of a remote object stays behind a parse
+        }
         let start = r.start / FOLIO_SPAN * FOLIO_SPAN;
         let end = r.end.div_ceil(FOLIO_SPAN).saturating_mul(FOLIO_SPAN);
         self.release(start..end.min(self.len()));
     }
 
     pub(crate) fn release(&self, r: Range<u64>) {
+        let mmap = match &self.backing {
+            Backing::Mapped { mmap, .. } => mmap,
+            Backing::Remote(object) => return object.release(r),
+        };
         let page = page_size();
         let start = r.start.div_ceil(page) * page;
         let end = r.end / page * page;
@@ -157,7 +246,7 @@ impl MappedFile {
             // table entries; the next access re-reads the same bytes from the page cache, so no
             // slice handed out can observe different contents.
             let _ = unsafe {
-                self.mmap.unchecked_advise_range(
+                mmap.unchecked_advise_range(
                     UncheckedAdvice::DontNeed,
                     start as usize,
                     (end - start) as usize,
@@ -165,6 +254,39 @@ impl MappedFile {
             };
         }
     }
+}
+
+/// The bytes of one item, see [`MappedFile::item_view`].
+pub(crate) enum ItemView<'a> {
+    Mapped(&'a [u8]),
+    Fetched(memmap2::MmapMut),
+}
+
+impl std::ops::Deref for ItemView<'_> {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            ItemView::Mapped(b) => b,
+            ItemView::Fetched(m) => m,
+        }
+    }
+}
+
+/// What [`MappedFile::item_view`] fetches of a remote item's start: torch.save writes
+/// `data.pkl` (small: one tensor's pickle), `byteorder` and the storage's local header first.
+/// An item no larger than both windows together comes in one GET.
+pub(crate) const ITEM_HEAD_BYTES: u64 = 64 << 10;
+/// ... and of its end: the trailing small records, the central directory and the end records
+/// (within the last 64 KiB + 22 bytes, the end record's search range, and little before it).
+pub(crate) const ITEM_TAIL_BYTES: u64 = 128 << 10;
+
+/// How many bytes of an item of `len` bytes [`MappedFile::item_view`] fetches from its start
+/// and from its end: at most [`ITEM_HEAD_BYTES`], then at most [`ITEM_TAIL_BYTES`] of the rest.
+fn item_windows(len: u64) -> (u64, u64) {
+    if len <= ITEM_HEAD_BYTES + ITEM_TAIL_BYTES {
+        return (len, 0);
+    }
+    (ITEM_HEAD_BYTES, ITEM_TAIL_BYTES)
 }
 
 /// The largest page-cache folio a fault may map at once on x86-64 and arm64 with 4 KiB pages
@@ -342,24 +464,28 @@ impl ChunkedTensor {
             let Some(i) = intersect(&c.region, &bbox) else {
                 continue;
             };
-            let range = if rm {
-                let lo: Vec<u64> = i.offsets.clone();
-                let hi: Vec<u64> = i
-                    .offsets
-                    .iter()
-                    .zip(&i.sizes)
-                    .map(|(o, n)| o + n - 1)
-                    .collect();
-                let a = Self::storage_index(c, &lo) * self.item_bytes;
-                let b = (Self::storage_index(c, &hi) + 1) * self.item_bytes;
-                c.base + a..c.base + b
-            } else {
-                let span = c.span_bytes(self.item_bytes).unwrap_or(0);
-                c.base..c.base + span
-            };
-            out.push((c, range));
+            out.push((c, touch_range(c, rm, &i, self.item_bytes)));
         }
         out
+    }
+}
+
+/// Absolute byte range of chunk `c`'s data that a read of its part `i` (an intersection with
+/// the asked box) touches: tight for a row-major chunk, its whole span otherwise.
+fn touch_range(c: &StoredChunk, row_major: bool, i: &Region, item_bytes: u64) -> Range<u64> {
+    if row_major {
+        let hi: Vec<u64> = i
+            .offsets
+            .iter()
+            .zip(&i.sizes)
+            .map(|(o, n)| o + n - 1)
+            .collect();
+        let a = ChunkedTensor::storage_index(c, &i.offsets) * item_bytes;
+        let b = (ChunkedTensor::storage_index(c, &hi) + 1) * item_bytes;
+        c.base + a..c.base + b
+    } else {
+        let span = c.span_bytes(item_bytes).unwrap_or(0);
+        c.base..c.base + span
     }
 }
 
@@ -409,9 +535,13 @@ impl TensorSource for ChunkedTensor {
                 let s = Self::storage_index(c, &first);
                 let e = Self::storage_index(c, &last);
                 if e - s == n - 1 {
-                    let start = (c.base + s * isz) as usize;
-                    let end = (c.base + (e + 1) * isz) as usize;
-                    return Ok(&c.file.bytes()[start..end]);
+                    let range = c.base + s * isz..c.base + (e + 1) * isz;
+                    if let Some(mapped) = c.file.mapped() {
+                        return Ok(&mapped[range.start as usize..range.end as usize]);
+                    }
+                    scratch.clear();
+                    scratch.extend_from_slice(&c.file.read_at(range)?);
+                    return Ok(&scratch[..]);
                 }
             }
         }
@@ -420,8 +550,7 @@ impl TensorSource for ChunkedTensor {
         if ndim == 0 {
             // Not reached (a 0-dim chunk is row-major and contains the scalar), kept total.
             let c = &self.chunks[0];
-            let b = c.base as usize;
-            scratch.copy_from_slice(&c.file.bytes()[b..b + isz as usize]);
+            scratch.copy_from_slice(&c.file.read_at(c.base..c.base + isz)?);
             return Ok(&scratch[..]);
         }
         // Row-major strides of the asked region, to place each run in the output.
@@ -430,11 +559,19 @@ impl TensorSource for ChunkedTensor {
             rstride[d] = rstride[d + 1] * region.sizes[d + 1];
         }
         let inner = ndim - 1;
-        for c in &self.chunks {
+        for (c, &rm) in self.chunks.iter().zip(&self.row_major) {
             let Some(i) = intersect(&c.region, &bbox) else {
                 continue;
             };
-            let bytes = c.file.bytes();
+            // A mapping is read in place; a remote chunk's touched bytes are fetched once
+            // (from the blocks the pipeline prefetched) and gathered from that copy.
+            let (bytes, origin) = match c.file.mapped() {
+                Some(m) => (std::borrow::Cow::Borrowed(m), 0),
+                None => {
+                    let r = touch_range(c, rm, &i, isz);
+                    (c.file.read_at(r.clone())?, r.start)
+                }
+            };
             let run = i.sizes[inner];
             let last_stride = c.strides[inner];
             // Odometer over the outer dimensions of the intersection, one innermost run each.
@@ -450,13 +587,13 @@ impl TensorSource for ChunkedTensor {
                     let dst = ((s - elems.start) * isz) as usize;
                     let count = e - s;
                     if last_stride == 1 || count == 1 {
-                        let from = (c.base + src0 * isz) as usize;
+                        let from = (c.base + src0 * isz - origin) as usize;
                         let len = (count * isz) as usize;
                         scratch[dst..dst + len].copy_from_slice(&bytes[from..from + len]);
                     } else {
                         let w = isz as usize;
                         for j in 0..count {
-                            let from = (c.base + (src0 + j * last_stride) * isz) as usize;
+                            let from = (c.base + (src0 + j * last_stride) * isz - origin) as usize;
                             let at = dst + j as usize * w;
                             scratch[at..at + w].copy_from_slice(&bytes[from..from + w]);
                         }
@@ -676,11 +813,23 @@ mod tests {
         assert!(!MappedFile::open(empty.path()).unwrap().is_cached(0));
     }
 
+    /// Regression: an item larger than both windows got no tail window, so the zip's end
+    /// records (at its end) read as zeros.
+    #[test]
+    fn remote_item_windows_cover_the_start_and_the_end() {
+        assert_eq!(item_windows(0), (0, 0));
+        assert_eq!(item_windows(100), (100, 0));
+        let both = ITEM_HEAD_BYTES + ITEM_TAIL_BYTES;
+        assert_eq!(item_windows(both), (both, 0));
+        assert_eq!(item_windows(both + 10), (ITEM_HEAD_BYTES, ITEM_TAIL_BYTES));
+        assert_eq!(item_windows(100 << 20), (ITEM_HEAD_BYTES, ITEM_TAIL_BYTES));
+    }
+
     #[test]
     fn empty_files_map_as_empty() {
         let f = tempfile::NamedTempFile::new().unwrap();
         let m = MappedFile::open(f.path()).unwrap();
-        assert!(m.is_empty() && m.bytes().is_empty());
+        assert!(m.is_empty() && m.mapped().is_some_and(|b| b.is_empty()));
     }
 
     #[test]

@@ -9,9 +9,10 @@
 //! crashes leaves no commit file. A single-file output (`out.safetensors`) is one object and
 //! appears whole or not at all.
 //!
-//! With `overwrite`, the old commit file is deleted before anything else (the old output stops
-//! being loadable), the new files replace the old ones, objects of the old output that the new
-//! one lacks are deleted, and the new commit file is uploaded last.
+//! With `overwrite`, the old output stays as it was, loadable, until the new one is complete:
+//! the new files that would replace old ones are written to a staging folder first and copied
+//! into place at the commit, the commit file last, and only then are the old output's objects
+//! that the new one lacks deleted (see [`Publication`]).
 
 use std::collections::BTreeSet;
 use std::io::Read;
@@ -102,11 +103,19 @@ pub fn publish(local: &Path, url: &Path, overwrite: bool) -> Result<PublishRepor
     let mut files = Vec::new();
     collect_files(local, Path::new(""), &mut files)?;
     let mut publication = Publication::begin(url, overwrite, &files)?;
-    publication.upload_dir(local)?;
-    if let Some(rel) = commit_file(&files) {
-        publication.upload(&local.join(rel), rel)?;
+    let uploaded = publication
+        .upload_dir(local)
+        .and_then(|()| match commit_file(&files) {
+            Some(rel) => publication.upload(&local.join(rel), rel),
+            None => Ok(()),
+        });
+    match uploaded {
+        Ok(()) => publication.commit(),
+        Err(e) => {
+            publication.discard(&[]);
+            Err(e)
+        }
     }
-    Ok(publication.finish())
 }
 
 /// The file of `files` (relative paths) that makes the output loadable, uploaded last.
@@ -117,46 +126,86 @@ fn commit_file(files: &[String]) -> Option<&'static str> {
         .copied()
 }
 
-/// A directory output being published to a store in steps: [`Publication::begin`] unpublishes
-/// the old output, [`Publication::upload_dir`] sends local files, the caller streams the large
-/// files itself ([`ObjectWriter`] at [`Publication::url_of`]) and sends the commit file last.
-/// This is how a merge to a store writes its shards without staging them on local disk.
+/// A directory output being published to a store in steps: [`Publication::begin`] lists the
+/// old output (touching nothing), [`Publication::upload_dir`] and [`Publication::upload`] send
+/// local files, the caller streams the large files itself ([`ObjectWriter`] at
+/// [`Publication::url_of`]), and [`Publication::commit`] makes the new output the one at the
+/// URL, the commit file last. This is how a merge to a store writes its shards without staging
+/// them on local disk.
+///
+/// Over an existing output (`overwrite`), every file whose key the old output also has, and
+/// the commit file, is written under a staging prefix inside the output
+/// (`.pma-staging-PID-NANOS/`) instead, so that until the new output is complete the old one
+/// is byte for byte what it was, loadable, and a failed merge leaves it so. The commit then:
+/// 1. drops staged files equal to the old ones (same size and entity tag: nothing to replace);
+/// 2. if any other old file must be replaced, deletes the old commit file first, so that no
+///    reader loads the old index over a mix of old and new shards (the output is unloadable,
+///    never mixed, while the server-side copies run), then copies the staged files into place;
+/// 3. copies the new commit file into place: from here the new output is the one loaded;
+/// 4. deletes the old output's objects that the new one lacks (stale shards, the old commit
+///    file of another kind, staging left by crashed runs), then the staging prefix.
 #[derive(Debug)]
 pub struct Publication {
     location: Location,
     report: PublishReport,
+    /// The old output's objects, relative to the output ("" is an object at the URL itself).
+    old: BTreeSet<String>,
+    /// The new output's files.
+    new: BTreeSet<String>,
+    /// The staging folder's name inside the output, when an old output is being replaced.
+    staging: Option<String>,
 }
+
+/// Staging folders inside an output start with this (hidden: HF loaders and pma's sidecar
+/// copy skip dot-folders).
+const STAGING_PREFIX: &str = ".pma-staging-";
+/// The largest object S3 copies in one request (5 GiB).
+const MAX_COPY_BYTES: u64 = 5 << 30;
 
 impl Publication {
     /// Starts publishing an output made of `files` (relative paths) at `url`. Refuses an
-    /// existing output unless `overwrite`; with it, deletes the old commit file first (the old
-    /// output stops being loadable before any of its files changes), then the old objects that
-    /// the new output lacks.
+    /// existing output unless `overwrite`; with it, nothing of the old output changes until
+    /// [`Publication::commit`].
     pub fn begin(url: &Path, overwrite: bool, files: &[String]) -> Result<Publication> {
         let location = Location::parse(url)?;
-        let old = existing(&location)?;
+        let old: BTreeSet<String> = existing(&location)?.into_iter().collect();
         if !old.is_empty() && !overwrite {
             return Err(Error::RemoteOutputExists { url: location.url });
         }
-        let mut report = PublishReport::default();
-        for c in COMMIT_FILES {
-            if old.iter().any(|o| o == c) {
-                delete(&location.child(c))?;
-            }
-        }
-        let new: BTreeSet<&String> = files.iter().collect();
-        for rel in old.iter().filter(|o| !o.is_empty() && !new.contains(o)) {
-            if !COMMIT_FILES.contains(&rel.as_str()) {
-                delete(&location.child(rel))?;
-            }
-            report.deleted.push(rel.clone());
-        }
-        Ok(Publication { location, report })
+        let staging = (!old.is_empty()).then(|| {
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos());
+            format!("{STAGING_PREFIX}{}-{nanos}", std::process::id())
+        });
+        Ok(Publication {
+            location,
+            report: PublishReport::default(),
+            old,
+            new: files.iter().cloned().collect(),
+            staging,
+        })
     }
 
-    /// The URL of `rel` in the output.
+    /// Whether `rel` is written under the staging folder (see the type's docs).
+    fn is_staged(&self, rel: &str) -> bool {
+        self.staging.is_some() && (self.old.contains(rel) || COMMIT_FILES.contains(&rel))
+    }
+
+    /// Where `rel` is written before the commit.
+    fn written_at(&self, rel: &str) -> Location {
+        match &self.staging {
+            Some(staging) if self.is_staged(rel) => {
+                self.location.child(&format!("{staging}/{rel}"))
+            }
+            _ => self.location.child(rel),
+        }
+    }
+
+    /// The URL to write `rel` of the output at: its place in the output, or in the staging
+    /// folder when it replaces an old object (see the type's docs).
     pub fn url_of(&self, rel: &str) -> PathBuf {
-        PathBuf::from(self.location.child(rel).url)
+        PathBuf::from(self.written_at(rel).url)
     }
 
     /// Uploads every file under `local` as the same relative path, except a commit file.
@@ -171,23 +220,122 @@ impl Publication {
 
     /// Uploads the local file `path` as `rel`.
     pub fn upload(&mut self, path: &Path, rel: &str) -> Result<()> {
-        upload_file(path, &self.location.child(rel), rel, &mut self.report)
+        let at = self.written_at(rel);
+        upload_file(path, &at, rel, &mut self.report)
     }
 
-    /// What was uploaded and deleted.
-    pub fn finish(self) -> PublishReport {
-        self.report
+    /// Makes the new output the one at the URL (steps 1-4 of the type's docs), once every
+    /// file has been written; returns what was uploaded and deleted. Without an old output
+    /// there is nothing to do: the caller wrote the commit file last.
+    pub fn commit(mut self) -> Result<PublishReport> {
+        let Some(staging) = self.staging.clone() else {
+            return Ok(self.report);
+        };
+        let staged: Vec<String> = self
+            .new
+            .iter()
+            .filter(|rel| self.is_staged(rel))
+            .cloned()
+            .collect();
+        let (commit, others): (Vec<String>, Vec<String>) = staged
+            .into_iter()
+            .partition(|rel| COMMIT_FILES.contains(&rel.as_str()));
+        let mut replace = Vec::new();
+        for rel in others {
+            if !same_object(&self.written_at(&rel), &self.location.child(&rel))? {
+                replace.push(rel);
+            }
+        }
+        // Refused before anything of the old output changes, rather than halfway through.
+        if self.location.url.starts_with("s3") {
+            for rel in replace.iter().chain(&commit) {
+                let staged = self.written_at(rel);
+                let meta = block_on(staged.store.head(&staged.key))
+                    .map_err(|e| store_error(&staged.url, "reading", &e))?;
+                if meta.size > MAX_COPY_BYTES {
+                    return Err(Error::RemoteCopyTooLarge {
+                        url: self.location.child(rel).url,
+                        n_bytes: meta.size,
+                        max_bytes: MAX_COPY_BYTES,
+                    });
+                }
+            }
+        }
+        if !replace.is_empty() {
+            for c in COMMIT_FILES.iter().filter(|c| self.old.contains(**c)) {
+                delete(&self.location.child(c))?;
+            }
+        }
+        for rel in replace.iter().chain(&commit) {
+            copy(&self.written_at(rel), &self.location.child(rel))?;
+        }
+        for rel in self
+            .old
+            .iter()
+            .filter(|o| !o.is_empty() && !self.new.contains(*o))
+        {
+            delete(&self.location.child(rel))?;
+            self.report.deleted.push(rel.clone());
+        }
+        delete_prefix(&self.location.child(&staging))?;
+        Ok(self.report)
     }
 
-    /// Gives up after a failure: deletes, best effort, what this publication uploaded and the
-    /// objects `rels` (files the caller streamed), so that a failed write leaves no partial
-    /// output behind to block a rerun. The first error is the one to report, so failures here
-    /// are ignored (an object left over holds no commit file: it is not a checkpoint).
+    /// Gives up after a failure: deletes, best effort, what this publication wrote (what it
+    /// uploaded and the files `rels` the caller streamed), and never an object of the old
+    /// output, so that a failed write leaves the old output as it was, or nothing to block a
+    /// rerun. The first error is the one to report, so failures here are ignored (an object
+    /// left over holds no commit file: it is not a checkpoint).
     pub fn discard(self, rels: &[String]) {
         for rel in self.report.uploaded.iter().chain(rels) {
-            let _ = delete(&self.location.child(rel));
+            if self.is_staged(rel) || !self.old.contains(rel) {
+                let _ = delete(&self.written_at(rel));
+            }
+        }
+        if let Some(staging) = &self.staging {
+            let _ = delete_prefix(&self.location.child(staging));
         }
     }
+}
+
+/// Whether two objects hold the same bytes, by their size and entity tag (an MD5 of the
+/// content, or of the parts for a multipart upload: equal tags mean equal bytes, while equal
+/// bytes uploaded in other parts may differ, which only costs a copy).
+fn same_object(a: &Location, b: &Location) -> Result<bool> {
+    let head = |l: &Location| match block_on(l.store.head(&l.key)) {
+        Ok(meta) => Ok(Some(meta)),
+        Err(object_store::Error::NotFound { .. }) => Ok(None),
+        Err(e) => Err(store_error(&l.url, "reading", &e)),
+    };
+    let (Some(a), Some(b)) = (head(a)?, head(b)?) else {
+        return Ok(false);
+    };
+    Ok(a.size == b.size && a.e_tag.is_some() && a.e_tag == b.e_tag)
+}
+
+/// A server-side copy (no bytes through this process; S3 copies objects up to 5 GB so).
+fn copy(from: &Location, to: &Location) -> Result<()> {
+    block_on(from.store.copy(&from.key, &to.key))
+        .map_err(|e| store_error(&to.url, "copying into place", &e))
+}
+
+/// Deletes every object under `location` (a staging folder).
+fn delete_prefix(location: &Location) -> Result<()> {
+    let keys: Vec<object_store::path::Path> = block_on(
+        location
+            .store
+            .list(Some(&location.key))
+            .map_ok(|meta| meta.location)
+            .try_collect(),
+    )
+    .map_err(|e| store_error(&location.url, "listing", &e))?;
+    for key in keys {
+        match block_on(location.store.delete(&key)) {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+            Err(e) => return Err(store_error(&location.url, "deleting", &e)),
+        }
+    }
+    Ok(())
 }
 
 fn delete(location: &Location) -> Result<()> {
