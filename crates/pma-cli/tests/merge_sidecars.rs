@@ -36,6 +36,21 @@ fn st_checkpoint(dir: &Path, i: usize, secret: &Path) {
     std::os::unix::fs::symlink(secret, dir.join("notes.txt")).unwrap();
 }
 
+/// The report's `sidecars_skipped` as (path, reason) pairs.
+fn skipped_sidecars(report: &serde_json::Value) -> Vec<(String, String)> {
+    report["sidecars_skipped"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["path"].as_str().unwrap().to_string(),
+                s["reason"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
 #[test]
 fn sentence_transformers_merge_keeps_what_the_model_needs_and_nothing_else() {
     let d = tempfile::tempdir().unwrap();
@@ -89,17 +104,7 @@ fn sentence_transformers_merge_keeps_what_the_model_needs_and_nothing_else() {
             "vocab.txt"
         ])
     );
-    let skipped: Vec<(String, String)> = report["sidecars_skipped"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| {
-            (
-                s["path"].as_str().unwrap().to_string(),
-                s["reason"].as_str().unwrap().to_string(),
-            )
-        })
-        .collect();
+    let skipped = skipped_sidecars(report);
     let reason = |name: &str| {
         skipped
             .iter()
@@ -193,17 +198,7 @@ fn dcp_to_hf_export_keeps_the_newest_members_sidecars_by_the_same_rule() {
         );
     }
     let json: serde_json::Value = serde_json::from_slice(&assert.get_output().stdout).unwrap();
-    let mut skipped: Vec<(String, String)> = json["report"]["sidecars_skipped"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| {
-            (
-                s["path"].as_str().unwrap().to_string(),
-                s["reason"].as_str().unwrap().to_string(),
-            )
-        })
-        .collect();
+    let mut skipped = skipped_sidecars(&json["report"]);
     skipped.sort();
     let names: Vec<&str> = skipped.iter().map(|(p, _)| p.as_str()).collect();
     assert_eq!(
