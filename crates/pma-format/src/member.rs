@@ -11,7 +11,7 @@ use crate::dcp::{DcpCheckpoint, DcpEntry, EntryRole};
 use crate::error::Result;
 use crate::layout::{detect_checkpoint, CheckpointFormat, Framework};
 use crate::region::TensorSource;
-use crate::sidecar_policy::SidecarPlan;
+use crate::sidecar_policy::{SidecarPlan, SkipReason, SkippedSidecar};
 use crate::source::{LogicalTensor, TensorStore};
 use crate::torch_save::TorchSaveCheckpoint;
 use crate::{classify_key, Dtype};
@@ -207,9 +207,32 @@ impl TensorStore for DcpCheckpoint {
         Some(Box::new(self.tensor(name)?.source()))
     }
 
-    /// A DCP directory holds no model sidecars (its other files are training state).
+    /// The files and folders [`TensorStore::sidecar_plan`] copies, as paths.
     fn sidecars(&self) -> Vec<PathBuf> {
-        Vec::new()
+        let root = self.dir();
+        self.sidecar_plan()
+            .map(|plan| plan.copy.iter().map(|s| root.join(&s.path)).collect())
+            .unwrap_or_default()
+    }
+
+    /// Every non-weight file and folder of the DCP directory except training state, as for
+    /// any checkpoint ([`crate::plan_sidecars`]: `.distcp`, `.metadata`, Megatron's
+    /// `common.pt`, optimizer folders are left out), so a DCP → HF export keeps the tokenizer,
+    /// config and custom code a trainer saved beside the weights. Megatron's `metadata.json`
+    /// (its record of the sharded format, beside `.metadata`) describes the DCP weights, not
+    /// the model: it is left out too, or an HF output would claim to be a `torch_dist`
+    /// checkpoint.
+    fn sidecar_plan(&self) -> Result<SidecarPlan> {
+        let mut plan = crate::plan_sidecars(self.dir())?;
+        let megatron = Path::new("metadata.json");
+        if let Some(i) = plan.copy.iter().position(|s| s.path == megatron) {
+            plan.copy.remove(i);
+            plan.skipped.push(SkippedSidecar {
+                path: megatron.into(),
+                reason: SkipReason::Weights,
+            });
+        }
+        Ok(plan)
     }
 }
 
