@@ -12,9 +12,23 @@
 //! update is a tight loop over a few million floats, cheap next to the forward and backward.
 
 use candle_core::{backprop::GradStore, Tensor};
+use rayon::prelude::{
+    IndexedParallelIterator, IntoParallelRefIterator, IntoParallelRefMutIterator, ParallelIterator,
+};
 
 use crate::error::Result;
 use crate::model::Params;
+
+/// `t` (a gradient, or zeros where it is `None`) as a flat host `f32` vector of `var`'s size.
+fn host_f32(t: Option<&Tensor>, var: &candle_core::Var) -> Result<Vec<f32>> {
+    Ok(match t {
+        Some(t) => t
+            .flatten_all()?
+            .to_dtype(candle_core::DType::F32)?
+            .to_vec1()?,
+        None => vec![0.0; var.elem_count()],
+    })
+}
 
 /// AdamW hyper-parameters.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -80,19 +94,34 @@ impl AdamW {
     }
 
     /// Applies one update with learning rate `lr`.
+    ///
+    /// Parameters are independent, so on the CPU they are read, updated and written back in
+    /// parallel (one rayon task per parameter). Every float operation is the same, in the same
+    /// order, as a sequential loop: each parameter's squared-gradient sum is taken alone, and
+    /// those sums are added in [`Params`] order, so the result does not depend on the thread
+    /// count.
     pub fn update(&mut self, params: &Params, grads: &GradStore, lr: f64) -> Result<UpdateStats> {
-        let mut host_grads = Vec::with_capacity(params.vars.len());
+        // Device backends are not asked to serve several host threads at once: off the CPU the
+        // same per-parameter steps run in order on this thread.
+        let on_cpu = params.vars.iter().all(|(_, v)| v.device().is_cpu());
+        let read_grad =
+            |(_, var): &(String, candle_core::Var)| host_f32(grads.get(var.as_tensor()), var);
+        let host_grads: Vec<Vec<f32>> = if on_cpu {
+            params
+                .vars
+                .par_iter()
+                .map(read_grad)
+                .collect::<Result<_>>()?
+        } else {
+            params.vars.iter().map(read_grad).collect::<Result<_>>()?
+        };
+        let sq_sums: Vec<f64> = host_grads
+            .par_iter()
+            .map(|g| g.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>())
+            .collect();
         let mut sq_sum = 0f64;
-        for (_, var) in &params.vars {
-            let g: Vec<f32> = match grads.get(var.as_tensor()) {
-                Some(g) => g
-                    .flatten_all()?
-                    .to_dtype(candle_core::DType::F32)?
-                    .to_vec1()?,
-                None => vec![0.0; var.elem_count()],
-            };
-            sq_sum += g.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>();
-            host_grads.push(g);
+        for s in sq_sums {
+            sq_sum += s;
         }
         let grad_norm = sq_sum.sqrt();
         let c = self.config;
@@ -109,23 +138,21 @@ impl AdamW {
         let step_size = (lr / bc1) as f32;
         let bc2_sqrt = bc2.sqrt() as f32;
         let eps = c.eps as f32;
-        for (i, (_, var)) in params.vars.iter().enumerate() {
+        type Slot<'a> = (
+            (
+                (&'a (String, candle_core::Var), &'a mut Vec<f32>),
+                &'a mut Vec<f32>,
+            ),
+            &'a Vec<f32>,
+        );
+        let update_one = |((((_, var), m), v), g): Slot<'_>| -> Result<()> {
             let decay = if var.rank() >= 2 {
                 (1.0 - lr * c.weight_decay) as f32
             } else {
                 1.0
             };
-            let mut p: Vec<f32> = var
-                .flatten_all()?
-                .to_dtype(candle_core::DType::F32)?
-                .to_vec1()?;
-            let (m, v) = (&mut self.exp_avg[i], &mut self.exp_avg_sq[i]);
-            for (((p, m), v), &g) in p
-                .iter_mut()
-                .zip(m.iter_mut())
-                .zip(v.iter_mut())
-                .zip(&host_grads[i])
-            {
+            let mut p = host_f32(Some(var.as_tensor()), var)?;
+            for (((p, m), v), &g) in p.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g) {
                 let g = g * clip;
                 *p *= decay;
                 *m = b1 * *m + (1.0 - b1) * g;
@@ -134,6 +161,24 @@ impl AdamW {
             }
             let new = Tensor::from_vec(p, var.shape(), var.device())?.to_dtype(var.dtype())?;
             var.set(&new)?;
+            Ok(())
+        };
+        if on_cpu {
+            params
+                .vars
+                .par_iter()
+                .zip(self.exp_avg.par_iter_mut())
+                .zip(self.exp_avg_sq.par_iter_mut())
+                .zip(host_grads.par_iter())
+                .try_for_each(update_one)?;
+        } else {
+            params
+                .vars
+                .iter()
+                .zip(self.exp_avg.iter_mut())
+                .zip(self.exp_avg_sq.iter_mut())
+                .zip(host_grads.iter())
+                .try_for_each(update_one)?;
         }
         Ok(UpdateStats { grad_norm })
     }

@@ -276,7 +276,38 @@ pub fn default_device() -> Device {
             return d;
         }
     }
+    tune_cpu_runtime();
     Device::Cpu
+}
+
+/// Process-wide settings for CPU training, applied once, before the first large CPU op.
+///
+/// - candle's element-wise ops stay on the calling thread (`CANDLE_NUM_THREADS=1`), unless the
+///   user set that variable. candle runs element-wise ops of 64K+ elements on a second pool of
+///   its own whose workers, and the caller waiting for them, busy-spin. The lab's matmuls and
+///   fused kernels already use every rayon thread, so on a machine with as many cores as
+///   threads that spinning took a third of the CPU time of a 2-thread training step, on cores
+///   the rayon workers needed. The heavy element-wise work is in [`crate::fused`]'s rayon
+///   kernels; the few candle element-wise passes left cost less serial than spun. The pool is
+///   created on first use, hence "before the first large op"; matmul threading
+///   (`RAYON_NUM_THREADS`) is unaffected.
+/// - glibc's malloc keeps freed memory instead of returning it to the kernel. A step allocates
+///   and frees the same few dozen activation-sized buffers; with glibc's adaptive thresholds
+///   they were mapped afresh, so a tenth of a step went to page faults and zeroing new pages.
+fn tune_cpu_runtime() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+            std::env::set_var("CANDLE_NUM_THREADS", "1");
+        }
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        // SAFETY: mallopt only changes allocator parameters; any value is memory-safe. 32 MiB
+        // is glibc's largest mmap threshold on 64-bit; 1 GiB bounds what freed memory it keeps.
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+            libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+        }
+    });
 }
 
 /// Reads the `run.json` a run wrote, to resume it.
