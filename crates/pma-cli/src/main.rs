@@ -49,6 +49,10 @@ const EXIT_USAGE: u8 = 2;
 const EXIT_INTERRUPTED: u8 = 130;
 
 fn main() -> ExitCode {
+    // Before any thread exists (it sets an environment variable): keeps candle's element-wise
+    // pool from spinning against the lab's rayon workers.
+    #[cfg(feature = "lab")]
+    pma_lab::train::tune_cpu_runtime();
     quiet_on_closed_stdio();
     let cli = cli::Cli::parse();
     match cmd::run(cli) {

@@ -24,7 +24,8 @@ pub enum Scale {
     Tiny,
     /// The demo's default: about three minutes on two quiet cores, within five.
     Quick,
-    /// The reproduction's default: about 11 minutes measured on a loaded 2-core box, within an hour.
+    /// The reproduction's default, with 3 seeds: 37 minutes measured at one thread while the
+    /// box's other core was busy, within an hour.
     Full,
 }
 
@@ -237,7 +238,9 @@ impl Profile {
     /// with the lab's fused CPU kernels: `demo --profile quick` 59 s wall (its earlier, 139K-parameter shape with one fork); the 669K-parameter quick profile with two forks and the fused attention: 167 s wall on a quiet 2-core box; `demo --profile tiny`
     /// 2 s (6 s with a debug build). Before the fused kernels, `reproduce --profile quick` took
     /// 11 min wall (357 s CPU) under the same load. `reproduce --profile full` with the fused
-    /// kernels: 11 min wall (790 s CPU) at `nice 19` on that box, every section included.
+    /// kernels: 11 min wall (790 s CPU) at `nice 19` on that box, every section included. With
+    /// 3 seeds, the CT stage over 3 data orders and the LR sweep: 37 min wall (2,041 s CPU) at
+    /// `RAYON_NUM_THREADS=1 --threads 1`, the other core running builds (load 6–11).
     pub fn new(scale: Scale) -> Profile {
         match scale {
             Scale::Tiny => Profile {

@@ -29,6 +29,8 @@ impl Progress for Timer {
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // As `pma` does, before any thread exists.
+    pma_lab::train::tune_cpu_runtime();
     let a: Vec<String> = std::env::args().skip(1).collect();
     let num = |i: usize, d: usize| a.get(i).and_then(|s| s.parse().ok()).unwrap_or(d);
     let (layers, hidden, heads, batch, seq, steps) = (

@@ -276,11 +276,12 @@ pub fn default_device() -> Device {
             return d;
         }
     }
-    tune_cpu_runtime();
     Device::Cpu
 }
 
-/// Process-wide settings for CPU training, applied once, before the first large CPU op.
+/// Process-wide settings for CPU training. Call it first thing in `main`, before any thread
+/// exists: it sets an environment variable, which is only sound while no other thread can read
+/// the environment, so the library never calls it on its own (a test harness has threads).
 ///
 /// - candle's element-wise ops stay on the calling thread (`CANDLE_NUM_THREADS=1`), unless the
 ///   user set that variable. candle runs element-wise ops of 64K+ elements on a second pool of
@@ -289,12 +290,12 @@ pub fn default_device() -> Device {
 ///   threads that spinning took a third of the CPU time of a 2-thread training step, on cores
 ///   the rayon workers needed. The heavy element-wise work is in [`crate::fused`]'s rayon
 ///   kernels; the few candle element-wise passes left cost less serial than spun. The pool is
-///   created on first use, hence "before the first large op"; matmul threading
+///   created on first use; matmul threading
 ///   (`RAYON_NUM_THREADS`) is unaffected.
 /// - glibc's malloc keeps freed memory instead of returning it to the kernel. A step allocates
 ///   and frees the same few dozen activation-sized buffers; with glibc's adaptive thresholds
 ///   they were mapped afresh, so a tenth of a step went to page faults and zeroing new pages.
-fn tune_cpu_runtime() {
+pub fn tune_cpu_runtime() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
