@@ -44,6 +44,8 @@ impl Lab<'_> {
             self.evaluate(&merge_init, &self.heldout_eval_tokens)?
                 .val_loss,
         );
+        // Four held-out evaluations along each run, the last at its end.
+        let every = (c.steps / 4).max(1);
         let mut orders = Vec::new();
         let mut schedule = String::new();
         for order in 0..c.orders as u64 {
@@ -60,8 +62,7 @@ impl Lab<'_> {
                     min_lr: Some(p.min_lr),
                     warmup_steps: Some(c.warmup_steps),
                     schedule: ScheduleKind::Cosine,
-                    // Four held-out evaluations along the run, the last at its end.
-                    save_every: (c.steps / 4).max(1),
+                    save_every: every,
                     // The same seed for both inits: identical batches, so only the init differs.
                     seed: self
                         .config
@@ -84,7 +85,6 @@ impl Lab<'_> {
                     step_offset: 0,
                 })?;
                 // On the grid of saved steps; a step a diverged run never saved is NaN.
-                let every = (c.steps / 4).max(1);
                 self.stage(&format!("evaluate {id} on held-out text"), c.steps / every);
                 let mut curve = Vec::new();
                 for step in (every..=c.steps).step_by(every as usize) {

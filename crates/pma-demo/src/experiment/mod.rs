@@ -251,8 +251,8 @@ fn seed_study(
             .map_err(|e| Error::io(&seed_config.out_dir, "creating", e))?;
         let mut lab = Lab::new(&seed_config, progress, cancel)?;
         trunk_study(&mut lab)?;
-        let mut r = lab.finish();
-        r.findings = derive_findings(&r);
+        // `SeedRun::of` derives this seed's findings from its records.
+        let r = lab.finish();
         first.timings.extend(r.timings.iter().map(|t| StageTiming {
             stage: format!("seed {seed}: {}", t.stage),
             elapsed_secs: t.elapsed_secs,
