@@ -467,17 +467,126 @@ fn outputs_publish_to_s3_with_the_index_last_and_overwrite_kept() {
     let got = tmp.path().join("wma-from-s3");
     s3.download("out/s3-to-s3", &got);
     assert_same_checkpoint(&wma, &got);
-    // Partitioned merges write to a shared filesystem: an S3 --out is refused clearly.
-    let parts = s3
-        .pma()
-        .args(["merge", "--method", "sma", "--run", &s3.url("runs/bf16")])
-        .args(["--part", "0", "--parts", "2"])
-        .args(["--out", &s3.url("out/parts")])
-        .output()
-        .unwrap();
-    assert!(!parts.status.success());
-    assert!(String::from_utf8_lossy(&parts.stderr).contains("shared filesystem"));
+}
+
+/// A partitioned merge with its output on S3 (a Kubernetes Indexed Job with no shared
+/// filesystem): the parts upload beside OUT, the finalize copies their objects into place with
+/// the index last, and the output is the single-process merge's, object for object. A part
+/// killed before its manifest, a stale part and a replaced object are each refused by the
+/// finalize, which then publishes nothing. The same parts also merge S3 inputs to a shared
+/// filesystem.
+#[test]
+fn partitioned_merge_to_s3_equals_the_single_process_merge() {
+    let Some(s3) = s3("parts") else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let run = bf16_run(tmp.path());
+    s3.upload_dir(&run, "runs/bf16");
+    let input = s3.url("runs/bf16");
+    let merge = |method: &str, out: &str, extra: &[&str]| {
+        let o = s3
+            .pma()
+            .args(["merge", "--quiet", "--method", method, "--run", &input])
+            .args(["--max-shard-size", "3000", "--out", out])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert_no_secret(&o);
+        o
+    };
+    let ok = |o: std::process::Output| {
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    };
+    let refused = |o: std::process::Output, what: &str| {
+        assert!(!o.status.success(), "expected a refusal: {what}");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains(what), "{err}");
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+    };
+    ok(merge("sma", &s3.url("out/single"), &[]));
+    let single = s3.snapshot("out/single");
+    assert!(single.len() > 3, "{:?}", s3.keys("out/single"));
+
+    let out = s3.url("out/parts");
+    let part =
+        |i: usize, method: &str| merge(method, &out, &["--part", &i.to_string(), "--parts", "3"]);
+    let finalize = || merge("sma", &out, &["--finalize"]);
+    for i in 0..3 {
+        ok(part(i, "sma"));
+    }
+    // The parts wrote beside OUT, nothing at it.
     assert!(s3.keys("out/parts").is_empty());
+    let staged = s3.keys("out/.parts.pma-parts");
+    assert!(
+        staged.contains(&"out/.parts.pma-parts/part-1-of-3/manifest.json".to_string()),
+        "{staged:?}"
+    );
+    // A part killed early (before its shards and its manifest) is missing.
+    let manifest = "out/.parts.pma-parts/part-1-of-3/manifest.json";
+    let text = s3.get(manifest);
+    let part_1 = s3.url("out/.parts.pma-parts/part-1-of-3");
+    pma_format::remote::remove_prefix(Path::new(&part_1)).unwrap();
+    assert!(s3.keys("out/.parts.pma-parts/part-1-of-3").is_empty());
+    refused(finalize(), "part 1 of 3 is missing");
+    assert!(s3.keys("out/parts").is_empty());
+    // A part made with other weights is stale.
+    ok(part(1, "ema"));
+    refused(finalize(), "different plan");
+    assert!(s3.keys("out/parts").is_empty());
+    ok(part(1, "sma"));
+    assert_eq!(
+        s3.get(manifest),
+        text,
+        "a rerun part writes the same manifest"
+    );
+    // An object replaced after its part wrote it (same size, other bytes) is refused.
+    let shard = staged
+        .iter()
+        .find(|k| k.contains("part-2-of-3/") && k.ends_with(".safetensors"))
+        .expect("part 2 wrote a shard")
+        .clone();
+    let mut bytes = s3.get(&shard);
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    let mut writer = pma_format::remote::ObjectWriter::create(Path::new(&s3.url(&shard))).unwrap();
+    writer.write(&bytes).unwrap();
+    writer.finish().unwrap();
+    refused(finalize(), "was replaced after its part wrote it");
+    assert!(s3.keys("out/parts").is_empty());
+    ok(part(2, "sma"));
+    ok(finalize());
+    let got: Vec<(String, Vec<u8>)> = s3
+        .snapshot("out/parts")
+        .into_iter()
+        .map(|(k, b)| (k.replacen("out/parts/", "out/single/", 1), b))
+        .collect();
+    assert_eq!(
+        got.iter().map(|(k, _)| k).collect::<Vec<_>>(),
+        single.iter().map(|(k, _)| k).collect::<Vec<_>>()
+    );
+    assert!(
+        got == single,
+        "the partitioned output differs from the single-process one"
+    );
+    assert!(s3.keys("out/.parts.pma-parts").is_empty());
+    s3.assert_no_open_uploads();
+    // A published output is not overwritten by a part without --overwrite.
+    refused(part(0, "sma"), "out/parts");
+
+    // S3 inputs, parts on a shared filesystem: the same bytes.
+    let local = tmp.path().join("local-out");
+    let local_out = local.to_str().unwrap();
+    for i in 0..2 {
+        ok(merge(
+            "sma",
+            local_out,
+            &["--part", &i.to_string(), "--parts", "2"],
+        ));
+    }
+    ok(merge("sma", local_out, &["--finalize"]));
+    for (key, bytes) in &single {
+        let rel = &key["out/single/".len()..];
+        assert_eq!(&std::fs::read(local.join(rel)).unwrap(), bytes, "{rel}");
+    }
 }
 
 /// Runs `cmd` to completion and returns (success, its peak RSS in KiB), read by `wait4` on

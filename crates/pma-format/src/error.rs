@@ -542,15 +542,16 @@ pub enum Error {
         /// The output URL.
         url: String,
     },
-    /// An `--overwrite` whose new file must replace an old one of the same name by a
-    /// server-side copy larger than the store copies in one request.
+    /// An output file that must be put in place by a server-side copy (replacing an old file
+    /// with `--overwrite`, or gathering a partitioned merge's shards) is larger than the store
+    /// copies in one request.
     #[error(
-        "{url}: the new object is {n_bytes} bytes and S3 copies at most {max_bytes} bytes in one \
-         request, so it cannot replace the old one; the old output is unchanged (write to a new \
-         prefix, or use a smaller --max-shard-size)"
+        "{url}: the object is {n_bytes} bytes and S3 copies at most {max_bytes} bytes in one \
+         request, so it cannot be copied into place; the output is unchanged (use a smaller \
+         --max-shard-size, or write to a new prefix)"
     )]
     RemoteCopyTooLarge {
-        /// The URL of the object that would be replaced.
+        /// The URL of the object to be copied into place.
         url: String,
         /// The new object's size.
         n_bytes: u64,

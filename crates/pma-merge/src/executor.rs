@@ -193,15 +193,7 @@ pub fn execute_to_store(
     let order = tensor_major(&plan.job_regions());
     let merged = run_merge(plan, &order, &kernel, sink, opts, progress).and_then(|report| {
         if plan.shards.len() > 1 {
-            let listing: Vec<(String, Vec<&pma_format::TensorSpec>)> = plan
-                .shards
-                .iter()
-                .map(|(name, range)| {
-                    let specs = range.clone().map(|t| &plan.tensors[t].spec).collect();
-                    (name.clone(), specs)
-                })
-                .collect();
-            pma_format::write_index(staging, &listing)?;
+            pma_format::write_index(staging, &plan.index_listing())?;
             let index = pma_format::checkpoint::INDEX_FILE_NAME;
             publication.upload(&staging.join(index), index)?;
         }

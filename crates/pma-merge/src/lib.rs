@@ -33,6 +33,7 @@ pub mod executor;
 pub mod inspect;
 pub mod keys;
 pub mod partition;
+pub mod partition_remote;
 pub mod pipeline;
 pub mod placement;
 pub mod plan;
@@ -51,6 +52,7 @@ pub use executor::{
 pub use keys::{select_keys, Action, KeyEntry, KeySelection, KeySelectionConfig};
 pub use keys::{KeyGroup, KeySummary};
 pub use partition::{execute_part, finalize, FinalizeReport, PartCheck, PartReport, Partition};
+pub use partition_remote::{execute_part_to_store, finalize_to_store};
 pub use placement::{check_output_placement, check_plan_output};
 pub use plan::OutputFormat;
 pub use plan::{MergeConfig, MergeInput, MergePlan, PlanSummary, DEFAULT_MAX_SHARD_BYTES};

@@ -58,7 +58,7 @@ pub const PARTS_DIR_SUFFIX: &str = ".pma-parts";
 /// The manifest inside each part directory.
 pub const MANIFEST_FILE_NAME: &str = "manifest.json";
 /// Version of the manifest layout.
-const MANIFEST_SCHEMA: u32 = 2;
+pub(crate) const MANIFEST_SCHEMA: u32 = 2;
 
 /// The shared staging directory of the parts of output `out`: `.NAME.pma-parts` beside it, a
 /// name every part and the finalize derive from OUT alone.
@@ -74,12 +74,12 @@ pub fn parts_dir(out: &Path) -> PathBuf {
     parent.join(format!(".{name}{PARTS_DIR_SUFFIX}"))
 }
 
-fn part_dir_name(part: usize, parts: usize) -> String {
+pub(crate) fn part_dir_name(part: usize, parts: usize) -> String {
     format!("part-{part}-of-{parts}")
 }
 
 /// Reads `part-I-of-K` back.
-fn parse_part_dir_name(name: &str) -> Option<(usize, usize)> {
+pub(crate) fn parse_part_dir_name(name: &str) -> Option<(usize, usize)> {
     let rest = name.strip_prefix("part-")?;
     let (i, k) = rest.split_once("-of-")?;
     Some((i.parse().ok()?, k.parse().ok()?))
@@ -164,7 +164,7 @@ impl Partition {
 }
 
 /// Bytes of output shard `i`, header included.
-fn shard_file_bytes(plan: &MergePlan, i: usize) -> u64 {
+pub(crate) fn shard_file_bytes(plan: &MergePlan, i: usize) -> u64 {
     let specs = plan.shard_specs(i);
     pma_format::encode_header(&specs, &plan.metadata).len() as u64
         + specs.iter().map(TensorSpec::n_bytes).sum::<u64>()
@@ -185,21 +185,7 @@ fn plan_hash(plan: &MergePlan, parts: usize) -> Result<String> {
             .collect();
         let mut stamps = Vec::with_capacity(files.len());
         for f in files {
-            let meta = std::fs::metadata(&f).map_err(|e| pma_format::Error::Io {
-                path: f.clone(),
-                action: "reading metadata of",
-                source: e,
-            })?;
-            let mtime_ns = meta
-                .modified()
-                .ok()
-                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                .map_or(0, |d| d.as_nanos());
-            stamps.push(serde_json::json!([
-                f.display().to_string(),
-                meta.len(),
-                mtime_ns.to_string()
-            ]));
+            stamps.push(input_stamp(&f)?);
         }
         inputs.push(serde_json::json!({
             "root": store.root().display().to_string(),
@@ -240,6 +226,30 @@ fn plan_hash(plan: &MergePlan, parts: usize) -> Result<String> {
     Ok(hex(&hasher.finalize()))
 }
 
+/// What tells a changed input file apart in the plan hash: its size and mtime, or for an object
+/// on a store (no mtime a writer controls) its size and entity tag, by one HEAD.
+fn input_stamp(path: &Path) -> Result<serde_json::Value> {
+    if pma_format::is_url(path) {
+        let info = pma_format::remote::head(path)?;
+        return Ok(serde_json::json!([
+            path.display().to_string(),
+            info.n_bytes,
+            info.e_tag
+        ]));
+    }
+    let meta = std::fs::metadata(path).map_err(|e| io_error(path, "reading metadata of", e))?;
+    let mtime_ns = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos());
+    Ok(serde_json::json!([
+        path.display().to_string(),
+        meta.len(),
+        mtime_ns.to_string()
+    ]))
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -258,6 +268,10 @@ pub struct ManifestFile {
     pub inode: u64,
     /// Modification time once written, nanoseconds since the epoch.
     pub mtime_ns: i64,
+    /// The store's entity tag, for a part written to an object store (where inode and mtime
+    /// are 0): a replaced object gets a new one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub e_tag: Option<String>,
 }
 
 /// How [`finalize`] checks each part file against its manifest entry (always: the plan hash,
@@ -383,6 +397,7 @@ pub fn execute_part(
             crc32: hasher.finalize(),
             inode: stamp.ino,
             mtime_ns: mtime_ns(&stamp),
+            e_tag: None,
         });
     }
     let manifest = PartManifest {
@@ -426,43 +441,12 @@ pub fn finalize(
         return Err(pma_format::Error::OutputExists { path: out.into() }.into());
     }
     let manifests = read_manifests(&pdir)?;
-    let parts = manifests.keys().next().map(|&(_, k)| k).unwrap_or(0);
-    let counts: BTreeSet<usize> = manifests.keys().map(|&(_, k)| k).collect();
-    if counts.len() > 1 {
-        return Err(Error::PartCountsDisagree {
-            dir: pdir,
-            counts: counts.into_iter().collect(),
-        });
-    }
+    let parts = part_count(&manifests, &pdir)?;
     let partition = Partition::new(plan, parts)?;
     let mut to_verify: Vec<(PathBuf, u32)> = Vec::new();
     for part in 0..parts {
         let dir = pdir.join(part_dir_name(part, parts));
-        let Some(manifest) = manifests.get(&(part, parts)) else {
-            return Err(Error::PartMissing {
-                dir: pdir,
-                part,
-                parts,
-            });
-        };
-        if manifest.plan_hash != partition.plan_hash {
-            return Err(Error::PartStale {
-                path: dir.join(MANIFEST_FILE_NAME),
-                part,
-                parts,
-            });
-        }
-        let expected: Vec<&str> = partition.shards_of[part]
-            .iter()
-            .map(|&i| plan.shards[i].0.as_str())
-            .collect();
-        let found: Vec<&str> = manifest.files.iter().map(|f| f.name.as_str()).collect();
-        if expected != found {
-            return Err(Error::PartCorrupt {
-                path: dir.join(MANIFEST_FILE_NAME),
-                reason: format!("lists files {found:?} but the plan gives this part {expected:?}"),
-            });
-        }
+        let manifest = checked_manifest(&manifests, plan, &partition, &pdir, part)?;
         for f in &manifest.files {
             let path = dir.join(&f.name);
             let stamp = file_stamp(&path).map_err(|e| Error::PartCorrupt {
@@ -539,20 +523,7 @@ pub fn finalize(
     let mut sidecars = Vec::new();
     if !plan.single_file {
         if plan.shards.len() > 1 {
-            let listing: Vec<(String, Vec<&TensorSpec>)> = plan
-                .shards
-                .iter()
-                .map(|(name, range)| {
-                    (
-                        name.clone(),
-                        plan.tensors[range.clone()]
-                            .iter()
-                            .map(|t| &t.spec)
-                            .collect(),
-                    )
-                })
-                .collect();
-            pma_format::write_index(staged.path(), &listing)?;
+            pma_format::write_index(staged.path(), &plan.index_listing())?;
         }
         let newest = &plan.inputs[plan.inputs.len() - 1];
         sidecars = copy_sidecars(newest.store(), plan.config.out_dtype, staged.path())?.copied;
@@ -573,14 +544,14 @@ pub fn finalize(
 /// The CRC-32 of each of a part's files, computed from the bytes on their way to the file
 /// writer (each file's header first, then its tensors in write order, as the writer lays them
 /// out), so a part never reads its output back (written with `O_DIRECT`, it is not cached).
-struct ChecksumSink {
+pub(crate) struct ChecksumSink {
     /// File of each output tensor; `None` for tensors of other parts.
     file_of: Vec<Option<usize>>,
-    hashers: Vec<crc32fast::Hasher>,
+    pub(crate) hashers: Vec<crc32fast::Hasher>,
 }
 
 impl ChecksumSink {
-    fn new(plan: &MergePlan, files: &[ShardFile]) -> ChecksumSink {
+    pub(crate) fn new(plan: &MergePlan, files: &[ShardFile]) -> ChecksumSink {
         let mut file_of = vec![None; plan.tensors.len()];
         let hashers = files
             .iter()
@@ -629,31 +600,93 @@ fn read_manifests(pdir: &Path) -> Result<BTreeMap<(usize, usize), PartManifest>>
             path: path.clone(),
             reason: format!("cannot be read: {e}"),
         })?;
-        let manifest: PartManifest =
-            serde_json::from_slice(&text).map_err(|e| Error::PartCorrupt {
-                path: path.clone(),
-                reason: format!("is not a part manifest: {e}"),
-            })?;
-        if manifest.schema_version != MANIFEST_SCHEMA
-            || (manifest.part, manifest.parts) != (part, parts)
-        {
-            return Err(Error::PartCorrupt {
-                path,
-                reason: format!(
-                    "records part {} of {} (schema {}) but sits in {}",
-                    manifest.part,
-                    manifest.parts,
-                    manifest.schema_version,
-                    part_dir_name(part, parts)
-                ),
-            });
-        }
-        manifests.insert((part, parts), manifest);
+        manifests.insert((part, parts), parse_manifest(&path, &text, part, parts)?);
     }
     if manifests.is_empty() {
         return Err(no_parts());
     }
     Ok(manifests)
+}
+
+/// The manifest `text` read from `path`, in the directory of part `part` of `parts`.
+pub(crate) fn parse_manifest(
+    path: &Path,
+    text: &[u8],
+    part: usize,
+    parts: usize,
+) -> Result<PartManifest> {
+    let manifest: PartManifest = serde_json::from_slice(text).map_err(|e| Error::PartCorrupt {
+        path: path.into(),
+        reason: format!("is not a part manifest: {e}"),
+    })?;
+    if manifest.schema_version != MANIFEST_SCHEMA
+        || (manifest.part, manifest.parts) != (part, parts)
+    {
+        return Err(Error::PartCorrupt {
+            path: path.into(),
+            reason: format!(
+                "records part {} of {} (schema {}) but sits in {}",
+                manifest.part,
+                manifest.parts,
+                manifest.schema_version,
+                part_dir_name(part, parts)
+            ),
+        });
+    }
+    Ok(manifest)
+}
+
+/// K, as the manifests found in `pdir` agree on it.
+pub(crate) fn part_count(
+    manifests: &BTreeMap<(usize, usize), PartManifest>,
+    pdir: &Path,
+) -> Result<usize> {
+    let counts: BTreeSet<usize> = manifests.keys().map(|&(_, k)| k).collect();
+    if counts.len() > 1 {
+        return Err(Error::PartCountsDisagree {
+            dir: pdir.into(),
+            counts: counts.into_iter().collect(),
+        });
+    }
+    Ok(counts.into_iter().next().unwrap_or(0))
+}
+
+/// The manifest of `part`, checked against the partition: present, made from the same plan,
+/// and listing exactly the files the plan gives that part. The files themselves are checked
+/// by the caller, which knows where they are.
+pub(crate) fn checked_manifest<'a>(
+    manifests: &'a BTreeMap<(usize, usize), PartManifest>,
+    plan: &MergePlan,
+    partition: &Partition,
+    pdir: &Path,
+    part: usize,
+) -> Result<&'a PartManifest> {
+    let parts = partition.parts;
+    let path = pdir
+        .join(part_dir_name(part, parts))
+        .join(MANIFEST_FILE_NAME);
+    let Some(manifest) = manifests.get(&(part, parts)) else {
+        return Err(Error::PartMissing {
+            dir: pdir.into(),
+            part,
+            parts,
+        });
+    };
+    if manifest.plan_hash != partition.plan_hash {
+        return Err(Error::PartStale { path, part, parts });
+    }
+    let expected: Vec<&str> = partition.shards_of[part]
+        .iter()
+        .map(|&i| plan.shards[i].0.as_str())
+        .collect();
+    let found: Vec<&str> = manifest.files.iter().map(|f| f.name.as_str()).collect();
+    if expected != found {
+        return Err(Error::PartCorrupt {
+            path,
+            reason: format!("lists files {found:?} but the plan gives this part {expected:?}"),
+        });
+    }
+    Ok(manifest)
 }
 
 fn file_stamp(path: &Path) -> Result<pma_format::FileStamp> {
@@ -696,7 +729,7 @@ fn link_or_copy(src: &Path, dst: &Path) -> Result<()> {
     Ok(())
 }
 
-fn io_error(path: &Path, action: &'static str, source: std::io::Error) -> Error {
+pub(crate) fn io_error(path: &Path, action: &'static str, source: std::io::Error) -> Error {
     pma_format::Error::Io {
         path: path.into(),
         action,

@@ -345,6 +345,20 @@ impl MergePlan {
         }
     }
 
+    /// Every shard's name with its tensors, as the shard index lists them.
+    pub fn index_listing(&self) -> Vec<(String, Vec<&TensorSpec>)> {
+        self.shards
+            .iter()
+            .map(|(name, range)| {
+                let specs = self.tensors[range.clone()]
+                    .iter()
+                    .map(|t| &t.spec)
+                    .collect();
+                (name.clone(), specs)
+            })
+            .collect()
+    }
+
     /// Tensor specs of shard `i`, in write order.
     pub fn shard_specs(&self, i: usize) -> Vec<TensorSpec> {
         self.tensors[self.shards[i].1.clone()]

@@ -234,8 +234,8 @@ pub struct Args {
     pub finalize: bool,
     /// With --finalize: also read every part file back and check its CRC-32, to catch silent
     /// corruption (by default the finalize checks each file's size, inode and mtime against its
-    /// part's manifest, which catches any change made through the filesystem, without reading
-    /// the output).
+    /// part's manifest, or an object's size and ETag, which catches any change made through the
+    /// filesystem or the store, without reading the output).
     #[arg(long, requires = "finalize")]
     pub verify_parts: bool,
 }
@@ -447,21 +447,7 @@ fn execute_to_store(
     opts: &ExecOptions,
     bar: &ByteBar,
 ) -> anyhow::Result<MergeReport> {
-    struct Staging(PathBuf);
-    impl Drop for Staging {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-    let base = std::env::var_os("PMA_STAGING_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(std::env::temp_dir);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
-    let staging = Staging(base.join(format!(".pma-upload-{}-{nanos}", std::process::id())));
-    std::fs::create_dir_all(&staging.0)
-        .with_context(|| format!("creating the staging folder {}", staging.0.display()))?;
+    let staging = UploadStaging::create()?;
     let name = args
         .out
         .file_name()
@@ -479,6 +465,33 @@ fn execute_to_store(
     pma_format::remote::publish(&local, &args.out, args.overwrite)?;
     report.output = args.out.clone();
     Ok(report)
+}
+
+/// A local folder for what an upload to an object store stages (sidecars, an index, a DCP
+/// output), under `PMA_STAGING_DIR` or the system temp dir; removed, whatever happens, when
+/// dropped.
+pub(crate) struct UploadStaging(pub(crate) PathBuf);
+
+impl UploadStaging {
+    pub(crate) fn create() -> anyhow::Result<UploadStaging> {
+        let base = std::env::var_os("PMA_STAGING_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(std::env::temp_dir);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let staging =
+            UploadStaging(base.join(format!(".pma-upload-{}-{nanos}", std::process::id())));
+        std::fs::create_dir_all(&staging.0)
+            .with_context(|| format!("creating the staging folder {}", staging.0.display()))?;
+        Ok(staging)
+    }
+}
+
+impl Drop for UploadStaging {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 /// Warns (stderr) about checkpoints left out of the selection as incomplete.

@@ -1,5 +1,6 @@
 //! `pma merge --part I --parts K` and `pma merge --finalize`: a merge split across processes or
-//! nodes of a shared filesystem (see [`pma_merge::partition`]).
+//! nodes of a shared filesystem (see [`pma_merge::partition`]), or writing to an object store
+//! (see [`pma_merge::partition_remote`]).
 //!
 //! `--part auto` takes the part from the job engine's environment, and only with that flag (a
 //! Slurm array task may run a whole merge of its own): a Slurm array
@@ -10,9 +11,12 @@
 use std::process::ExitCode;
 
 use anyhow::bail;
-use pma_merge::{execute_part, finalize, ExecOptions, FinalizeReport, PartCheck, PartReport};
+use pma_merge::{
+    execute_part, execute_part_to_store, finalize, finalize_to_store, ExecOptions, FinalizeReport,
+    PartCheck, PartReport,
+};
 
-use super::merge::{plan_from_args, warn_nonfinite, warn_skipped, Args};
+use super::merge::{plan_from_args, warn_nonfinite, warn_skipped, Args, UploadStaging};
 use super::render::{human, print_json, versioned};
 use super::UsageError;
 use crate::progress::{self, ByteBar};
@@ -145,15 +149,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             "--dry-run shows the whole merge; leave out --part, --parts and --finalize".into()
         ));
     }
-    if pma_format::is_url(&args.out) {
-        // Parts stage their files beside OUT and the finalize renames them into place: that
-        // needs one shared filesystem. Inputs may still be on an object store.
-        bail!(UsageError(format!(
-            "a partitioned merge writes to a shared filesystem; --out {} is an object-store URL \
-             (merge the parts to a shared path, or run one unpartitioned merge to the store)",
-            args.out.display()
-        )));
-    }
+    // An object-store OUT: parts upload beside it and the finalize copies them into place
+    // (pma_merge::partition_remote).
+    let remote_out = pma_format::is_url(&args.out);
     let single_file = args.out.extension().is_some_and(|e| e == "safetensors");
     let choice = match (&args.part, args.finalize) {
         (Some(_), true) => bail!(UsageError(
@@ -195,8 +193,11 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                 );
             }
             let bar = ByteBar::new("merging part", progress::shown(args.quiet, args.json));
-            let report =
-                execute_part(&mut plan, choice.part, choice.parts, &args.out, &opts, &bar)?;
+            let report = if remote_out {
+                execute_part_to_store(&mut plan, choice.part, choice.parts, &args.out, &opts, &bar)?
+            } else {
+                execute_part(&mut plan, choice.part, choice.parts, &args.out, &opts, &bar)?
+            };
             if !args.quiet {
                 warn_nonfinite(&report.warnings);
                 if report.resharded {
@@ -219,7 +220,12 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             } else {
                 PartCheck::Stamp
             };
-            let report = finalize(&mut plan, &args.out, &opts, check)?;
+            let report = if remote_out {
+                let staging = UploadStaging::create()?;
+                finalize_to_store(&mut plan, &args.out, &staging.0, &opts, check)?
+            } else {
+                finalize(&mut plan, &args.out, &opts, check)?
+            };
             if args.json {
                 print_json(&versioned(serde_json::json!({ "finalize": report })))?;
             } else if !args.quiet {

@@ -49,8 +49,8 @@ pub use object::{
     download, get_counters, RemoteObject, DOWNLOAD_RANGE_BYTES, PREFETCH_BUDGET_BYTES,
 };
 pub use upload::{
-    check_output_absent, publish, ObjectWriter, Publication, PublishReport, DEFAULT_PART_BYTES,
-    PART_BYTES_ENV,
+    check_output_absent, copy_object, max_copy_bytes, publish, remove_prefix, ObjectWriter,
+    Publication, PublishReport, DEFAULT_PART_BYTES, PART_BYTES_ENV,
 };
 
 /// URL schemes read as object-store locations.

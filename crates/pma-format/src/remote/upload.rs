@@ -18,7 +18,7 @@ use std::collections::BTreeSet;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use object_store::{PutPayload, WriteMultipart};
 
 use super::{block_on, store_error, Location, ObjectStoreExt};
@@ -161,6 +161,26 @@ pub struct Publication {
 const STAGING_PREFIX: &str = ".pma-staging-";
 /// The largest object S3 copies in one request (5 GiB).
 const MAX_COPY_BYTES: u64 = 5 << 30;
+/// Server-side copies in flight at once (each a request the store serves on its own).
+const COPIES_IN_FLIGHT: usize = 8;
+
+/// The largest object the store at `url` copies server-side in one request, where it has a
+/// limit (S3: 5 GiB; a larger one needs a multipart copy, which `object_store` does not make).
+pub fn max_copy_bytes(url: &Path) -> Option<u64> {
+    let text = url.to_string_lossy();
+    (text.starts_with("s3://") || text.starts_with("s3a://")).then_some(MAX_COPY_BYTES)
+}
+
+/// Deletes every object under `url` (a prefix), if any.
+pub fn remove_prefix(url: &Path) -> Result<()> {
+    delete_prefix(&Location::parse(url)?)
+}
+
+/// Copies the object at `from` to `to` on the same store, server-side: the new object appears
+/// whole, replacing any old one.
+pub fn copy_object(from: &Path, to: &Path) -> Result<()> {
+    copy(&Location::parse(from)?, &Location::parse(to)?)
+}
 
 impl Publication {
     /// Starts publishing an output made of `files` (relative paths) at `url`. Refuses an
@@ -224,6 +244,44 @@ impl Publication {
         upload_file(path, &at, rel, &mut self.report)
     }
 
+    /// Copies objects already on the same store into the output, each `(url, rel)` to where
+    /// `rel` is written, server-side (no bytes through this process), several at once. This is
+    /// how a partitioned merge's finalize gathers the shards its parts uploaded. Objects larger
+    /// than one copy request allows are refused before anything is copied.
+    pub fn copy_in(&mut self, objects: &[(PathBuf, String)]) -> Result<()> {
+        let mut pairs = Vec::with_capacity(objects.len());
+        for (from, rel) in objects {
+            let from = Location::parse(from)?;
+            if let Some(max_bytes) = max_copy_bytes(Path::new(&from.url)) {
+                let meta = block_on(from.store.head(&from.key))
+                    .map_err(|e| store_error(&from.url, "reading", &e))?;
+                if meta.size > max_bytes {
+                    return Err(Error::RemoteCopyTooLarge {
+                        url: from.url,
+                        n_bytes: meta.size,
+                        max_bytes,
+                    });
+                }
+                self.report.n_bytes += meta.size;
+            }
+            pairs.push((from, self.written_at(rel), rel.clone()));
+        }
+        block_on(
+            futures::stream::iter(pairs.iter().map(|(from, to, _)| async move {
+                to.store
+                    .copy(&from.key, &to.key)
+                    .await
+                    .map_err(|e| store_error(&to.url, "copying into place", &e))
+            }))
+            .buffer_unordered(COPIES_IN_FLIGHT)
+            .try_collect::<Vec<()>>(),
+        )?;
+        self.report
+            .uploaded
+            .extend(pairs.into_iter().map(|(_, _, rel)| rel));
+        Ok(())
+    }
+
     /// Makes the new output the one at the URL (steps 1-4 of the type's docs), once every
     /// file has been written; returns what was uploaded and deleted. Without an old output
     /// there is nothing to do: the caller wrote the commit file last.
@@ -247,16 +305,16 @@ impl Publication {
             }
         }
         // Refused before anything of the old output changes, rather than halfway through.
-        if self.location.url.starts_with("s3") {
+        if let Some(max_bytes) = max_copy_bytes(Path::new(&self.location.url)) {
             for rel in replace.iter().chain(&commit) {
                 let staged = self.written_at(rel);
                 let meta = block_on(staged.store.head(&staged.key))
                     .map_err(|e| store_error(&staged.url, "reading", &e))?;
-                if meta.size > MAX_COPY_BYTES {
+                if meta.size > max_bytes {
                     return Err(Error::RemoteCopyTooLarge {
                         url: self.location.child(rel).url,
                         n_bytes: meta.size,
-                        max_bytes: MAX_COPY_BYTES,
+                        max_bytes,
                     });
                 }
             }
