@@ -480,26 +480,7 @@ pub fn finalize(
             }
         }
     }
-    // Reading the whole output back is the finalize's main cost; files are checked in parallel
-    // (a parallel filesystem serves several readers faster than one), and the first bad file in
-    // part order is reported.
-    let verified: Vec<Result<()>> = to_verify
-        .par_iter()
-        .map(|(path, expected)| {
-            let (_, crc32) = checksum(path).map_err(|e| Error::PartCorrupt {
-                path: path.clone(),
-                reason: format!("cannot be read: {e}"),
-            })?;
-            if crc32 != *expected {
-                return Err(Error::PartCorrupt {
-                    path: path.clone(),
-                    reason: format!("has CRC-32 {crc32:08x} but its manifest says {expected:08x}"),
-                });
-            }
-            Ok(())
-        })
-        .collect();
-    verified.into_iter().collect::<Result<()>>()?;
+    verify_crcs(&to_verify, |path| checksum(path).map(|(_, crc32)| crc32))?;
 
     let kind = if plan.single_file {
         OutputKind::File
@@ -581,6 +562,33 @@ impl Sink for &mut ChecksumSink {
     fn finish(&mut self) -> Result<()> {
         Ok(())
     }
+}
+
+/// Checks each file of `files` against its manifest CRC-32, as `crc_of` computes it. Reading
+/// the whole output back is the finalize's main cost, so files are read in parallel (a parallel
+/// filesystem or an object store serves several readers faster than one); the first bad file
+/// in part order is reported.
+pub(crate) fn verify_crcs(
+    files: &[(PathBuf, u32)],
+    crc_of: impl Fn(&Path) -> Result<u32> + Sync,
+) -> Result<()> {
+    let verified: Vec<Result<()>> = files
+        .par_iter()
+        .map(|(path, expected)| {
+            let crc32 = crc_of(path).map_err(|e| Error::PartCorrupt {
+                path: path.clone(),
+                reason: format!("cannot be read: {e}"),
+            })?;
+            if crc32 != *expected {
+                return Err(Error::PartCorrupt {
+                    path: path.clone(),
+                    reason: format!("has CRC-32 {crc32:08x} but its manifest says {expected:08x}"),
+                });
+            }
+            Ok(())
+        })
+        .collect();
+    verified.into_iter().collect()
 }
 
 /// Every part manifest under `pdir`, by (part, parts). Hidden entries (a part's staging path)

@@ -23,10 +23,10 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use pma_format::remote::{self, Publication};
-use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 use crate::executor::{copy_sidecars, write_shard_files, ExecOptions};
+use crate::partition::verify_crcs;
 use crate::partition::{
     checked_manifest, parse_manifest, parse_part_dir_name, part_count, part_dir_name, parts_dir,
     shard_file_bytes, ChecksumSink, FinalizeReport, ManifestFile, PartCheck, PartManifest,
@@ -186,27 +186,11 @@ pub fn finalize_to_store(
             objects.push((url, f.name.clone()));
         }
     }
-    // Several objects are read back at once: a store serves parallel ranged reads faster than
-    // one stream. The first bad object in part order is reported.
-    let verified: Vec<Result<()>> = to_verify
-        .par_iter()
-        .map(|(url, expected)| {
-            let mut hasher = Crc32Writer(crc32fast::Hasher::new());
-            remote::download(url, None, &mut hasher).map_err(|e| Error::PartCorrupt {
-                path: url.clone(),
-                reason: format!("cannot be read: {e}"),
-            })?;
-            let crc32 = hasher.0.finalize();
-            if crc32 != *expected {
-                return Err(Error::PartCorrupt {
-                    path: url.clone(),
-                    reason: format!("has CRC-32 {crc32:08x} but its manifest says {expected:08x}"),
-                });
-            }
-            Ok(())
-        })
-        .collect();
-    verified.into_iter().collect::<Result<()>>()?;
+    verify_crcs(&to_verify, |url| {
+        let mut hasher = Crc32Writer(crc32fast::Hasher::new());
+        remote::download(url, None, &mut hasher)?;
+        Ok(hasher.0.finalize())
+    })?;
 
     let mut sidecars = Vec::new();
     if plan.single_file {
