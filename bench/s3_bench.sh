@@ -1,20 +1,24 @@
 #!/usr/bin/env bash
 # Merge throughput on object storage against `object_store` alone, measured in the same run.
 #
-#   bench/s3_bench.sh [WORK_DIR]      (env: REPS=3, N=4, PMA=binary, PMA_S3_ENDPOINT=http://...)
+#   bench/s3_bench.sh [WORK_DIR]      (env: REPS=3, N=4, K=4, PMA=binary, PMA_S3_ENDPOINT=http://...)
 #
 # Workload: N Llama-shaped bf16 checkpoints from tools/make_trajectory.py (67M params, ~134 MB
 # each) uploaded to a local moto_server (started here unless PMA_S3_ENDPOINT is set; it keeps
 # objects in memory), merged by SMA to bf16:
 # - pma S3->S3 against the floor "object_store reads every input byte (ranged GETs, 8 in flight)
 #   + writes an output-sized object (multipart)" (crates/pma-format/examples/s3_raw_io.rs);
-# - pma S3->local against the floor's read time alone.
+# - pma S3->local against the floor's read time alone;
+# - a partitioned S3->S3 merge, K parts one after another then --finalize (server-side copies
+#   into place, index last), against the single-process S3->S3 merge: the cost of partitioning
+#   to a store, whose gain needs several machines.
 # The floor runs alternate with pma runs. Prints each ratio's median, min and max over REPS.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=${1:-bench/out-s3}
 REPS=${REPS:-3}
 N=${N:-4}
+K=${K:-4}
 PY=${PMA_PYTHON:-python3}
 mkdir -p "$WORK"
 if [ -z "${PMA:-}" ]; then
@@ -74,7 +78,7 @@ plan=$($PMA merge --run "s3://$BUCKET/run" --method sma --dry-run --json --out "
 out_bytes=$(echo "$plan" | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["plan"]["bytes_written"])')
 echo "inputs: $N checkpoints, $in_bytes bytes; output $out_bytes bytes; REPS=$REPS"
 
-r_s3s3=() r_s3local=()
+r_s3s3=() r_s3local=() r_parts=()
 for rep in $(seq "$REPS"); do
   line=$($RAW "s3://$BUCKET/run" "s3://$BUCKET/raw-$rep/model.safetensors" "$out_bytes")
   read_s=$(echo "$line" | sed 's/.*read_secs=\([0-9.]*\).*/\1/')
@@ -85,10 +89,20 @@ for rep in $(seq "$REPS"); do
   $PMA merge --quiet --run "s3://$BUCKET/run" --method sma --out "$WORK/merged-local"
   c=$(now)
   rm -rf "$WORK/merged-local"
+  for part in $(seq 0 $((K - 1))); do
+    $PMA merge --quiet --run "s3://$BUCKET/run" --method sma --out "s3://$BUCKET/parts-$rep" \
+      --part "$part" --parts "$K"
+  done
+  d=$(now)
+  $PMA merge --quiet --run "s3://$BUCKET/run" --method sma --out "s3://$BUCKET/parts-$rep" --finalize
+  e=$(now)
   t_s3s3=$(calc "$b - $a"); t_s3local=$(calc "$c - $b")
+  t_parts=$(calc "$d - $c"); t_finalize=$(calc "$e - $d")
   r_s3s3+=("$(calc "$t_s3s3 / ($read_s + $write_s)")")
   r_s3local+=("$(calc "$t_s3local / $read_s")")
-  echo "rep $rep: object_store read ${read_s}s write ${write_s}s | pma S3->S3 ${t_s3s3}s S3->local ${t_s3local}s"
+  r_parts+=("$(calc "($t_parts + $t_finalize) / $t_s3s3")")
+  echo "rep $rep: object_store read ${read_s}s write ${write_s}s | pma S3->S3 ${t_s3s3}s S3->local ${t_s3local}s | $K parts ${t_parts}s + finalize ${t_finalize}s"
 done
 echo "S3->S3    pma / (object_store read + write): $(printf '%s\n' "${r_s3s3[@]}" | stats)"
 echo "S3->local pma / (object_store read):         $(printf '%s\n' "${r_s3local[@]}" | stats)"
+echo "S3->S3    $K parts + finalize / one process:  $(printf '%s\n' "${r_parts[@]}" | stats)"
