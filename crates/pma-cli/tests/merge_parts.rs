@@ -462,36 +462,255 @@ fn part_killed_mid_write_then_rerun_gives_identical_output() {
     let reference = d.path().join("single");
     single(&run, &reference, flags);
     let out = d.path().join("m");
-    // Kill part 1 at a few instants (from mid-pipeline to after the manifest), rerun it, then
-    // kill a rerun of the complete part: its earlier attempt must stay intact.
-    for delay_ms in [3u64, 10, 20, 30, 45, 120] {
-        let mut child = std_pma()
-            .args(merge_args(&run, &out, flags))
-            .args(["--quiet", "--part", "1", "--parts", "3"])
+    kill_rerun_and_finalize(&run, &out, flags, 1, 3);
+    assert_eq!(tree(&out), tree(&reference));
+}
+
+/// Kills part `part` of `k` at a few instants (from mid-pipeline to after the manifest), runs
+/// every part, checks the rerun cleaned up after its killed predecessors, kills a rerun of the
+/// complete part (its earlier attempt must stay intact), and finalizes.
+fn kill_rerun_and_finalize(run: &Path, out: &Path, flags: &[&str], part: usize, k: usize) {
+    let (part_arg, k_arg) = (part.to_string(), k.to_string());
+    let spawn_part = || {
+        std_pma()
+            .args(merge_args(run, out, flags))
+            .args(["--quiet", "--part", &part_arg, "--parts", &k_arg])
             .spawn()
-            .unwrap();
+            .unwrap()
+    };
+    for delay_ms in [3u64, 10, 20, 30, 45, 120] {
+        let mut child = spawn_part();
         std::thread::sleep(Duration::from_millis(delay_ms));
         let _ = child.kill(); // SIGKILL
         let _ = child.wait();
     }
-    run_parts(&run, &out, flags, 3, &[0, 1, 2]);
+    run_parts(run, out, flags, k, &(0..k).collect::<Vec<_>>());
     // The rerun removed the staging paths its killed predecessors (dead pids) left.
-    let leftovers: Vec<String> = std::fs::read_dir(parts_dir(&out))
+    let leftovers: Vec<String> = std::fs::read_dir(parts_dir(out))
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .filter(|n| n.starts_with('.'))
         .collect();
     assert!(leftovers.is_empty(), "left behind: {leftovers:?}");
-    let mut child = std_pma()
-        .args(merge_args(&run, &out, flags))
-        .args(["--quiet", "--part", "1", "--parts", "3"])
-        .spawn()
-        .unwrap();
+    let mut child = spawn_part();
     std::thread::sleep(Duration::from_millis(20));
     let _ = child.kill();
     let _ = child.wait();
+    finalize(run, out, flags).success();
+}
+
+/// The torch-written DCP fixture runs (FORMAT.md).
+fn dcp_run(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../pma-format/tests/fixtures/dcp")
+        .join(name)
+}
+
+/// The `.distcp` files of a DCP output.
+fn distcp_count(files: &[(String, Vec<u8>)]) -> usize {
+    files.iter().filter(|(n, _)| n.ends_with(".distcp")).count()
+}
+
+#[test]
+fn dcp_parts_then_finalize_equal_the_single_process_merge() {
+    let d = tempfile::tempdir().unwrap();
+    let cases: &[(&str, &[&str], &[usize])] = &[
+        // FSDP2 on 2 ranks: 2 files.
+        ("run-fsdp2", &["--method", "sma"], &[1, 2]),
+        // Re-sharded 2 → 4 ranks mid-run: the output has the newest member's 4 files.
+        (
+            "run-resharded",
+            &["--method", "ema", "--alpha", "0.2"],
+            &[2, 3, 4],
+        ),
+        // Optimizer, scheduler and dataloader items copied verbatim, by the part whose file
+        // holds them.
+        (
+            "run-fsdp2",
+            &["--method", "sma", "--keep-state", "newest"],
+            &[2],
+        ),
+        // Megatron: common.pt and metadata.json copied by the finalize.
+        ("run-megatron", &["--method", "sma"], &[3]),
+    ];
+    for (i, (name, flags, ks)) in cases.iter().enumerate() {
+        let run = dcp_run(name);
+        let reference = d.path().join(format!("single-{i}"));
+        single(&run, &reference, flags);
+        let want = tree(&reference);
+        assert!(want.iter().any(|(n, _)| n == ".metadata"), "{name}");
+        assert!(distcp_count(&want) >= 2, "{name}: {want:?}");
+        for &k in *ks {
+            let out = d.path().join(format!("parts-{i}-{k}"));
+            run_parts(&run, &out, flags, k, &(0..k).collect::<Vec<_>>());
+            assert!(!out.exists(), "parts never publish OUT");
+            let part0 = parts_dir(&out).join(format!("part-0-of-{k}"));
+            assert!(
+                !part0.join(".metadata").exists(),
+                "a part is never a checkpoint"
+            );
+            let mut flags = flags.to_vec();
+            if k == 2 {
+                flags.push("--verify-parts"); // the manifests' CRC-32s are the files'
+            }
+            finalize(&run, &out, &flags).success();
+            let got = tree(&out);
+            let names = |t: &[(String, Vec<u8>)]| -> Vec<String> {
+                t.iter().map(|(n, _)| n.clone()).collect()
+            };
+            assert_eq!(names(&got), names(&want), "{name} K={k}");
+            for ((n, a), (_, b)) in got.iter().zip(&want) {
+                assert!(
+                    a == b,
+                    "{name} K={k}: {n} differs from the single-process merge"
+                );
+            }
+            assert!(!parts_dir(&out).exists(), "{name} K={k}: parts dir removed");
+        }
+    }
+}
+
+#[test]
+fn dcp_parts_beyond_the_files_write_only_a_manifest() {
+    let d = tempfile::tempdir().unwrap();
+    // A single-process DCP checkpoint has one file; it is never re-sharded.
+    let run = dcp_run("run-single");
+    let flags: &[&str] = &["--method", "sma"];
+    let out = d.path().join("m");
+    let o = pma_clean()
+        .args(merge_args(&run, &out, flags))
+        .args(["--json", "--part", "2", "--parts", "3"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(report["part"]["files"], serde_json::json!([]));
+    assert_eq!(report["part"]["output_files"], 1);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("has none to write"));
+    let part2: Vec<String> = std::fs::read_dir(parts_dir(&out).join("part-2-of-3"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(part2, ["manifest.json"]);
+    // The finalize still needs every part, the empty ones included.
+    run_parts(&run, &out, flags, 3, &[0]);
+    finalize(&run, &out, flags)
+        .code(1)
+        .stderr(predicate::str::contains("part 1 of 3 is missing"));
+    run_parts(&run, &out, flags, 3, &[1]);
     finalize(&run, &out, flags).success();
+    let reference = d.path().join("single");
+    single(&run, &reference, flags);
     assert_eq!(tree(&out), tree(&reference));
+}
+
+#[test]
+fn dcp_missing_and_stale_parts_are_refused_and_publish_nothing() {
+    let d = tempfile::tempdir().unwrap();
+    let run = dcp_run("run-resharded");
+    let flags: &[&str] = &["--method", "sma"];
+    let out = d.path().join("m");
+    run_parts(&run, &out, flags, 3, &[0, 2]);
+    finalize(&run, &out, flags)
+        .code(1)
+        .stderr(predicate::str::contains("part 1 of 3 is missing"));
+    assert!(!out.exists());
+    // Part 1 from other weights: the same files, other bytes.
+    run_parts(&run, &out, &["--method", "ema", "--alpha", "0.2"], 3, &[1]);
+    finalize(&run, &out, flags)
+        .code(1)
+        .stderr(predicate::str::contains(
+            "part 1 of 3 was made from a different plan",
+        ))
+        .stderr(predicate::str::contains("part-1-of-3/manifest.json"));
+    assert!(!out.exists());
+    // Part 1 keeping state: same weights, another DCP layout (verbatim items added).
+    let keep: &[&str] = &["--method", "sma", "--keep-state", "newest"];
+    run_parts(&run, &out, keep, 3, &[1]);
+    finalize(&run, &out, flags)
+        .code(1)
+        .stderr(predicate::str::contains(
+            "part 1 of 3 was made from a different plan",
+        ));
+    assert!(!out.exists());
+    // A changed .distcp file is refused like a changed shard.
+    run_parts(&run, &out, flags, 3, &[1]);
+    let part1 = parts_dir(&out).join("part-1-of-3");
+    let file = std::fs::read_dir(&part1)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "distcp"))
+        .unwrap();
+    let good = std::fs::read(&file).unwrap();
+    std::fs::write(&file, &good[..good.len() - 1]).unwrap();
+    finalize(&run, &out, flags)
+        .code(1)
+        .stderr(predicate::str::contains("bytes but its manifest says"));
+    assert!(!out.exists());
+    run_parts(&run, &out, flags, 3, &[1]);
+    finalize(&run, &out, flags).success();
+    let reference = d.path().join("single");
+    single(&run, &reference, flags);
+    assert_eq!(tree(&out), tree(&reference));
+}
+
+#[test]
+fn dcp_part_killed_mid_write_then_rerun_gives_identical_output() {
+    let d = tempfile::tempdir().unwrap();
+    let run = d.path().join("run");
+    big_run(&run, 1 << 21);
+    // HF inputs into DCP: one chunk per tensor in one file, written by part 0.
+    let flags: &[&str] = &["--method", "ema", "--threads", "2", "--format", "dcp"];
+    let reference = d.path().join("single");
+    single(&run, &reference, flags);
+    let out = d.path().join("m");
+    kill_rerun_and_finalize(&run, &out, flags, 0, 2);
+    assert_eq!(tree(&out), tree(&reference));
+}
+
+/// The DCP directories of a run's checkpoints, oldest first.
+fn dcp_members(run: &Path) -> Vec<PathBuf> {
+    pma_merge::CheckpointSeries::discover(run)
+        .unwrap()
+        .entries
+        .iter()
+        .map(|e| pma_format::find_dcp_dir(&e.path).unwrap_or_else(|| e.path.clone()))
+        .collect()
+}
+
+#[test]
+fn dcp_finalized_output_loads_in_torch() {
+    let Some(py) = common::torch_python("dcp_finalized_output_loads_in_torch") else {
+        return;
+    };
+    let d = tempfile::tempdir().unwrap();
+    let tool = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tools/dcp_reference.py");
+    for (name, ranks) in [("run-fsdp2", "2"), ("run-resharded", "4")] {
+        let run = dcp_run(name);
+        let flags: &[&str] = &["--method", "sma"];
+        let out = d.path().join(name);
+        run_parts(&run, &out, flags, 2, &[0, 1]);
+        finalize(&run, &out, flags).success();
+        // torch's stock dcp.load (and a DTensor load on the newest member's ranks) must give
+        // the reference SMA of the members bit for bit.
+        let o = StdCommand::new(&py)
+            .arg(&tool)
+            .args(["verify", "sma"])
+            .arg(&out)
+            .args(dcp_members(&run))
+            .args(["--ranks", ranks])
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert!(
+            o.status.success() && text.contains("OK:"),
+            "{name}:\n{text}"
+        );
+    }
 }
 
 /// Whether a Slurm cluster can take jobs: `sbatch` on PATH and SLURM_CONF set.

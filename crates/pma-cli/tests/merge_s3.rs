@@ -1013,6 +1013,27 @@ fn dcp_runs_on_s3_merge_bit_identical_to_local() {
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     assert!(!out.exists());
     assert_no_secret(&o);
+    // A DCP output partitioned to a store is refused clearly, before anything is written.
+    let o = s3
+        .pma()
+        .args([
+            "merge",
+            "--quiet",
+            "--method",
+            "sma",
+            "--run",
+            &s3.url("run-single"),
+        ])
+        .args(["--part", "0", "--parts", "2", "--out", &s3.url("dcp-parts")])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("partition a DCP output on a shared filesystem"),
+        "{err}"
+    );
+    assert!(s3.keys("dcp-parts").is_empty() && s3.keys(".dcp-parts.pma-parts").is_empty());
 }
 
 /// A free TCP port on 127.0.0.1.

@@ -445,6 +445,24 @@ pub enum Error {
         /// What the caller did.
         found: String,
     },
+    /// A DCP writer was asked to write a data file its layout does not have.
+    #[error("{}: the DCP layout has no data file '{file}'", path.display())]
+    DcpFileNotPlanned {
+        /// The output directory.
+        path: PathBuf,
+        /// The file asked for.
+        file: String,
+    },
+    /// A data file gathered for `.metadata` does not have the length the layout plans for it.
+    #[error("{}: DCP data file is {found} bytes, but the layout plans {expected}", path.display())]
+    DcpFileLength {
+        /// The data file.
+        path: PathBuf,
+        /// Planned length.
+        expected: u64,
+        /// Length found.
+        found: u64,
+    },
     /// A DCP output chunk got more or fewer bytes than its region holds.
     #[error("{}: tensor '{fqn}': chunk at {offsets:?} holds {expected} bytes, got {found}", path.display())]
     DcpChunkLength {

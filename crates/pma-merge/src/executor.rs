@@ -311,6 +311,32 @@ fn run_merge<S: Sink>(
     result
 }
 
+/// Merges the tensors of the DCP data files `files` (some or all of `layout`'s, the plan's
+/// [`crate::dcp_output::dcp_layout`]) into `dir`, each byte for byte as [`execute`] writes it,
+/// with no `.metadata`: a part of a partitioned merge ([`crate::partition`]) runs this over its
+/// own files. Chunks of other files are neither read nor computed.
+pub(crate) fn write_dcp_files(
+    plan: &MergePlan,
+    layout: pma_format::dcp_out::DcpLayout,
+    dir: &Path,
+    files: &[String],
+    opts: &ExecOptions<'_>,
+    progress: &dyn Progress,
+) -> Result<(PipelineReport, pma_format::dcp_out::DcpWriteSummary)> {
+    let kernel = MergeKernel::new(plan)?;
+    let mut writer = pma_format::dcp_out::DcpWriter::create(dir, layout)?;
+    writer.set_direct_io(opts.direct_io);
+    writer.write_only_files(files)?;
+    let order = DcpSink::job_order(&writer);
+    let mut sink = DcpSink::new(writer, 0);
+    let report = run_merge(plan, &order, &kernel, &mut sink, opts, progress)?;
+    let summary = sink
+        .summary()
+        .cloned()
+        .expect("the pipeline finishes its sink when it succeeds");
+    Ok((report, summary))
+}
+
 /// [`execute`] into a DCP directory: the plan's tensors with the newest member's chunk layout,
 /// plus the kept entries and files of [`crate::dcp_output`].
 fn execute_dcp(

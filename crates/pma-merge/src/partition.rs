@@ -4,25 +4,36 @@
 //!
 //! Every part builds the same [`MergePlan`] from headers alone and calls [`Partition::new`],
 //! which is a pure function of that plan and K:
-//! - when the plan has fewer output shards than parts, its shards are cut again at
-//!   `min(max_shard_bytes, ceil(tensor bytes / K))`, so every part has work (the output then
-//!   equals a single-process merge with that `--max-shard-size`, which reports carry);
-//! - shards go to parts greedily by bytes, largest first, each to the part with the fewest bytes
-//!   so far (ties: lower shard index, lower part index), so the assignment is deterministic;
+//! - an HF output is split by its safetensors shards; when the plan has fewer output shards
+//!   than parts, its shards are cut again at `min(max_shard_bytes, ceil(tensor bytes / K))`, so
+//!   every part has work (the output then equals a single-process merge with that
+//!   `--max-shard-size`, which reports carry);
+//! - a DCP output is split by its `.distcp` files, whose exact sizes the DCP writer plans from
+//!   the layout ([`pma_format::dcp_out::DcpLayout::planned_files`]). It is never cut: the
+//!   layout is the newest member's, which the trainer reloads with. With fewer files than parts
+//!   (a single-rank checkpoint has one), the parts beyond them get no files and write only
+//!   their manifest, so a job array sized for the largest run still works and the finalize
+//!   still sees every part;
+//! - files go to parts greedily by bytes, largest first, each to the part with the fewest bytes
+//!   so far (ties: lower file index, lower part index), so the assignment is deterministic;
 //! - the plan hash (SHA-256 of inputs, their file sizes and mtimes, weights, flags, every
-//!   tensor's layout, the shard layout and K) tells parts made from different plans apart.
+//!   tensor's layout, the shard layout, for DCP every chunk's box and file and every kept item,
+//!   and K) tells parts made from different plans apart.
 //!
-//! Part I writes its shards into `.OUT.pma-parts/part-I-of-K/` beside OUT, with a
+//! Part I writes its files into `.OUT.pma-parts/part-I-of-K/` beside OUT, with a
 //! `manifest.json` (plan hash; per file its name, size, CRC-32 computed from the bytes on their
-//! way to the writer, inode and mtime once durable). The part directory is staged and
+//! way to the writer, inode and mtime once durable). A DCP part's files are byte for byte those
+//! of the single-process merge (a `--keep-state newest` item is copied by the part whose file
+//! holds it), and it writes no `.metadata`. The part directory is staged and
 //! published as a whole through [`StagedOutput`] with [`Publish::Replace`], so a retried part
 //! replaces its previous attempt atomically and a killed one leaves only a staging path (removed
 //! by the next attempt on the same host, and by the finalize).
 //!
 //! [`finalize`] reads K from the manifests, checks each against its own plan hash and every file
-//! against its manifest entry ([`PartCheck`]), then links the shards into a staged output, writes the shard
-//! index and sidecars, and publishes OUT atomically; the parts directory is removed last. The
-//! shard files' bytes depend only on the plan, so the result is bit-identical to
+//! against its manifest entry ([`PartCheck`]), then links the files into a staged output, writes
+//! the shard index and sidecars (DCP: `.metadata`, a function of the layout alone, and the
+//! newest member's state files), and publishes OUT atomically; the parts directory is removed
+//! last. The output files' bytes depend only on the plan, so the result is bit-identical to
 //! [`crate::execute`] of the same plan.
 //!
 //! What "corrupted" means decides the finalize's cost. A part killed mid-write has no manifest
@@ -41,6 +52,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use pma_format::atomic::{create_dir_all_synced, OutputKind, Publish};
+use pma_format::dcp_out::{DcpLayout, DcpWriter};
 use pma_format::dtype::dtype_name;
 use pma_format::{StagedOutput, TensorSpec};
 use rayon::prelude::*;
@@ -48,7 +60,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
-use crate::executor::{copy_sidecars, write_shard_files, ExecOptions};
+use crate::executor::{copy_sidecars, write_dcp_files, write_shard_files, ExecOptions};
 use crate::pipeline::{Job, ShardFile, Sink};
 use crate::plan::{layout_shards, MergePlan, PlanSummary};
 use crate::progress::Progress;
@@ -85,12 +97,17 @@ pub(crate) fn parse_part_dir_name(name: &str) -> Option<(usize, usize)> {
     Some((i.parse().ok()?, k.parse().ok()?))
 }
 
-/// Which output shards each part writes, and the hash every part and the finalize agree on.
+/// Which output files each part writes, and the hash every part and the finalize agree on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Partition {
     /// Number of parts, K.
     pub parts: usize,
-    /// `shards_of[i]`: indices into [`MergePlan::shards`] written by part `i`, ascending.
+    /// Every output file the parts write, with its exact size: for an HF output the plan's
+    /// shards (`files[i]` is [`MergePlan::shards`]`[i]`), for a DCP output its `.distcp` files
+    /// in the DCP writer's order.
+    pub files: Vec<(String, u64)>,
+    /// `shards_of[i]`: indices into [`Partition::files`] (for HF, into [`MergePlan::shards`])
+    /// written by part `i`, ascending.
     pub shards_of: Vec<Vec<usize>>,
     /// Bytes (headers included) each part writes.
     pub part_bytes: Vec<u64>,
@@ -98,11 +115,15 @@ pub struct Partition {
     pub plan_hash: String,
     /// Whether the plan's shards were cut again (smaller) so that every part has work.
     pub resharded: bool,
+    /// The layout of a DCP output (the newest member's chunks and files); `None` for HF.
+    pub dcp: Option<DcpLayout>,
 }
 
 impl Partition {
     /// Partitions `plan` into `parts`, cutting its shards smaller first when it has fewer shards
-    /// than parts (see the module docs). A single-file output is one file: it has one part.
+    /// than parts (see the module docs). A single-file output is one file: it has one part. A
+    /// DCP output is partitioned by its `.distcp` files and never cut: parts beyond its file
+    /// count get no files.
     pub fn new(plan: &mut MergePlan, parts: usize) -> Result<Partition> {
         if parts == 0 {
             return Err(Error::InvalidPartCount {
@@ -110,37 +131,38 @@ impl Partition {
                 reason: "there must be at least one part",
             });
         }
-        if plan.output_format() == crate::plan::OutputFormat::Dcp {
-            return Err(Error::InvalidPartCount {
-                parts,
-                reason: "a DCP output cannot be partitioned yet; partition an HF output \
-                         (--format hf)",
-            });
-        }
-        if plan.single_file && parts > 1 {
-            return Err(Error::InvalidPartCount {
-                parts,
-                reason: "a single-file output (OUT ending in .safetensors) is one file and cannot \
-                         be split; write an HF directory instead",
-            });
-        }
         let mut resharded = false;
-        if plan.shards.len() < parts {
-            let total: u64 = plan.tensors.iter().map(|t| t.spec.n_bytes()).sum();
-            let per_part = total.div_ceil(parts as u64).max(1);
-            let max = plan.config.max_shard_bytes.min(per_part);
-            if max < plan.config.max_shard_bytes {
-                plan.config.max_shard_bytes = max;
-                plan.shards = layout_shards(&plan.tensors, plan.single_file, max);
-                resharded = true;
+        let mut dcp = None;
+        let files = if plan.output_format() == crate::plan::OutputFormat::Dcp {
+            let layout = crate::dcp_output::dcp_layout(plan)?;
+            let files = layout.planned_files()?;
+            dcp = Some(layout);
+            files
+        } else {
+            if plan.single_file && parts > 1 {
+                return Err(Error::InvalidPartCount {
+                    parts,
+                    reason: "a single-file output (OUT ending in .safetensors) is one file and \
+                             cannot be split; write an HF directory instead",
+                });
             }
-        }
-        let shard_bytes: Vec<u64> = (0..plan.shards.len())
-            .map(|i| shard_file_bytes(plan, i))
-            .collect();
-        let mut order: Vec<usize> = (0..shard_bytes.len()).collect();
-        // Largest first; equal sizes in shard order (sort_by_key is stable).
-        order.sort_by_key(|&i| std::cmp::Reverse(shard_bytes[i]));
+            if plan.shards.len() < parts {
+                let total: u64 = plan.tensors.iter().map(|t| t.spec.n_bytes()).sum();
+                let per_part = total.div_ceil(parts as u64).max(1);
+                let max = plan.config.max_shard_bytes.min(per_part);
+                if max < plan.config.max_shard_bytes {
+                    plan.config.max_shard_bytes = max;
+                    plan.shards = layout_shards(&plan.tensors, plan.single_file, max);
+                    resharded = true;
+                }
+            }
+            (0..plan.shards.len())
+                .map(|i| (plan.shards[i].0.clone(), shard_file_bytes(plan, i)))
+                .collect()
+        };
+        let mut order: Vec<usize> = (0..files.len()).collect();
+        // Largest first; equal sizes in file order (sort_by_key is stable).
+        order.sort_by_key(|&i| std::cmp::Reverse(files[i].1));
         let mut shards_of = vec![Vec::new(); parts];
         let mut part_bytes = vec![0u64; parts];
         for i in order {
@@ -148,23 +170,55 @@ impl Partition {
                 .min_by_key(|&p| (part_bytes[p], p))
                 .expect("parts > 0");
             shards_of[lightest].push(i);
-            part_bytes[lightest] += shard_bytes[i];
+            part_bytes[lightest] += files[i].1;
         }
         for s in &mut shards_of {
             s.sort_unstable();
         }
         Ok(Partition {
             parts,
+            plan_hash: plan_hash(plan, parts, dcp.as_ref().map(|l| (l, files.as_slice())))?,
+            files,
             shards_of,
             part_bytes,
-            plan_hash: plan_hash(plan, parts)?,
             resharded,
+            dcp,
         })
+    }
+
+    /// Names of the files part `part` writes, in [`Partition::files`] order.
+    pub(crate) fn names_of(&self, part: usize) -> Vec<&str> {
+        self.shards_of[part]
+            .iter()
+            .map(|&i| self.files[i].0.as_str())
+            .collect()
     }
 }
 
+/// The HF shards part `part` writes, each at `dir/NAME`.
+pub(crate) fn shard_files_of(
+    plan: &MergePlan,
+    partition: &Partition,
+    part: usize,
+    dir: &Path,
+) -> Vec<ShardFile> {
+    partition.shards_of[part]
+        .iter()
+        .map(|&i| {
+            let (name, range) = &plan.shards[i];
+            ShardFile {
+                path: dir.join(name),
+                tensors: range
+                    .clone()
+                    .map(|t| (t, plan.tensors[t].spec.clone()))
+                    .collect(),
+            }
+        })
+        .collect()
+}
+
 /// Bytes of output shard `i`, header included.
-pub(crate) fn shard_file_bytes(plan: &MergePlan, i: usize) -> u64 {
+fn shard_file_bytes(plan: &MergePlan, i: usize) -> u64 {
     let specs = plan.shard_specs(i);
     pma_format::encode_header(&specs, &plan.metadata).len() as u64
         + specs.iter().map(TensorSpec::n_bytes).sum::<u64>()
@@ -173,8 +227,14 @@ pub(crate) fn shard_file_bytes(plan: &MergePlan, i: usize) -> u64 {
 /// SHA-256 over everything the output bytes and their layout depend on: the provenance metadata
 /// (method, weights, dtype, input paths and steps, key selection), the weights' exact bits,
 /// the flags, each input file's size and mtime, every output tensor's name, shape, dtype, mode
-/// and source dtypes, the shard layout, and K.
-fn plan_hash(plan: &MergePlan, parts: usize) -> Result<String> {
+/// and source dtypes, the shard layout, and K. For a DCP output (`dcp`: its layout and planned
+/// files) also the output format, every chunk's box and file, every kept (verbatim) item with
+/// its source file's size and mtime, and every data file's planned size.
+fn plan_hash(
+    plan: &MergePlan,
+    parts: usize,
+    dcp: Option<(&DcpLayout, &[(String, u64)])>,
+) -> Result<String> {
     let mut inputs = Vec::with_capacity(plan.inputs.len());
     for input in &plan.inputs {
         let store = input.store();
@@ -183,15 +243,51 @@ fn plan_hash(plan: &MergePlan, parts: usize) -> Result<String> {
             .iter()
             .map(|t| store.file_of_tensor(&t.spec.name))
             .collect();
-        let mut stamps = Vec::with_capacity(files.len());
-        for f in files {
-            stamps.push(input_stamp(&f)?);
-        }
         inputs.push(serde_json::json!({
             "root": store.root().display().to_string(),
-            "files": stamps,
+            "files": files.iter().map(|f| file_record(f)).collect::<Result<Vec<_>>>()?,
         }));
     }
+    let dcp = match dcp {
+        None => serde_json::Value::Null,
+        Some((layout, files)) => {
+            let chunks: Vec<serde_json::Value> = layout
+                .tensors
+                .iter()
+                .map(|t| {
+                    let boxes: Vec<serde_json::Value> = t
+                        .chunks
+                        .iter()
+                        .map(|c| serde_json::json!([c.region.offsets, c.region.sizes, c.file]))
+                        .collect();
+                    serde_json::json!([t.fqn, boxes])
+                })
+                .collect();
+            let mut verbatim = Vec::with_capacity(layout.verbatim.len());
+            for v in &layout.verbatim {
+                verbatim.push(serde_json::json!([
+                    v.fqn,
+                    format!("{:?}", v.kind),
+                    file_record(&v.source)?,
+                    v.offset,
+                    v.length,
+                    v.file,
+                ]));
+            }
+            let mut planner_paths: Vec<(&String, String)> = layout
+                .planner_paths
+                .iter()
+                .map(|(k, p)| (k, format!("{p:?}")))
+                .collect();
+            planner_paths.sort();
+            serde_json::json!({
+                "chunks": chunks,
+                "verbatim": verbatim,
+                "planner_paths": planner_paths,
+                "files": files,
+            })
+        }
+    };
     let tensors: Vec<serde_json::Value> = plan
         .tensors
         .iter()
@@ -220,15 +316,17 @@ fn plan_hash(plan: &MergePlan, parts: usize) -> Result<String> {
         "inputs": inputs,
         "tensors": tensors,
         "shards": plan.shards.iter().map(|(n, r)| serde_json::json!([n, r.start, r.end])).collect::<Vec<_>>(),
+        "dcp": dcp,
     });
     let mut hasher = Sha256::new();
     hasher.update(record.to_string().as_bytes());
     Ok(hex(&hasher.finalize()))
 }
 
-/// What tells a changed input file apart in the plan hash: its size and mtime, or for an object
-/// on a store (no mtime a writer controls) its size and entity tag, by one HEAD.
-fn input_stamp(path: &Path) -> Result<serde_json::Value> {
+/// An input file's path and what tells a changed one apart, for the plan hash: its size and
+/// mtime, or for an object on a store (no mtime a writer controls) its size and entity tag, by
+/// one HEAD.
+fn file_record(path: &Path) -> Result<serde_json::Value> {
     if pma_format::is_url(path) {
         let info = pma_format::remote::head(path)?;
         return Ok(serde_json::json!([
@@ -320,6 +418,9 @@ pub struct PartReport {
     pub max_shard_bytes: u64,
     /// Whether the shards were cut smaller so every part has work.
     pub resharded: bool,
+    /// Output files of the whole merge, all parts together (fewer than the parts for a DCP
+    /// output with fewer `.distcp` files: the parts beyond them write none).
+    pub output_files: usize,
     /// Tensor bytes read.
     pub bytes_read: u64,
     /// Wall time, in seconds.
@@ -337,14 +438,16 @@ pub struct FinalizeReport {
     pub parts: usize,
     /// Where the output now is.
     pub output: PathBuf,
-    /// Sidecar files copied from the newest checkpoint.
+    /// Sidecar files copied from the newest checkpoint (for a DCP output, its kept state
+    /// files).
     pub sidecars: Vec<String>,
     /// Wall time of the finalize, in seconds.
     pub elapsed_secs: f64,
 }
 
-/// Runs part `part` of `parts` of `plan` for output `out`: writes its shard files and manifest
-/// into its directory under [`parts_dir`]`(out)`, replacing a previous attempt atomically.
+/// Runs part `part` of `parts` of `plan` for output `out`: writes its output files (HF shards or
+/// DCP `.distcp` files) and manifest into its directory under [`parts_dir`]`(out)`, replacing a
+/// previous attempt atomically.
 pub fn execute_part(
     plan: &mut MergePlan,
     part: usize,
@@ -371,30 +474,42 @@ pub fn execute_part(
         OutputKind::Dir,
         Publish::Replace,
     )?;
-    let files: Vec<ShardFile> = partition.shards_of[part]
-        .iter()
-        .map(|&i| {
-            let (name, range) = &plan.shards[i];
-            ShardFile {
-                path: staged.path().join(name),
-                tensors: range
-                    .clone()
-                    .map(|t| (t, plan.tensors[t].spec.clone()))
-                    .collect(),
-            }
-        })
-        .collect();
-    let paths: Vec<PathBuf> = files.iter().map(|f| f.path.clone()).collect();
-    let mut crcs = ChecksumSink::new(plan, &files);
-    let report = write_shard_files(plan, files, false, &mut crcs, opts, progress)?;
-    let mut manifest_files = Vec::with_capacity(paths.len());
-    for (path, hasher) in paths.iter().zip(crcs.hashers) {
-        // write_shard_files fsync'd the files: this stamp is the durable one.
+    // Each file with the CRC-32 of the bytes that went into it, computed on their way to the
+    // writer: a part never reads its output back (written with `O_DIRECT`, it is not cached).
+    let (written, report): (Vec<(PathBuf, u32)>, _) = match &partition.dcp {
+        Some(layout) => {
+            let names: Vec<String> = partition
+                .names_of(part)
+                .into_iter()
+                .map(String::from)
+                .collect();
+            let (report, summary) =
+                write_dcp_files(plan, layout.clone(), staged.path(), &names, opts, progress)?;
+            let written = summary
+                .files
+                .iter()
+                .zip(summary.checksums)
+                .map(|((name, _), crc)| (staged.path().join(name), crc))
+                .collect();
+            (written, report)
+        }
+        None => {
+            let files = shard_files_of(plan, &partition, part, staged.path());
+            let paths: Vec<PathBuf> = files.iter().map(|f| f.path.clone()).collect();
+            let mut crcs = ChecksumSink::new(plan, &files);
+            let report = write_shard_files(plan, files, false, &mut crcs, opts, progress)?;
+            let crcs = crcs.hashers.into_iter().map(crc32fast::Hasher::finalize);
+            (paths.into_iter().zip(crcs).collect(), report)
+        }
+    };
+    let mut manifest_files = Vec::with_capacity(written.len());
+    for (path, crc32) in &written {
+        // The writers fsync'd the files: this stamp is the durable one.
         let stamp = file_stamp(path)?;
         manifest_files.push(ManifestFile {
             name: file_name(path),
             n_bytes: stamp.n_bytes,
-            crc32: hasher.finalize(),
+            crc32: *crc32,
             inode: stamp.ino,
             mtime_ns: mtime_ns(&stamp),
             e_tag: None,
@@ -418,6 +533,7 @@ pub fn execute_part(
         plan_hash: partition.plan_hash,
         max_shard_bytes: plan.config.max_shard_bytes,
         resharded: partition.resharded,
+        output_files: partition.files.len(),
         bytes_read: report.read_bytes,
         elapsed_secs: started.elapsed().as_secs_f64(),
         warnings: report.warnings,
@@ -446,7 +562,7 @@ pub fn finalize(
     let mut to_verify: Vec<(PathBuf, u32)> = Vec::new();
     for part in 0..parts {
         let dir = pdir.join(part_dir_name(part, parts));
-        let manifest = checked_manifest(&manifests, plan, &partition, &pdir, part)?;
+        let manifest = checked_manifest(&manifests, &partition, &pdir, part)?;
         for f in &manifest.files {
             let path = dir.join(&f.name);
             let stamp = file_stamp(&path).map_err(|e| Error::PartCorrupt {
@@ -482,17 +598,16 @@ pub fn finalize(
     }
     verify_crcs(&to_verify, |path| checksum(path).map(|(_, crc32)| crc32))?;
 
-    let kind = if plan.single_file {
+    let kind = if plan.single_file && partition.dcp.is_none() {
         OutputKind::File
     } else {
         OutputKind::Dir
     };
     let staged = StagedOutput::create(out, kind, publish)?;
-    for (part, shards) in partition.shards_of.iter().enumerate() {
+    for part in 0..parts {
         let dir = pdir.join(part_dir_name(part, parts));
-        for &i in shards {
-            let name = &plan.shards[i].0;
-            let dst = if plan.single_file {
+        for name in partition.names_of(part) {
+            let dst = if kind == OutputKind::File {
                 staged.path().to_path_buf()
             } else {
                 staged.path().join(name)
@@ -502,7 +617,19 @@ pub fn finalize(
         }
     }
     let mut sidecars = Vec::new();
-    if !plan.single_file {
+    let mut summary = plan.summary(opts.threads.max(1));
+    if let Some(layout) = &partition.dcp {
+        // `.metadata` is a function of the layout alone: the single-process merge's.
+        let writer = DcpWriter::create(staged.path(), layout.clone())?;
+        let metadata_bytes = writer.write_metadata_only()?;
+        let state_files = crate::dcp_output::state_files(plan)?;
+        sidecars = crate::dcp_output::copy_state_files(&state_files, staged.path())?;
+        let mut n_bytes = metadata_bytes + partition.files.iter().map(|(_, n)| n).sum::<u64>();
+        for name in &sidecars {
+            n_bytes += file_stamp(&staged.path().join(name))?.n_bytes;
+        }
+        summary.bytes_written = n_bytes;
+    } else if !plan.single_file {
         if plan.shards.len() > 1 {
             pma_format::write_index(staged.path(), &plan.index_listing())?;
         }
@@ -514,7 +641,7 @@ pub fn finalize(
     // hidden directory behind, not a wrong output.
     let _ = std::fs::remove_dir_all(&pdir);
     Ok(FinalizeReport {
-        plan: plan.summary(opts.threads.max(1)),
+        plan: summary,
         parts,
         output: out.to_path_buf(),
         sidecars,
@@ -664,7 +791,6 @@ pub(crate) fn part_count(
 /// by the caller, which knows where they are.
 pub(crate) fn checked_manifest<'a>(
     manifests: &'a BTreeMap<(usize, usize), PartManifest>,
-    plan: &MergePlan,
     partition: &Partition,
     pdir: &Path,
     part: usize,
@@ -683,10 +809,7 @@ pub(crate) fn checked_manifest<'a>(
     if manifest.plan_hash != partition.plan_hash {
         return Err(Error::PartStale { path, part, parts });
     }
-    let expected: Vec<&str> = partition.shards_of[part]
-        .iter()
-        .map(|&i| plan.shards[i].0.as_str())
-        .collect();
+    let expected = partition.names_of(part);
     let found: Vec<&str> = manifest.files.iter().map(|f| f.name.as_str()).collect();
     if expected != found {
         return Err(Error::PartCorrupt {
@@ -852,6 +975,60 @@ mod tests {
             Partition::new(&mut b, 1).unwrap().plan_hash,
             Partition::new(&mut c, 1).unwrap().plan_hash,
             "another output dtype"
+        );
+    }
+
+    /// The SMA plan of DCP fixture `run` (a DCP output by default).
+    fn dcp_plan(run: &str, keep_state: bool) -> MergePlan {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../pma-format/tests/fixtures/dcp")
+            .join(run);
+        let series = crate::CheckpointSeries::discover(&dir).unwrap();
+        let (inputs, _) = crate::Selection::default()
+            .select(&series, true)
+            .unwrap()
+            .into_inputs();
+        let config = MergeConfig {
+            keys: crate::KeySelectionConfig {
+                keep_state_newest: keep_state,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        MergePlan::build(inputs, WeightSpec::Sma.weights(4).unwrap(), config).unwrap()
+    }
+
+    #[test]
+    fn dcp_outputs_split_by_distcp_file_and_are_never_cut() {
+        let mut p = dcp_plan("run-resharded", false);
+        let part = Partition::new(&mut p, 2).unwrap();
+        let names: Vec<&str> = part.files.iter().map(|(n, _)| n.as_str()).collect();
+        let mut sorted = names.clone();
+        sorted.sort_unstable();
+        assert_eq!(
+            sorted,
+            [
+                "__0_0.distcp",
+                "__1_0.distcp",
+                "__2_0.distcp",
+                "__3_0.distcp"
+            ]
+        );
+        assert_eq!(part.shards_of.iter().map(Vec::len).sum::<usize>(), 4);
+        assert!(part.shards_of.iter().all(|s| s.len() == 2));
+        assert!(!part.resharded);
+        let layout = part.dcp.as_ref().unwrap();
+        assert_eq!(layout.planned_files().unwrap(), part.files);
+        assert_eq!(Partition::new(&mut p, 2).unwrap(), part, "deterministic");
+        // More parts than files: the extra ones are empty, the files stay whole.
+        let six = Partition::new(&mut p, 6).unwrap();
+        assert_eq!(six.files, part.files);
+        assert_eq!(six.shards_of.iter().filter(|s| s.is_empty()).count(), 2);
+        // Kept state changes the layout (verbatim items), and so the hash.
+        let mut kept = dcp_plan("run-resharded", true);
+        assert_ne!(
+            Partition::new(&mut kept, 2).unwrap().plan_hash,
+            part.plan_hash
         );
     }
 

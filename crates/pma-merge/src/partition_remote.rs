@@ -26,14 +26,12 @@ use pma_format::remote::{self, Publication};
 
 use crate::error::{Error, Result};
 use crate::executor::{copy_sidecars, write_shard_files, ExecOptions};
-use crate::partition::verify_crcs;
 use crate::partition::{
     checked_manifest, parse_manifest, parse_part_dir_name, part_count, part_dir_name, parts_dir,
-    shard_file_bytes, ChecksumSink, FinalizeReport, ManifestFile, PartCheck, PartManifest,
-    PartReport, Partition, MANIFEST_FILE_NAME, MANIFEST_SCHEMA,
+    shard_files_of, verify_crcs, ChecksumSink, FinalizeReport, ManifestFile, PartCheck,
+    PartManifest, PartReport, Partition, MANIFEST_FILE_NAME, MANIFEST_SCHEMA,
 };
-use crate::pipeline::ShardFile;
-use crate::plan::MergePlan;
+use crate::plan::{MergePlan, OutputFormat};
 use crate::progress::Progress;
 
 /// The largest manifest read back (a part of a 100B model lists a few hundred files).
@@ -50,7 +48,7 @@ pub fn execute_part_to_store(
     progress: &dyn Progress,
 ) -> Result<PartReport> {
     let started = std::time::Instant::now();
-    let pdir = checked_parts_dir(out)?;
+    let pdir = checked_parts_dir(out, plan)?;
     crate::placement::check_plan_output(plan, out)?;
     crate::placement::check_plan_output(plan, &pdir)?;
     if part >= parts {
@@ -62,11 +60,11 @@ pub fn execute_part_to_store(
     let dir = pdir.join(part_dir_name(part, parts));
     if let Some(max_bytes) = remote::max_copy_bytes(out) {
         for &i in &partition.shards_of[part] {
-            let n_bytes = shard_file_bytes(plan, i);
-            if n_bytes > max_bytes {
+            let (name, n_bytes) = &partition.files[i];
+            if *n_bytes > max_bytes {
                 return Err(pma_format::Error::RemoteCopyTooLarge {
-                    url: dir.join(&plan.shards[i].0).display().to_string(),
-                    n_bytes,
+                    url: dir.join(name).display().to_string(),
+                    n_bytes: *n_bytes,
                     max_bytes,
                 }
                 .into());
@@ -74,22 +72,11 @@ pub fn execute_part_to_store(
         }
     }
     remote::remove_prefix(&dir)?;
-    let files: Vec<ShardFile> = partition.shards_of[part]
-        .iter()
-        .map(|&i| {
-            let (name, range) = &plan.shards[i];
-            ShardFile {
-                path: dir.join(name),
-                tensors: range
-                    .clone()
-                    .map(|t| (t, plan.tensors[t].spec.clone()))
-                    .collect(),
-            }
-        })
-        .collect();
-    let names: Vec<String> = partition.shards_of[part]
-        .iter()
-        .map(|&i| plan.shards[i].0.clone())
+    let files = shard_files_of(plan, &partition, part, &dir);
+    let names: Vec<String> = partition
+        .names_of(part)
+        .into_iter()
+        .map(String::from)
         .collect();
     let mut crcs = ChecksumSink::new(plan, &files);
     let report = write_shard_files(plan, files, false, &mut crcs, opts, progress)?;
@@ -125,6 +112,7 @@ pub fn execute_part_to_store(
         plan_hash: partition.plan_hash,
         max_shard_bytes: plan.config.max_shard_bytes,
         resharded: partition.resharded,
+        output_files: partition.files.len(),
         bytes_read: report.read_bytes,
         elapsed_secs: started.elapsed().as_secs_f64(),
         warnings: report.warnings,
@@ -143,7 +131,7 @@ pub fn finalize_to_store(
     check: PartCheck,
 ) -> Result<FinalizeReport> {
     let started = std::time::Instant::now();
-    let pdir = checked_parts_dir(out)?;
+    let pdir = checked_parts_dir(out, plan)?;
     crate::placement::check_plan_output(plan, out)?;
     remote::check_output_absent(out, opts.overwrite)?;
     let manifests = read_manifests(&pdir)?;
@@ -154,7 +142,7 @@ pub fn finalize_to_store(
     let mut to_verify: Vec<(PathBuf, u32)> = Vec::new();
     for part in 0..parts {
         let dir = pdir.join(part_dir_name(part, parts));
-        let manifest = checked_manifest(&manifests, plan, &partition, &pdir, part)?;
+        let manifest = checked_manifest(&manifests, &partition, &pdir, part)?;
         for f in &manifest.files {
             let url = dir.join(&f.name);
             let info = remote::head(&url).map_err(|e| Error::PartCorrupt {
@@ -236,9 +224,21 @@ pub fn finalize_to_store(
     })
 }
 
-/// [`parts_dir`] of an output URL, which must lie below a bucket (the parts go beside it).
-fn checked_parts_dir(out: &Path) -> Result<PathBuf> {
+/// [`parts_dir`] of an output URL, which must lie below a bucket (the parts go beside it), for
+/// an HF output.
+fn checked_parts_dir(out: &Path, plan: &MergePlan) -> Result<PathBuf> {
     let text = out.to_string_lossy();
+    if plan.output_format() == OutputFormat::Dcp {
+        // A DCP part writes through the DCP writer into a local directory; a DCP output goes
+        // to a store whole, staged locally (crate docs of pma_format::remote).
+        return Err(pma_format::Error::RemoteUnsupported {
+            url: text.into_owned(),
+            reason: "a partitioned merge to an object store writes HF safetensors; partition a \
+                     DCP output on a shared filesystem, or run one merge to the store"
+                .into(),
+        }
+        .into());
+    }
     let below_bucket = text
         .split_once("://")
         .and_then(|(_, rest)| rest.trim_end_matches('/').split_once('/'))

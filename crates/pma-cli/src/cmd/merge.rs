@@ -219,8 +219,8 @@ pub struct Args {
     /// DCP checkpoint directory.
     #[arg(long, value_name = "OUT")]
     pub out: PathBuf,
-    /// Merge only part I (0-based) of a partitioned merge, writing its shards beside OUT for
-    /// --finalize; `auto` reads I (and K) from a Slurm array, a Kubernetes Indexed Job or
+    /// Merge only part I (0-based) of a partitioned merge, writing its share of the output
+    /// files (HF shards, or a DCP output's .distcp files) beside OUT for --finalize; `auto` reads I (and K) from a Slurm array, a Kubernetes Indexed Job or
     /// torchrun. Every part and the finalize take the same inputs, flags and --out.
     #[arg(long, value_name = "I|auto", conflicts_with = "finalize")]
     pub part: Option<String>,

@@ -200,6 +200,14 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             };
             if !args.quiet {
                 warn_nonfinite(&report.warnings);
+                if report.files.is_empty() && report.output_files < report.parts {
+                    eprintln!(
+                        "note: the output has {} files for {} parts, so part {} has none to \
+                         write (a DCP output keeps the newest checkpoint's files); it still \
+                         leaves a manifest for --finalize",
+                        report.output_files, report.parts, report.part
+                    );
+                }
                 if report.resharded {
                     eprintln!(
                         "note: the plan has fewer shards than parts, so shards are cut at {} \

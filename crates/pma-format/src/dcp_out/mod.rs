@@ -161,8 +161,12 @@ pub struct DcpLayout {
 /// What [`DcpWriter::finish`] wrote.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DcpWriteSummary {
-    /// Data files with their lengths, in write order (`.metadata` not included).
+    /// Data files with their lengths, in write order (`.metadata` not included); with
+    /// [`DcpWriter::write_only_files`], the selected ones.
     pub files: Vec<(String, u64)>,
+    /// CRC-32 of each of `files`, computed from the bytes on their way to the file (never read
+    /// back).
+    pub checksums: Vec<u32>,
     /// Items written (tensor chunks and verbatim items).
     pub n_items: usize,
     /// Bytes of all data files plus `.metadata`.
@@ -356,6 +360,15 @@ impl DcpLayout {
         Ok(())
     }
 
+    /// Validates the layout and plans it: every data file with its exact length, in write
+    /// order, as [`DcpWriter::planned_files`] gives them (the same planner), without a
+    /// directory.
+    pub fn planned_files(&self) -> Result<Vec<(String, u64)>> {
+        self.validate()?;
+        let plan = plan_items(self, ZIP64_THRESHOLD)?;
+        Ok(plan.files.into_iter().zip(plan.file_bytes).collect())
+    }
+
     /// Verbatim item indices grouped by fqn, groups in order of first appearance. A bytes key
     /// has exactly one item; a tensor key has one per chunk, all of the same dtype and shape.
     fn verbatim_groups(&self) -> Result<Vec<Vec<usize>>> {
@@ -406,6 +419,89 @@ impl DcpLayout {
     }
 }
 
+/// Every data file of a layout, its length, and every item's place: what [`DcpWriter`] writes
+/// and `.metadata` records, decided before any byte exists.
+#[derive(Debug)]
+struct ItemPlan {
+    files: Vec<String>,
+    file_bytes: Vec<u64>,
+    /// Items file by file (files in order of first appearance), each file's verbatim items
+    /// first.
+    items: Vec<PlannedItem>,
+}
+
+/// Plans a validated `layout`: the one planner behind [`DcpWriter::create`] and
+/// [`DcpLayout::planned_files`].
+fn plan_items(layout: &DcpLayout, threshold: u64) -> Result<ItemPlan> {
+    // Files in order of first appearance: tensor chunks, then verbatim items.
+    let mut files: Vec<String> = Vec::new();
+    let mut file_index: HashMap<String, usize> = HashMap::new();
+    let mut per_file: Vec<Vec<ItemRef>> = Vec::new();
+    let mut add = |name: &str, item: ItemRef, files: &mut Vec<String>| {
+        let i = *file_index.entry(name.to_string()).or_insert_with(|| {
+            files.push(name.to_string());
+            per_file.push(Vec::new());
+            files.len() - 1
+        });
+        per_file[i].push(item);
+    };
+    for (t, tensor) in layout.tensors.iter().enumerate() {
+        for (c, chunk) in tensor.chunks.iter().enumerate() {
+            add(
+                &chunk.file,
+                ItemRef::Chunk {
+                    tensor: t,
+                    chunk: c,
+                },
+                &mut files,
+            );
+        }
+    }
+    for (v, item) in layout.verbatim.iter().enumerate() {
+        add(&item.file, ItemRef::Verbatim(v), &mut files);
+    }
+    let mut items = Vec::new();
+    let mut file_bytes = vec![0u64; files.len()];
+    for (f, refs) in per_file.iter().enumerate() {
+        let mut pos = 0u64;
+        // Verbatim items of a file go first, like torch's BYTE_IO items: the writer copies
+        // them when the file opens, before the caller's first chunk there.
+        let verbatim_first = refs
+            .iter()
+            .filter(|i| matches!(i, ItemRef::Verbatim(_)))
+            .chain(refs.iter().filter(|i| matches!(i, ItemRef::Chunk { .. })));
+        for &item in verbatim_first {
+            let length = match item {
+                ItemRef::Verbatim(v) => layout.verbatim[v].length,
+                ItemRef::Chunk { tensor, chunk } => {
+                    let t = &layout.tensors[tensor];
+                    chunk_zip(t, &t.chunks[chunk].region, threshold)
+                        .0
+                        .total_len()
+                }
+            };
+            items.push(PlannedItem {
+                item,
+                file: f,
+                offset: pos,
+                length,
+            });
+            pos = pos
+                .checked_add(length)
+                .ok_or_else(|| Error::DcpTensorTooLarge {
+                    fqn: files[f].clone(),
+                    shape: Vec::new(),
+                })?;
+        }
+        file_bytes[f] = pos;
+    }
+    Ok(ItemPlan {
+        files,
+        file_bytes,
+        items,
+    })
+}
+
 /// The file currently being written.
 ///
 /// Large files go to the device with `O_DIRECT` where the filesystem allows it, as the
@@ -429,6 +525,9 @@ struct OpenFile {
     pos: u64,
     /// File offset up to which write-back has been started.
     writeback_from: u64,
+    /// CRC-32 of the file's final bytes so far: fed by the writer item by item (a chunk's
+    /// header only once its CRC is patched in), never by reading the file back.
+    crc: crc32fast::Hasher,
 }
 
 impl OpenFile {
@@ -512,8 +611,9 @@ impl OpenFile {
         Ok(())
     }
 
-    /// Writes everything still buffered and makes the file durable.
-    fn finish(mut self) -> Result<u64> {
+    /// Writes everything still buffered and makes the file durable; returns its length and
+    /// CRC-32.
+    fn finish(mut self) -> Result<(u64, u32)> {
         if let Some(sink) = self.direct.as_ref() {
             let aligned = sink_len_aligned(sink.filled);
             self.flush_direct(aligned)?;
@@ -531,7 +631,7 @@ impl OpenFile {
             .get_ref()
             .sync_data()
             .map_err(|e| Error::io(&self.path, "syncing", e))?;
-        Ok(self.pos)
+        Ok((self.pos, self.crc.finalize()))
     }
 
     /// Starts write-back of the bytes that have reached the kernel, once a window has built up.
@@ -586,8 +686,20 @@ pub struct DcpWriter {
     layout: DcpLayout,
     files: Vec<String>,
     file_bytes: Vec<u64>,
+    /// Every item of the layout, file by file: where `.metadata` says it is.
     plan: Vec<PlannedItem>,
-    /// Index into `plan` of the next item to write.
+    /// Indices into `plan` of the items this writer writes, in order: all of them, or those of
+    /// the files [`DcpWriter::write_only_files`] selected.
+    order: Vec<usize>,
+    /// Per file: whether this writer writes it.
+    selected: Vec<bool>,
+    /// Whether [`DcpWriter::finish`] writes `.metadata`: not after
+    /// [`DcpWriter::write_only_files`], even when it selected every file (a part is never a
+    /// checkpoint).
+    writes_metadata: bool,
+    /// Per file: the CRC-32 of its bytes, once it is closed.
+    checksums: Vec<u32>,
+    /// Index into `order` of the next item to write.
     next: usize,
     current: Option<OpenFile>,
     active: Option<ActiveChunk>,
@@ -632,74 +744,23 @@ impl DcpWriter {
             }
         }
 
-        // Files in order of first appearance: tensor chunks, then verbatim items.
-        let mut files: Vec<String> = Vec::new();
-        let mut file_index: HashMap<String, usize> = HashMap::new();
-        let mut per_file: Vec<Vec<ItemRef>> = Vec::new();
-        let mut add = |name: &str, item: ItemRef, files: &mut Vec<String>| {
-            let i = *file_index.entry(name.to_string()).or_insert_with(|| {
-                files.push(name.to_string());
-                per_file.push(Vec::new());
-                files.len() - 1
-            });
-            per_file[i].push(item);
-        };
-        for (t, tensor) in layout.tensors.iter().enumerate() {
-            for (c, chunk) in tensor.chunks.iter().enumerate() {
-                add(
-                    &chunk.file,
-                    ItemRef::Chunk {
-                        tensor: t,
-                        chunk: c,
-                    },
-                    &mut files,
-                );
-            }
-        }
-        for (v, item) in layout.verbatim.iter().enumerate() {
-            add(&item.file, ItemRef::Verbatim(v), &mut files);
-        }
-        let mut plan = Vec::new();
-        let mut file_bytes = vec![0u64; files.len()];
-        for (f, items) in per_file.iter().enumerate() {
-            let mut pos = 0u64;
-            // Verbatim items of a file go first, like torch's BYTE_IO items: the writer copies
-            // them when the file opens, before the caller's first chunk there.
-            let verbatim_first = items
-                .iter()
-                .filter(|i| matches!(i, ItemRef::Verbatim(_)))
-                .chain(items.iter().filter(|i| matches!(i, ItemRef::Chunk { .. })));
-            for &item in verbatim_first {
-                let length = match item {
-                    ItemRef::Verbatim(v) => layout.verbatim[v].length,
-                    ItemRef::Chunk { tensor, chunk } => {
-                        let t = &layout.tensors[tensor];
-                        chunk_zip(t, &t.chunks[chunk].region, threshold)
-                            .0
-                            .total_len()
-                    }
-                };
-                plan.push(PlannedItem {
-                    item,
-                    file: f,
-                    offset: pos,
-                    length,
-                });
-                pos = pos
-                    .checked_add(length)
-                    .ok_or_else(|| Error::DcpTensorTooLarge {
-                        fqn: files[f].clone(),
-                        shape: Vec::new(),
-                    })?;
-            }
-            file_bytes[f] = pos;
-        }
+        let ItemPlan {
+            files,
+            file_bytes,
+            items: plan,
+        } = plan_items(&layout, threshold)?;
+        let order = (0..plan.len()).collect();
+        let n_files = files.len();
         Ok(DcpWriter {
             dir: dir.to_path_buf(),
             layout,
             files,
             file_bytes,
             plan,
+            order,
+            selected: vec![true; n_files],
+            writes_metadata: true,
+            checksums: vec![0; n_files],
             next: 0,
             current: None,
             active: None,
@@ -721,10 +782,11 @@ impl DcpWriter {
 
     /// Every tensor chunk as `(tensor index, chunk index)` into [`DcpLayout::tensors`], in the
     /// order the writer expects them (file by file).
+    /// With [`DcpWriter::write_only_files`], only the chunks of the selected files.
     pub fn chunk_order(&self) -> Vec<(usize, usize)> {
-        self.plan
+        self.order
             .iter()
-            .filter_map(|p| match p.item {
+            .filter_map(|&i| match self.plan[i].item {
                 ItemRef::Chunk { tensor, chunk } => Some((tensor, chunk)),
                 ItemRef::Verbatim(_) => None,
             })
@@ -734,10 +796,12 @@ impl DcpWriter {
     /// The next chunk the writer expects, as `(tensor index, chunk index)`; `None` when every
     /// chunk has been written and only `finish` remains.
     pub fn next_chunk(&self) -> Option<(usize, usize)> {
-        self.plan[self.next..].iter().find_map(|p| match p.item {
-            ItemRef::Chunk { tensor, chunk } => Some((tensor, chunk)),
-            ItemRef::Verbatim(_) => None,
-        })
+        self.order[self.next..]
+            .iter()
+            .find_map(|&i| match self.plan[i].item {
+                ItemRef::Chunk { tensor, chunk } => Some((tensor, chunk)),
+                ItemRef::Verbatim(_) => None,
+            })
     }
 
     /// Planned length of every data file, in write order (known before any byte is written).
@@ -813,6 +877,7 @@ impl DcpWriter {
             direct_from: 0,
             pos: 0,
             writeback_from: 0,
+            crc: crc32fast::Hasher::new(),
         });
         Ok(())
     }
@@ -820,8 +885,9 @@ impl DcpWriter {
     fn close_file(&mut self) -> Result<()> {
         if let Some(f) = self.current.take() {
             let index = f.index;
-            let n_bytes = f.finish()?;
+            let (n_bytes, crc) = f.finish()?;
             debug_assert_eq!(n_bytes, self.file_bytes[index]);
+            self.checksums[index] = crc;
         }
         Ok(())
     }
@@ -829,7 +895,7 @@ impl DcpWriter {
     /// Copies verbatim items until the next planned item is a chunk (or the plan ends).
     fn copy_verbatim_items(&mut self) -> Result<()> {
         let mut buf = Vec::new();
-        while let Some(p) = self.plan.get(self.next).cloned() {
+        while let Some(p) = self.planned_item(self.next) {
             let ItemRef::Verbatim(v) = p.item else {
                 break;
             };
@@ -845,6 +911,7 @@ impl DcpWriter {
                 let n = (item.length - done).min(buf.len() as u64) as usize;
                 src.read_exact_at(&mut buf[..n], item.offset + done)
                     .map_err(|e| Error::io(&item.source, "reading", e))?;
+                cur.crc.update(&buf[..n]);
                 cur.append(&buf[..n])?;
                 done += n as u64;
             }
@@ -865,7 +932,7 @@ impl DcpWriter {
             return Err(self.order_error(format!("{} before end_chunk", found())));
         }
         self.copy_verbatim_items()?;
-        let Some(p) = self.plan.get(self.next).cloned() else {
+        let Some(p) = self.planned_item(self.next) else {
             return Err(self.order_error(found()));
         };
         let ItemRef::Chunk { tensor, chunk } = p.item else {
@@ -925,8 +992,17 @@ impl DcpWriter {
             .current
             .as_mut()
             .expect("a chunk is active only in an open file");
+        let data_crc = active.crc.clone();
         let crc = active.crc.finalize();
         let suffix = active.zip.suffix(crc);
+        // The file's CRC: the header as it ends up (its CRC patched in), the data's CRC
+        // combined in without hashing the data again, then the rest of the zip.
+        let mut prefix = active.zip.prefix().to_vec();
+        let at = active.zip.crc_field_offset() as usize;
+        prefix[at..at + 4].copy_from_slice(&crc.to_le_bytes());
+        cur.crc.update(&prefix);
+        cur.crc.combine(&data_crc);
+        cur.crc.update(&suffix);
         cur.append(&suffix)?;
         cur.patch(
             active.item_start + active.zip.crc_field_offset(),
@@ -938,30 +1014,109 @@ impl DcpWriter {
 
     /// Copies the remaining verbatim items, fsyncs every data file, writes `.metadata` (via
     /// `.metadata.tmp`, fsync'd, renamed) and fsyncs the directory. Fails if a chunk is missing.
+    ///
+    /// With [`DcpWriter::write_only_files`] it writes no `.metadata`: the directory holds only
+    /// some of the checkpoint's files, and must not look like a checkpoint.
     pub fn finish(mut self) -> Result<DcpWriteSummary> {
         if self.active.is_some() {
             return Err(self.order_error("finish inside a chunk".into()));
         }
         self.copy_verbatim_items()?;
-        if self.next < self.plan.len() {
+        if self.next < self.order.len() {
             return Err(self.order_error("finish".into()));
         }
         // Files that hold nothing at all cannot occur: every file comes from an item.
         self.close_file()?;
+        let metadata_bytes = if self.writes_metadata {
+            self.write_metadata_file()?
+        } else {
+            sync_dir(&self.dir)?;
+            0
+        };
+        let files = self.planned_files();
+        let (files, checksums): (Vec<(String, u64)>, Vec<u32>) = files
+            .into_iter()
+            .zip(&self.checksums)
+            .zip(&self.selected)
+            .filter(|(_, &selected)| selected)
+            .map(|((f, &crc), _)| (f, crc))
+            .unzip();
+        let data_bytes: u64 = files.iter().map(|(_, n)| n).sum();
+        Ok(DcpWriteSummary {
+            files,
+            checksums,
+            n_items: self.order.len(),
+            n_bytes: data_bytes + metadata_bytes,
+        })
+    }
+
+    /// Writes only `.metadata`, for a directory into which the layout's data files, written by
+    /// other writers of the same layout (each with [`DcpWriter::write_only_files`]), have been
+    /// gathered: the parts of a partitioned merge. `.metadata` depends only on the layout, so it
+    /// is the one a single writer would have written. Checks first that every planned data
+    /// file is there with its planned length. Returns `.metadata`'s length.
+    pub fn write_metadata_only(self) -> Result<u64> {
+        if self.next > 0 || self.current.is_some() || self.active.is_some() {
+            return Err(self.order_error("write_metadata_only after writing items".into()));
+        }
+        for (name, &expected) in self.files.iter().zip(&self.file_bytes) {
+            let path = self.dir.join(name);
+            let found = std::fs::metadata(&path)
+                .map_err(|e| Error::io(&path, "opening", e))?
+                .len();
+            if found != expected {
+                return Err(Error::DcpFileLength {
+                    path,
+                    expected,
+                    found,
+                });
+            }
+        }
+        self.write_metadata_file()
+    }
+
+    /// Writes `.metadata` via `.metadata.tmp` (fsync'd, renamed), as torch does, and fsyncs the
+    /// directory. Returns its length.
+    fn write_metadata_file(&self) -> Result<u64> {
         let metadata = self.metadata_bytes()?;
         let tmp = self.dir.join(METADATA_TMP_NAME);
         crate::writer::write_file_synced(&tmp, &metadata)?;
         let target = self.dir.join(METADATA_FILE_NAME);
         std::fs::rename(&tmp, &target).map_err(|e| Error::io(&target, "renaming into", e))?;
-        File::open(&self.dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| Error::io(&self.dir, "syncing directory", e))?;
-        let data_bytes: u64 = self.file_bytes.iter().sum();
-        Ok(DcpWriteSummary {
-            files: self.planned_files(),
-            n_items: self.plan.len(),
-            n_bytes: data_bytes + metadata.len() as u64,
-        })
+        sync_dir(&self.dir)?;
+        Ok(metadata.len() as u64)
+    }
+
+    /// Restricts the writer to the data files named in `files` (some of
+    /// [`DcpWriter::planned_files`]): only their items are written (their chunks, in
+    /// [`DcpWriter::chunk_order`], and their verbatim items), at the offsets the whole layout
+    /// gives them, so each file is byte for byte the one a writer of every file writes.
+    /// [`DcpWriter::finish`] then writes no `.metadata`. Call before writing anything.
+    pub fn write_only_files(&mut self, files: &[String]) -> Result<()> {
+        if self.next > 0 || self.current.is_some() || self.active.is_some() {
+            return Err(self.order_error("write_only_files after writing items".into()));
+        }
+        let mut selected = vec![false; self.files.len()];
+        for name in files {
+            let Some(i) = self.files.iter().position(|f| f == name) else {
+                return Err(Error::DcpFileNotPlanned {
+                    path: self.dir.clone(),
+                    file: name.clone(),
+                });
+            };
+            selected[i] = true;
+        }
+        self.order = (0..self.plan.len())
+            .filter(|&i| selected[self.plan[i].file])
+            .collect();
+        self.selected = selected;
+        self.writes_metadata = false;
+        Ok(())
+    }
+
+    /// Item `k` of the items this writer writes.
+    fn planned_item(&self, k: usize) -> Option<PlannedItem> {
+        self.order.get(k).map(|&i| self.plan[i].clone())
     }
 
     fn metadata_bytes(&self) -> Result<Vec<u8>> {
@@ -1030,6 +1185,12 @@ impl DcpWriter {
             self.layout.planner_paths.get(fqn).map(Vec::as_slice)
         }))
     }
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| Error::io(dir, "syncing directory", e))
 }
 
 /// The zip plan of one tensor chunk's item, and the chunk's data bytes.
@@ -1377,11 +1538,14 @@ mod tests {
                 w.end_chunk().unwrap();
             }
             let planned = w.planned_files();
-            w.finish().unwrap();
+            let summary = w.finish().unwrap();
             let files: Vec<Vec<u8>> = planned
                 .iter()
                 .map(|(name, _)| std::fs::read(dir.path().join(name)).unwrap())
                 .collect();
+            // The CRC-32 computed on the way holds whichever path the bytes and patches took.
+            let crcs: Vec<u32> = files.iter().map(|f| crc32fast::hash(f)).collect();
+            assert_eq!(summary.checksums, crcs);
             (dir, files)
         };
         let (_d1, direct) = write(DirectIo::Auto);
@@ -1390,6 +1554,91 @@ mod tests {
         for (a, b) in direct.iter().zip(&cached) {
             assert!(a == b, "files differ");
         }
+    }
+
+    /// Writes every chunk `w` expects, chunk `c` of tensor `t` filled with bytes `t·16 + c`.
+    fn write_all_chunks(mut w: DcpWriter) -> DcpWriteSummary {
+        while let Some((t, c)) = w.next_chunk() {
+            let tensor = &w.layout().tensors[t];
+            let (fqn, r) = (tensor.fqn.clone(), tensor.chunks[c].region.clone());
+            w.begin_chunk(&fqn, &r).unwrap();
+            w.write(&vec![(t * 16 + c) as u8; r.numel() as usize * 4])
+                .unwrap();
+            w.end_chunk().unwrap();
+        }
+        w.finish().unwrap()
+    }
+
+    #[test]
+    fn writers_of_some_files_each_write_the_whole_writers_bytes() {
+        let source = tempfile::tempdir().unwrap();
+        let kept = source.path().join("kept.bin");
+        std::fs::write(&kept, b"0123456789abcdef").unwrap();
+        let mut l = layout(vec![
+            tensor(
+                "a",
+                &[6, 2],
+                &[region(&[0, 0], &[2, 2]), region(&[2, 0], &[4, 2])],
+            ),
+            tensor("b", &[3], &[region(&[0], &[3])]),
+        ]);
+        // A verbatim item in the second file: it travels with that file's writer.
+        l.verbatim = vec![VerbatimItem {
+            fqn: "state".into(),
+            kind: VerbatimKind::Bytes,
+            source: kept.clone(),
+            offset: 4,
+            length: 10,
+            file: "__1_0.distcp".into(),
+        }];
+        let whole = tempfile::tempdir().unwrap();
+        let w = DcpWriter::create(whole.path(), l.clone()).unwrap();
+        let planned = w.planned_files();
+        assert_eq!(l.planned_files().unwrap(), planned, "one planner");
+        let summary = write_all_chunks(w);
+        let names: Vec<String> = planned.iter().map(|(n, _)| n.clone()).collect();
+        assert_eq!(names, ["__0_0.distcp", "__1_0.distcp"]);
+        for ((name, _), crc) in summary.files.iter().zip(&summary.checksums) {
+            let bytes = std::fs::read(whole.path().join(name)).unwrap();
+            assert_eq!(crc32fast::hash(&bytes), *crc, "{name}");
+        }
+
+        let gathered = tempfile::tempdir().unwrap();
+        for name in &names {
+            let part = tempfile::tempdir().unwrap();
+            let mut w = DcpWriter::create(part.path(), l.clone()).unwrap();
+            w.write_only_files(std::slice::from_ref(name)).unwrap();
+            let s = write_all_chunks(w);
+            assert_eq!(s.files.len(), 1);
+            assert!(!part.path().join(METADATA_FILE_NAME).exists());
+            let bytes = std::fs::read(part.path().join(name)).unwrap();
+            assert!(
+                bytes == std::fs::read(whole.path().join(name)).unwrap(),
+                "{name}"
+            );
+            assert_eq!(crc32fast::hash(&bytes), s.checksums[0], "{name}");
+            std::fs::write(gathered.path().join(name), bytes).unwrap();
+        }
+        // One file missing: refused, naming it.
+        let first = gathered.path().join(&names[0]);
+        let held = std::fs::read(&first).unwrap();
+        std::fs::write(&first, &held[1..]).unwrap();
+        let w = DcpWriter::create(gathered.path(), l.clone()).unwrap();
+        assert!(matches!(
+            w.write_metadata_only(),
+            Err(Error::DcpFileLength { path, .. }) if path == first
+        ));
+        std::fs::write(&first, &held).unwrap();
+        let w = DcpWriter::create(gathered.path(), l.clone()).unwrap();
+        w.write_metadata_only().unwrap();
+        let meta = |d: &Path| std::fs::read(d.join(METADATA_FILE_NAME)).unwrap();
+        assert!(meta(gathered.path()) == meta(whole.path()));
+
+        let mut w = DcpWriter::create(whole.path(), l).unwrap();
+        assert!(matches!(
+            w.write_only_files(&["__9_0.distcp".to_string()]),
+            Err(Error::DcpFileNotPlanned { file, .. }) if file == "__9_0.distcp"
+        ));
     }
 
     #[test]

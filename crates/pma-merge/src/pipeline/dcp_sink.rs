@@ -11,7 +11,7 @@
 //! Chunks with no elements get no jobs, but the writer still expects their (empty) items: the
 //! sink writes them as it passes them, and at the end.
 
-use pma_format::dcp_out::DcpWriter;
+use pma_format::dcp_out::{DcpWriteSummary, DcpWriter};
 
 use super::{Job, OutputRegion, Sink};
 use crate::error::Result;
@@ -22,6 +22,7 @@ use crate::error::Result;
 pub struct DcpSink {
     writer: Option<DcpWriter>,
     output: usize,
+    summary: Option<DcpWriteSummary>,
 }
 
 impl DcpSink {
@@ -32,7 +33,14 @@ impl DcpSink {
         DcpSink {
             writer: Some(writer),
             output,
+            summary: None,
         }
+    }
+
+    /// What the writer wrote (files, lengths, CRC-32s), once [`Sink::finish`] has run; run the
+    /// pipeline into `&mut sink` to read it afterwards.
+    pub fn summary(&self) -> Option<&DcpWriteSummary> {
+        self.summary.as_ref()
     }
 
     /// The output regions of `writer`'s layout in the order it writes them (file by file):
@@ -92,11 +100,23 @@ impl Sink for DcpSink {
 
     fn finish(&mut self) -> Result<()> {
         self.skip_empty_chunks()?;
-        self.writer
+        let summary = self
+            .writer
             .take()
             .expect("finish is called once")
             .finish()?;
+        self.summary = Some(summary);
         Ok(())
+    }
+}
+
+impl Sink for &mut DcpSink {
+    fn write(&mut self, job: &Job<'_>, outputs: &[Vec<u8>]) -> Result<()> {
+        (**self).write(job, outputs)
+    }
+
+    fn finish(&mut self) -> Result<()> {
+        (**self).finish()
     }
 }
 
