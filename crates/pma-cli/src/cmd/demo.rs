@@ -37,7 +37,7 @@ pub struct Common {
 /// Arguments of `pma demo`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Size: tiny (CI, under 2 minutes), quick (about 5 minutes on 2 cores), full (longer runs).
+    /// Size: tiny (CI, under 2 minutes), quick (about 2.5 minutes on 2 cores), full (under 40 minutes).
     #[arg(long, value_name = "tiny|quick|full", default_value = "quick")]
     pub profile: Scale,
     /// Shared flags.

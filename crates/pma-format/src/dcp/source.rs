@@ -24,7 +24,7 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use memmap2::{Advice, Mmap, UncheckedAdvice};
+use memmap2::{Advice, Mmap};
 
 use super::chunks::{contains, intersect};
 use crate::dtype::dtype_bits;
@@ -203,11 +203,6 @@ impl MappedFile {
         }
     }
 
-    /// Drops from our RSS every page a read inside `r` may have mapped, not only those inside
-    /// it: a fault maps the whole page-cache folio it hits (up to [`FOLIO_SPAN`], kernel 6.18)
-    /// or a 64 KiB fault-around window, so bytes around a small read come in too. Only for
-    /// ranges no one else is reading (opening a checkpoint): the pipeline, whose jobs read
-    /// neighbouring ranges at once, releases exactly what it read.
     /// Whether the page holding byte `at` is in the page cache (mapped by us or not). A failed
     /// query answers no, so the caller prefetches.
     fn is_cached(&self, at: u64) -> bool {
@@ -231,34 +226,20 @@ impl MappedFile {
         rc == 0 && vec & 1 == 1
     }
 
+    /// Drops from our RSS what parsing bytes `r` mapped ([`crate::file::unmap_read`]); a
+    /// remote object keeps nothing behind a parse.
     pub(crate) fn release_around(&self, r: Range<u64>) {
-        if self.mapped().is_none() {
-            return; // nothing of a remote object stays behind a parse
+        if let Backing::Mapped { mmap, .. } = &self.backing {
+            crate::file::unmap_read(mmap, r);
         }
-        let start = r.start / FOLIO_SPAN * FOLIO_SPAN;
-        let end = r.end.div_ceil(FOLIO_SPAN).saturating_mul(FOLIO_SPAN);
-        self.release(start..end.min(self.len()));
     }
 
+    /// Done with bytes `r`: a mapping drops the pages their read mapped
+    /// ([`crate::file::unmap_read`]), a remote object the blocks that held them.
     pub(crate) fn release(&self, r: Range<u64>) {
-        let mmap = match &self.backing {
-            Backing::Mapped { mmap, .. } => mmap,
-            Backing::Remote(object) => return object.release(r),
-        };
-        let page = page_size();
-        let start = r.start.div_ceil(page) * page;
-        let end = r.end / page * page;
-        if end > start {
-            // SAFETY: MADV_DONTNEED on a read-only shared file mapping only drops our page
-            // table entries; the next access re-reads the same bytes from the page cache, so no
-            // slice handed out can observe different contents.
-            let _ = unsafe {
-                mmap.unchecked_advise_range(
-                    UncheckedAdvice::DontNeed,
-                    start as usize,
-                    (end - start) as usize,
-                )
-            };
+        match &self.backing {
+            Backing::Mapped { mmap, .. } => crate::file::unmap_read(mmap, r),
+            Backing::Remote(object) => object.release(r),
         }
     }
 }
@@ -295,10 +276,6 @@ fn item_windows(len: u64) -> (u64, u64) {
     }
     (ITEM_HEAD_BYTES, ITEM_TAIL_BYTES)
 }
-
-/// The largest page-cache folio a fault may map at once on x86-64 and arm64 with 4 KiB pages
-/// (a PMD, 2 MiB); folios are aligned to their size in the file.
-const FOLIO_SPAN: u64 = 2 << 20;
 
 fn page_size() -> u64 {
     // SAFETY: sysconf has no preconditions.
